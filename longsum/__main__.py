@@ -1,0 +1,3 @@
+from longsum.cli import main
+
+main()

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad path, a bad setting, an input that is too long) is a
+`LongsumError` whose message is one line that says what is wrong and what to do. The CLI prints
+that line and exits non-zero instead of showing a traceback; library users can catch it.
+"""
+
+from __future__ import annotations
+
+
+class LongsumError(Exception):
+    """An error caused by the user's input, with a one-line message that says what to do."""
+
+    exit_code = 2
+
+
+class LSGConfigError(LongsumError, ValueError):
+    """An invalid LSG setting (block size, sparsity, global tokens...)."""
+
+
+class ModelLoadError(LongsumError):
+    """A checkpoint that cannot be found, fetched or recognised."""
+
+
+class InputTooLongError(LongsumError, ValueError):
+    """An input longer than the model's position table."""

@@ -1,0 +1,68 @@
+"""Native LSG models on transformers 5.
+
+Importing this package registers the LSG model types (`lsg_bart`, `lsg_mbart`, `lsg_pegasus`) with
+transformers' Auto classes, so longsum's own checkpoints load with
+`AutoModelForSeq2SeqLM.from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+)
+
+from longsum.lsg.attention import SPARSE_SELECTORS, SPARSITY_TYPES, LSGSpec, lsg_attention
+from longsum.lsg.bart import (
+    LSGBartConfig,
+    LSGBartForConditionalGeneration,
+    LSGBartForSequenceClassification,
+    LSGBartModel,
+)
+from longsum.lsg.common import LSG_DEFAULTS
+from longsum.lsg.mbart import LSGMBartConfig, LSGMBartForConditionalGeneration, LSGMBartModel
+from longsum.lsg.pegasus import LSGPegasusConfig, LSGPegasusForConditionalGeneration, LSGPegasusModel
+
+# Stock model_type -> the LSG classes for each task. Original LSG checkpoints keep the stock
+# model_type ("bart"); longsum's own use "lsg_bart", so both names map here.
+LSG_FAMILIES: dict[str, dict[str, type]] = {
+    "bart": {
+        "config": LSGBartConfig,
+        "base": LSGBartModel,
+        "seq2seq": LSGBartForConditionalGeneration,
+        "classification": LSGBartForSequenceClassification,
+    },
+    "mbart": {"config": LSGMBartConfig, "base": LSGMBartModel, "seq2seq": LSGMBartForConditionalGeneration},
+    "pegasus": {"config": LSGPegasusConfig, "base": LSGPegasusModel, "seq2seq": LSGPegasusForConditionalGeneration},
+}
+_AUTO = {"base": AutoModel, "seq2seq": AutoModelForSeq2SeqLM, "classification": AutoModelForSequenceClassification}
+
+
+def lsg_family(model_type: str) -> dict[str, type] | None:
+    """The LSG classes for a config's model_type ("bart" or "lsg_bart"), or None."""
+    return LSG_FAMILIES.get(model_type.removeprefix("lsg_"))
+
+
+def register_auto_classes() -> None:
+    for family in LSG_FAMILIES.values():
+        config_class = family["config"]
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for task, auto in _AUTO.items():
+            if task in family:
+                auto.register(config_class, family[task], exist_ok=True)
+
+
+register_auto_classes()
+
+__all__ = [
+    "LSG_DEFAULTS",
+    "LSG_FAMILIES",
+    "SPARSE_SELECTORS",
+    "SPARSITY_TYPES",
+    "LSGSpec",
+    "lsg_attention",
+    "lsg_family",
+    *(cls.__name__ for family in LSG_FAMILIES.values() for cls in family.values()),
+]

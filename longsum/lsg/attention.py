@@ -1,0 +1,347 @@
+"""LSG attention (local + sparse + global) as a pure function on `[b, h, n, d]` tensors.
+
+The behaviour is the contract in `shared/design/lsg.md` (the original LSG code, ccdv-ai). Notation:
+`G` global tokens (always the first `G` positions), `t = n - G` ordinary tokens, `bs` block size,
+`sbs` sparse block size, `f` sparsity factor, `r = bs / f` compressed positions per block,
+`tc = t / f` compressed length.
+
+How it is computed, and why:
+* Global queries attend to every key: one `scaled_dot_product_attention` (SDPA) call.
+* Ordinary queries are cut into blocks of `bs`. Block `i` sees `K = G + 2*sbs + 3*bs` keys: the
+  globals, `sbs` compressed keys on each side of its window, and the blocks `i-1, i, i+1`. All
+  those keys live in one "bank" `[globals | tokens | compressed]`, and a small static index
+  `[n_blocks, K]` (cached per length) says which bank rows each block reads and which slots are
+  out of range. Gathering a chunk of blocks is a single `index_select`: no `unfold` + `cat`
+  triple copies, and never a `t x t` tensor.
+* The softmax runs in SDPA with a boolean key mask that broadcasts over the queries of a block
+  (`[.., 1, K]`), which the fused CPU/CUDA kernels handle at full speed.
+* Blocks are processed a chunk at a time so the gathered keys/values stay a bounded size.
+
+The sparse selectors (how the compressed sequence is built) are small functions in
+`SPARSE_SELECTORS`, chosen by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from longsum.errors import LSGConfigError
+
+SPARSITY_TYPES = ("norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none")
+
+# Elements (per keys and per values tensor) gathered at once; bounds the extra memory of a
+# forward to ~2 x 64 MiB in fp32 whatever the sequence length.
+GATHER_BUDGET = 1 << 24
+
+
+@dataclass(frozen=True)
+class LSGSpec:
+    """The LSG settings that shape attention (names and defaults as in lsg.md)."""
+
+    block_size: int = 128
+    sparse_block_size: int = 128
+    sparsity_factor: int = 2
+    sparsity_type: str | None = "norm"
+    num_global_tokens: int = 1
+    lsh_num_pre_rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sparsity_type is None:
+            object.__setattr__(self, "sparsity_type", "none")
+        if self.sparsity_type not in SPARSITY_TYPES:
+            raise LSGConfigError(
+                f"unknown sparsity_type {self.sparsity_type!r}; choose one of {', '.join(SPARSITY_TYPES)}"
+            )
+        if self.block_size < 1:
+            raise LSGConfigError(f"block_size must be >= 1, got {self.block_size}")
+        if self.sparsity_factor < 1 or self.block_size % self.sparsity_factor:
+            raise LSGConfigError(
+                f"block_size ({self.block_size}) must be divisible by sparsity_factor ({self.sparsity_factor}); "
+                f"try sparsity_factor in {_divisors(self.block_size)}"
+            )
+        if not 1 <= self.num_global_tokens <= 512:
+            raise LSGConfigError(f"num_global_tokens must be between 1 and 512, got {self.num_global_tokens}")
+        if self.sparse_block_size < 0:
+            raise LSGConfigError(f"sparse_block_size must be >= 0, got {self.sparse_block_size}")
+        if self.sparse and self.sparsity_type in ("norm", "lsh") and self.sparsity_factor > 1:
+            chunk = min(self.block_size, self.sparse_block_size)
+            if self.block_size % chunk or chunk % self.sparsity_factor:
+                raise LSGConfigError(
+                    f"sparsity_type {self.sparsity_type!r} selects inside chunks of min(block_size, sparse_block_size)"
+                    f" = {chunk} tokens: it must divide block_size ({self.block_size}) and be divisible by"
+                    f" sparsity_factor ({self.sparsity_factor})"
+                )
+
+    @property
+    def sparse(self) -> bool:
+        """Whether blocks also attend to the compressed (sparse) sequence."""
+        return self.sparse_block_size > 0 and self.sparsity_type != "none"
+
+    @property
+    def keys_per_block(self) -> int:
+        return self.num_global_tokens + 3 * self.block_size + (2 * self.sparse_block_size if self.sparse else 0)
+
+    @classmethod
+    def from_config(cls, config) -> LSGSpec:
+        return cls(
+            block_size=config.block_size,
+            sparse_block_size=config.sparse_block_size,
+            sparsity_factor=config.sparsity_factor,
+            sparsity_type=config.sparsity_type,
+            num_global_tokens=config.num_global_tokens,
+            lsh_num_pre_rounds=config.lsh_num_pre_rounds,
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, min(n, 64) + 1) if n % k == 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse selectors: (q, k, v, mask, spec) -> (k_c, v_c, mask_c)
+#   q, k, v: [b, h, t, d] ordinary tokens only (no globals); t is a multiple of block_size
+#   mask:    [b, t] bool, True = real token
+#   returns  k_c, v_c: [b, h, t/f, d]; mask_c: [b, 1 or h, t/f] bool
+# Only the set of compressed keys inside each block's range matters (softmax over a set), so
+# selectors are free to order keys within a chunk.
+# ---------------------------------------------------------------------------------------------
+Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LSGSpec], tuple]
+
+
+def _gather_tokens(k, v, mask, idx):
+    """Take tokens `idx` [b or 1, h, m] from k, v [b, h, t, d] and mask [b, t]."""
+    b, h, t, d = k.shape
+    idx = idx.expand(b, h, -1)
+    k_c = k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+    v_c = v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+    mask_c = mask.unsqueeze(1).expand(b, h, t).gather(2, idx)
+    return k_c, v_c, mask_c
+
+
+def select_norm(q, k, v, mask, spec):
+    """In chunks of min(bs, sbs) tokens keep the chunk/f keys of largest L2 norm (masked = 0)."""
+    b, h, t, d = k.shape
+    chunk = min(spec.block_size, spec.sparse_block_size)
+    keep = chunk // spec.sparsity_factor
+    with torch.no_grad():  # the selection itself carries no gradient
+        norms = k.detach().norm(dim=-1) * mask.unsqueeze(1)  # [b, h, t]
+        idx = norms.view(b, h, t // chunk, chunk).topk(keep, dim=-1).indices  # [b, h, t/chunk, keep]
+        idx = idx + torch.arange(0, t, chunk, device=k.device).view(1, 1, -1, 1)
+    return _gather_tokens(k, v, mask, idx.flatten(2))  # [b, h, t/f, d]
+
+
+def select_pooling(q, k, v, mask, spec):
+    """Mean of each group of f consecutive tokens over its unmasked tokens."""
+    b, h, t, d = k.shape
+    f = spec.sparsity_factor
+    weights = mask.view(b, 1, t // f, f).to(k.dtype)  # [b, 1, t/f, f]
+    count = weights.sum(-1, keepdim=True)  # [b, 1, t/f, 1]
+    weights = weights / count.clamp(min=1)
+    k_c = torch.einsum("bxcf,bhcfd->bhcd", weights, k.view(b, h, t // f, f, d))
+    v_c = torch.einsum("bxcf,bhcfd->bhcd", weights, v.view(b, h, t // f, f, d))
+    return k_c, v_c, count.squeeze(-1) > 0
+
+
+def select_stride(q, k, v, mask, spec):
+    """Head j takes tokens f*m + (j mod f)."""
+    b, h, t, d = k.shape
+    f = spec.sparsity_factor
+    idx = torch.arange(0, t, f, device=k.device).view(1, 1, -1) + (torch.arange(h, device=k.device) % f).view(
+        1, h, 1
+    )  # [1, h, t/f]
+    return _gather_tokens(k, v, mask, idx)
+
+
+def select_block_stride(q, k, v, mask, spec):
+    """Inside each block, head j takes the bs/f tokens starting at (j * bs/f) mod bs."""
+    b, h, t, d = k.shape
+    bs, r = spec.block_size, spec.block_size // spec.sparsity_factor
+    offsets = (torch.arange(r, device=k.device).view(1, r) + torch.arange(h, device=k.device).view(h, 1) * r) % bs
+    idx = torch.arange(0, t, bs, device=k.device).view(1, -1, 1) + offsets.view(h, 1, r)  # [h, t/bs, r]
+    return _gather_tokens(k, v, mask, idx.view(1, h, -1))
+
+
+def select_bos_pooling(q, k, v, mask, spec):
+    """Per group of f tokens, a mean weighted by softmax(q_bos . k / sqrt(d)) over unmasked tokens.
+
+    q_bos is the query of the first ordinary token (the `<s>` token), which is what the original
+    code uses (lsg.md's "q_global0" paraphrase differs; we match the published checkpoints). Unlike
+    the original, a group with no unmasked token is masked (the original's fp32 mean of the
+    additive mask overflows and leaves such groups visible, so padding changed its outputs).
+    """
+    b, h, t, d = k.shape
+    f = spec.sparsity_factor
+    k_g = k.view(b, h, t // f, f, d)
+    v_g = v.view(b, h, t // f, f, d)
+    group_mask = mask.view(b, 1, t // f, f)
+    scores = torch.einsum("bhd,bhcfd->bhcf", q[:, :, 0], k_g) / math.sqrt(d)
+    scores = scores.masked_fill(~group_mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(-1)  # [b, h, t/f, f]
+    k_c = torch.einsum("bhcf,bhcfd->bhcd", weights, k_g)
+    v_c = torch.einsum("bhcf,bhcfd->bhcd", weights, v_g)
+    return k_c, v_c, group_mask.any(-1)
+
+
+def _lsh_round(keys, values, counts, n_buckets):
+    """Hash [b, h, c, m, d] sums into n_buckets per chunk by random projections; sum per bucket."""
+    b, h, c, m, d = keys.shape
+    with torch.no_grad():
+        if n_buckets > 1:
+            proj = torch.randn(1, h, 1, d, n_buckets // 2, device=keys.device, dtype=keys.dtype)
+            hashed = (F.normalize(keys, dim=-1) * counts.clamp(0, 1)) @ proj  # [b, h, c, m, n/2]
+            bucket = torch.cat([hashed, -hashed], dim=-1).argmax(dim=-1, keepdim=True)  # [b, h, c, m, 1]
+        else:
+            bucket = torch.zeros(b, h, c, m, 1, dtype=torch.long, device=keys.device)
+    out = keys.new_zeros(b, h, c, n_buckets, d)
+    keys = out.scatter_add(-2, bucket.expand(-1, -1, -1, -1, d), keys)
+    values = out.scatter_add(-2, bucket.expand(-1, -1, -1, -1, d), values)
+    counts = counts.new_zeros(b, h, c, n_buckets, 1).scatter_add(-2, bucket, counts)
+    return keys, values, counts
+
+
+def select_lsh(q, k, v, mask, spec):
+    """Random-projection hashing of normalised keys in chunks of min(bs, sbs); bucket means.
+
+    Uses torch's global RNG, so `torch.manual_seed` makes it reproducible.
+    """
+    f = spec.sparsity_factor
+    if f == spec.sparse_block_size:  # as the original: degenerate hashing falls back to bos_pooling
+        return select_bos_pooling(q, k, v, mask, spec)
+    b, h, t, d = k.shape
+    chunk = min(spec.block_size, spec.sparse_block_size)
+    weights = mask.view(b, 1, t // chunk, chunk, 1).to(k.dtype)  # [b, 1, c, chunk, 1]
+    keys = k.view(b, h, t // chunk, chunk, d) * weights
+    values = v.view(b, h, t // chunk, chunk, d) * weights
+    counts = weights.expand(b, h, -1, -1, -1)
+    for _ in range(spec.lsh_num_pre_rounds):
+        keys, values, counts = _lsh_round(keys, values, counts, chunk)
+    keys, values, counts = _lsh_round(keys, values, counts, chunk // f)
+    denom = counts.clamp(min=1)
+    mask_c = (counts > 0).view(b, h, -1)
+    return (keys / denom).view(b, h, -1, d), (values / denom).view(b, h, -1, d), mask_c
+
+
+def _select_identity(q, k, v, mask, spec):
+    return k, v, mask.unsqueeze(1)
+
+
+SPARSE_SELECTORS: dict[str, Selector] = {
+    "norm": select_norm,
+    "pooling": select_pooling,
+    "lsh": select_lsh,
+    "stride": select_stride,
+    "block_stride": select_block_stride,
+    "bos_pooling": select_bos_pooling,
+}
+
+
+def compress(q, k, v, mask, spec: LSGSpec):
+    """The compressed sequence for `spec` ([b, h, t/f, d] keys/values, [b, 1|h, t/f] mask)."""
+    select = _select_identity if spec.sparsity_factor == 1 else SPARSE_SELECTORS[spec.sparsity_type]
+    return select(q, k, v, mask, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block pattern
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def block_index(t: int, spec: LSGSpec, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Which bank rows each block reads: index and validity, both [n_blocks, K].
+
+    The bank is `[G globals | t tokens | t/f compressed]`. Slot order per block: globals,
+    `sbs` compressed keys left of the window, `sbs` right of it, then the 3 local blocks.
+    Out-of-range slots point at row 0 and are marked invalid.
+    """
+    G, bs, sbs, f = spec.num_global_tokens, spec.block_size, spec.sparse_block_size, spec.sparsity_factor
+    n_blocks, r, tc = t // bs, bs // f, t // f
+    block = torch.arange(n_blocks).view(-1, 1)
+
+    parts = [(torch.arange(G).expand(n_blocks, G), torch.ones(n_blocks, G, dtype=torch.bool))]
+    if spec.sparse:
+        j = torch.arange(sbs).view(1, -1)
+        for start in ((block - 1) * r - sbs, (block + 2) * r):  # compressed positions
+            pos = start + j
+            valid = (pos >= 0) & (pos < tc)
+            parts.append((G + t + pos, valid))
+    pos = (block - 1) * bs + torch.arange(3 * bs).view(1, -1)  # local token positions
+    parts.append((G + pos, (pos >= 0) & (pos < t)))
+
+    index = torch.cat([p for p, _ in parts], dim=1)
+    valid = torch.cat([m for _, m in parts], dim=1)
+    index = torch.where(valid, index, torch.zeros_like(index))
+    return index.to(device), valid.to(device)
+
+
+def _sdpa(q, k, v, mask, dropout_p):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def lsg_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    spec: LSGSpec,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Local + sparse + global attention.
+
+    Args:
+        q, k, v: `[b, h, n, d]`; the first `spec.num_global_tokens` positions are global tokens.
+        mask: `[b, n]`, True (or 1) where a key may be attended; None means all.
+        spec: LSG settings.
+        dropout_p: attention dropout (pass 0.0 in eval mode).
+
+    Returns:
+        `[b, h, n, d]`, scaled by 1/sqrt(d) as usual. Inputs with `n - G <= 2 * block_size` use
+        ordinary full attention, as in the original.
+    """
+    b, h, n, d = q.shape
+    G, bs = spec.num_global_tokens, spec.block_size
+    mask = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+    t = n - G
+    if t <= 2 * bs:  # short input: the local window already covers everything
+        return _sdpa(q, k, v, mask[:, None, None, :], dropout_p)
+
+    pad = -t % bs
+    if pad:  # pad to whole blocks; padded keys are masked, padded queries are cut off below
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        mask = F.pad(mask, (0, pad), value=False)
+        t += pad
+    n_blocks = t // bs
+
+    # Global queries see every key.
+    out_global = _sdpa(q[:, :, :G], k, v, mask[:, None, None, :], dropout_p)  # [b, h, G, d]
+
+    # The bank every block reads from: [globals | tokens | compressed].
+    bank_k, bank_v, bank_mask = k, v, mask.unsqueeze(1)  # [b, h, n, d], [b, 1, n]
+    if spec.sparse:
+        k_c, v_c, mask_c = compress(q[:, :, G:], k[:, :, G:], v[:, :, G:], mask[:, G:], spec)
+        bank_k = torch.cat([k, k_c], dim=2)  # [b, h, G + t + t/f, d]
+        bank_v = torch.cat([v, v_c], dim=2)
+        bank_mask = torch.cat([bank_mask.expand(-1, mask_c.shape[1], -1), mask_c], dim=2)  # [b, 1|h, N]
+    index, valid = block_index(t, spec, str(q.device))  # [n_blocks, K]
+    K = index.shape[1]
+    hm = bank_mask.shape[1]
+
+    q_blocks = q[:, :, G:].reshape(b, h, n_blocks, bs, d)  # [b, h, blocks, bs, d]
+    step = max(1, GATHER_BUDGET // (b * h * K * d))
+    outs = []
+    for i in range(0, n_blocks, step):
+        idx = index[i : i + step]  # [c, K]
+        c = idx.shape[0]
+        flat = idx.reshape(-1)
+        k_blk = bank_k.index_select(2, flat).view(b, h * c, K, d)  # [b, h*c, K, d]
+        v_blk = bank_v.index_select(2, flat).view(b, h * c, K, d)
+        m_blk = bank_mask.index_select(2, flat).view(b, hm, c, 1, K) & valid[i : i + step].view(1, 1, c, 1, K)
+        m_blk = m_blk.expand(b, h, c, 1, K).reshape(b, h * c, 1, K)  # broadcasts over the bs queries
+        q_blk = q_blocks[:, :, i : i + step].reshape(b, h * c, bs, d)
+        outs.append(_sdpa(q_blk, k_blk, v_blk, m_blk, dropout_p).view(b, h, c * bs, d))
+    out = torch.cat([out_global, *outs], dim=2)  # [b, h, G + t, d]
+    return out[:, :, :n] if pad else out

@@ -1,0 +1,179 @@
+"""What every LSG encoder-decoder shares, written once as mixins.
+
+A family file (`bart.py`, `mbart.py`, `pegasus.py`) combines these mixins with the stock
+transformers classes one level deep. Only three things change from the stock model:
+
+* the config carries the LSG keys (`LSGConfigMixin`);
+* encoder self-attention is `lsg_attention` (`LSGAttentionMixin`);
+* the encoder embedding step prepends global tokens, pads to whole blocks and trims the output
+  (`LSGEncoderMixin`), and the seq2seq model gives the decoder a cross-attention mask that matches
+  (`LSGSeq2SeqModelMixin`).
+
+The decoder is the stock one (SDPA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from longsum.errors import InputTooLongError
+from longsum.lsg.attention import LSGSpec, lsg_attention
+
+# Config keys and defaults exactly as in lsg.md, so config.json files interoperate both ways.
+LSG_DEFAULTS = {
+    "block_size": 128,
+    "sparse_block_size": 128,
+    "sparsity_factor": 2,
+    "sparsity_type": "norm",
+    "num_global_tokens": 1,
+    "adaptive": True,
+    "mask_first_token": False,
+    "pass_global_tokens_to_decoder": True,
+    "pool_with_global": True,
+    "lsh_num_pre_rounds": 1,
+    "base_model_prefix": "lsg",
+}
+MAX_GLOBAL_TOKENS = 512  # rows of `global_embeddings`
+
+
+class LSGConfigMixin:
+    """Adds the LSG keys (with lsg.md defaults) to a stock config and validates them."""
+
+    def __post_init__(self, **kwargs):
+        for key, default in LSG_DEFAULTS.items():
+            setattr(self, key, kwargs.pop(key, default))
+        kwargs.pop("auto_map", None)  # never point at checkpoint code
+        super().__post_init__(**kwargs)
+        if self.sparsity_type is None:
+            self.sparsity_type = "none"
+        if self.mask_first_token and not self.pool_with_global:
+            self.pool_with_global = True  # as the original: token 0 is hidden, so it is pooled from global 0
+        LSGSpec.from_config(self)  # raises LSGConfigError on a bad setting
+
+
+class LSGAttentionMixin:
+    """Encoder self-attention through `lsg_attention`; the projections are the stock ones."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lsg_spec = LSGSpec.from_config(self.config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """hidden_states [b, n, d_model]; attention_mask [b, n] bool (globals first)."""
+        b, n, _ = hidden_states.shape
+        shape = (b, n, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [b, h, n, d]
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        dropout = self.dropout if self.training else 0.0
+        out = lsg_attention(q, k, v, attention_mask, self.lsg_spec, dropout_p=dropout)  # [b, h, n, d]
+        out = out.transpose(1, 2).reshape(b, n, -1)  # [b, n, h*d]
+        return self.out_proj(out), None
+
+
+class LSGEncoderMixin:
+    """Global tokens, whole blocks and output trimming around the stock encoder layers.
+
+    Subclasses define `embed(input_ids, inputs_embeds) -> [b, t, d]` (tokens + positions, as the
+    stock encoder does before its normalisation) and `layer_class` (the LSG encoder layer).
+    `layernorm_embedding` (BART, mBART) and `layer_norm` (mBART, Pegasus) are used when present.
+    """
+
+    layer_class: type[nn.Module]
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.layers = nn.ModuleList([self.layer_class(config, layer_idx=i) for i in range(config.encoder_layers)])
+        self.global_embeddings = nn.Embedding(MAX_GLOBAL_TOKENS, config.d_model)
+        self.post_init()
+
+    def cross_attention_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The decoder's mask over this encoder's output (a new tensor; the input is untouched)."""
+        if attention_mask is None:
+            return None
+        config = self.config
+        if config.mask_first_token:  # the original masks token 0 for cross-attention too
+            attention_mask = attention_mask.clone()
+            attention_mask[:, 0] = 0
+        if config.pass_global_tokens_to_decoder:
+            attention_mask = F.pad(attention_mask, (config.num_global_tokens, 0), value=1)
+        return attention_mask
+
+    def check_length(self, t: int) -> None:
+        limit = self.config.max_position_embeddings
+        if t > limit:
+            raise InputTooLongError(
+                f"input has {t} tokens but this model has {limit} positions: truncate to {limit} tokens"
+                f" (--max-source-length {limit}) or make a longer model with `longsum convert MODEL --max-length"
+                f" {_next_multiple(t, self.config.block_size)}`"
+            )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs) -> BaseModelOutput:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        config = self.config
+        G, bs = config.num_global_tokens, config.block_size
+        b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        self.check_length(t)
+
+        hidden = self.embed(input_ids, inputs_embeds)  # [b, t, d]
+        device = hidden.device
+        mask = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        if config.mask_first_token:
+            mask = mask.clone()  # never write into the caller's tensor
+            mask[:, 0] = False
+
+        glob = self.global_embeddings.weight[:G].to(hidden.dtype).expand(b, G, -1)  # [b, G, d]
+        hidden = torch.cat([glob, hidden], dim=1)  # [b, G + t, d]
+        if getattr(self, "layernorm_embedding", None) is not None:
+            hidden = self.layernorm_embedding(hidden)
+        hidden = F.dropout(hidden, p=self.dropout, training=self.training)
+
+        # Pad once to whole blocks (lsg_attention would otherwise pad in every layer).
+        pad = -t % bs if t > 2 * bs else 0
+        hidden = F.pad(hidden, (0, 0, 0, pad))
+        mask = F.pad(mask, (G, pad), value=True)
+        if pad:
+            mask[:, G + t :] = False
+
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue  # LayerDrop
+            hidden = layer(hidden, mask, **kwargs)
+        if getattr(self, "layer_norm", None) is not None:
+            hidden = self.layer_norm(hidden)
+
+        hidden = hidden[:, : G + t]  # [b, G + t, d]
+        if not config.pass_global_tokens_to_decoder:
+            first = hidden[:, :1] if config.pool_with_global else hidden[:, G : G + 1]  # token 0 <- global 0
+            hidden = torch.cat([first, hidden[:, G + 1 :]], dim=1)  # [b, t, d]
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
+class LSGSeq2SeqModelMixin:
+    """Runs the LSG encoder, then the stock forward with the matching cross-attention mask."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_outputs=None, inputs_embeds=None, **kwargs):
+        if encoder_outputs is None:
+            encoder_kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states")}
+            encoder_outputs = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **encoder_kwargs
+            )
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=self.encoder.cross_attention_mask(attention_mask),
+            encoder_outputs=encoder_outputs,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+
+
+def _next_multiple(x: int, k: int) -> int:
+    return -(-x // k) * k

@@ -1,0 +1,272 @@
+"""`load_model`: the one entry point every command uses to get a model and its tokenizer.
+
+It recognises three kinds of checkpoint:
+* LSG checkpoints, by their config keys: longsum's own (`model_type` "lsg_bart", ...) and those of
+  the original LSG converter (`model_type` "bart"/"mbart"/"pegasus" plus LSG keys and an
+  `auto_map` to a `modeling_lsg_*.py` file). Both load into longsum's classes; no file from the
+  checkpoint folder is ever imported or run.
+* stock seq2seq checkpoints (BART, Pegasus, T5, LongT5, LED, PEGASUS-X, BigBird-Pegasus, ...)
+  through transformers' Auto classes, with `trust_remote_code=False`.
+* a Hub id: the folder is fetched first (configs, tokenizer files and weights; never `*.py`), then
+  loaded as a local folder. Without network access, only ids already in the local HF cache work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from longsum.errors import ModelLoadError
+
+TASKS = ("seq2seq", "classification", "base")
+
+# Short names for common checkpoints (what users type on the command line).
+MODEL_ALIASES = {
+    "bart-base": "facebook/bart-base",
+    "bart-large": "facebook/bart-large",
+    "bart-large-cnn": "facebook/bart-large-cnn",
+    "distilbart-cnn-12-6": "sshleifer/distilbart-cnn-12-6",
+    "pegasus-large": "google/pegasus-large",
+    "mbart-large-cc25": "facebook/mbart-large-cc25",
+    "t5-base": "google-t5/t5-base",
+    "flan-t5-base": "google/flan-t5-base",
+    "roberta-base": "FacebookAI/roberta-base",
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+    "longt5-tglobal-base": "google/long-t5-tglobal-base",
+    "longt5-local-base": "google/long-t5-local-base",
+    "led-base": "allenai/led-base-16384",
+    "pegasus-x-base": "google/pegasus-x-base",
+    "lsg-bart-base-4096-pubmed": "ccdv/lsg-bart-base-4096-pubmed",
+    "lsg-bart-base-16384-pubmed": "ccdv/lsg-bart-base-16384-pubmed",
+}
+
+# Files fetched from the Hub: configs, tokenizers, weights. Never Python files.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_name(name_or_path: str | os.PathLike) -> str:
+    """Expand an alias (`bart-base` -> `facebook/bart-base`) unless a local folder has that name."""
+    name = str(name_or_path)
+    if name in MODEL_ALIASES and not Path(name).exists():
+        return MODEL_ALIASES[name]
+    return name
+
+
+def locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint folder for `name_or_path` (fetching a Hub id if needed)."""
+    name = resolve_name(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{name}' has no config.json: pass a checkpoint folder (made by save_pretrained)")
+        return path
+    if path.exists():
+        raise ModelLoadError(f"'{name}' is a file; pass the checkpoint folder that contains it")
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise ModelLoadError(f"local path '{name}' does not exist; pass an existing checkpoint folder or a Hub id")
+    return _fetch_from_hub(name, revision)
+
+
+def _fetch_from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):  # older checkpoints only have pytorch_model.bin
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["pytorch_model*.bin"]))
+    except Exception as err:  # offline, unknown repo, gated repo, network error...
+        raise ModelLoadError(
+            f"'{repo_id}' is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}): check the name, connect to the Hub (and unset HF_HUB_OFFLINE), "
+            f"or pass a local checkpoint folder"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"Hub repo '{repo_id}' has no config.json; it is not a transformers checkpoint")
+    return folder
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {err}") from None
+
+
+def is_lsg_config(config: dict[str, Any]) -> bool:
+    """LSG checkpoints carry the LSG keys; longsum's own also have an `lsg_` model_type."""
+    return str(config.get("model_type", "")).startswith("lsg_") or (
+        "sparsity_type" in config and "block_size" in config and "num_global_tokens" in config
+    )
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+_DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
+    """`auto` is bf16 on CUDA devices that support it, else fp32."""
+    import torch
+
+    if dtype == "auto":
+        if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(set(_DTYPES)))}")
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _model_class(config_dict: dict[str, Any], task: str):
+    """(class, config) for an LSG checkpoint, or (Auto class, None) for a stock one."""
+    model_type = str(config_dict.get("model_type", ""))
+    if is_lsg_config(config_dict):
+        from longsum.lsg import LSG_FAMILIES, lsg_family
+
+        family = lsg_family(model_type)
+        if family is None:
+            raise ModelLoadError(
+                f"unsupported LSG architecture '{model_type}'; longsum has LSG versions of {', '.join(LSG_FAMILIES)}"
+            )
+        if task not in family:
+            raise ModelLoadError(f"LSG-{model_type} has no '{task}' head; available: {', '.join(family)}")
+        clean = {k: v for k, v in config_dict.items() if k not in ("model_type", "auto_map", "transformers_version")}
+        return family[task], family["config"].from_dict(clean)
+
+    from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    auto = {"seq2seq": AutoModelForSeq2SeqLM, "classification": AutoModelForSequenceClassification, "base": AutoModel}[
+        task
+    ]
+    return auto, None
+
+
+def _check_supported(auto, config, task: str) -> None:
+    if type(config) not in auto._model_mapping:
+        supported = (
+            sorted({c.model_type for c in auto._model_mapping.keys()} & _KNOWN_SEQ2SEQ) if task == "seq2seq" else []
+        )
+        hint = f" (supported seq2seq types include {', '.join(supported)})" if supported else ""
+        raise ModelLoadError(f"unsupported architecture '{config.model_type}' for task '{task}'{hint}")
+
+
+_KNOWN_SEQ2SEQ = {
+    "bart",
+    "mbart",
+    "pegasus",
+    "t5",
+    "mt5",
+    "longt5",
+    "led",
+    "pegasus_x",
+    "bigbird_pegasus",
+    "lsg_bart",
+    "lsg_mbart",
+    "lsg_pegasus",
+}
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    task: str = "seq2seq",
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a checkpoint and its tokenizer, ready for inference.
+
+    Args:
+        name_or_path: a local checkpoint folder, a Hub id, or an alias from `MODEL_ALIASES`.
+        task: "seq2seq" (conditional generation), "classification" (sequence classification head)
+            or "base" (the bare model).
+        device: "auto" (CUDA when present, else CPU) or a torch device string.
+        dtype: "auto" (bf16 on CUDA that supports it, else fp32), "fp32", "bf16" or "fp16".
+        revision: Hub revision (branch, tag or commit) for Hub ids.
+        attn_implementation: transformers attention backend for the stock parts ("sdpa" default).
+
+    Returns:
+        `(model, tokenizer)`, the model in eval mode on `device`.
+
+    Raises:
+        ModelLoadError: with a one-line message (missing folder, unreachable Hub, unsupported
+            architecture, missing tokenizer).
+    """
+    if task not in TASKS:
+        raise ModelLoadError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
+    folder = locate(name_or_path, revision)
+    config_dict = read_config(folder)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    import longsum.lsg  # noqa: F401  (registers the lsg_* model types)
+
+    cls, config = _model_class(config_dict, task)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        except (ValueError, KeyError) as err:
+            raise ModelLoadError(
+                f"unsupported architecture '{config_dict.get('model_type')}' in {folder}: {_first_line(err)}"
+            ) from None
+        _check_supported(cls, config, task)
+        kwargs["trust_remote_code"] = False
+    try:
+        model = cls.from_pretrained(folder, config=config, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load weights from {folder}: {_first_line(err)}") from None
+    model.to(device).eval()
+
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers would silently build an empty tokenizer with only special tokens
+        raise ModelLoadError(
+            f"no usable tokenizer in {folder}: none of {', '.join(_TOKENIZER_FILES)}; "
+            f"save the source model's tokenizer there (tokenizer.save_pretrained)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelLoadError(f"no usable tokenizer in {folder}: {_first_line(err)}") from None
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,60 @@
+"""Shared fixtures: a byte-level BPE tokenizer trained here and tiny models built in code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LSG_REF = FIXTURES / "lsg_ref"
+
+CORPUS = [
+    "Long documents such as scientific papers, reports and book chapters need long-context models.",
+    "The encoder reads thousands of tokens; local, sparse and global attention keep the cost linear.",
+    "Summaries are short. They keep the main findings, the methods and the conclusions of a study.",
+    "Rivers, towns, bridges and markets grew over two hundred years along the valley floor.",
+    "Solar microgrids bring electricity to rural districts at a lower cost than grid extension.",
+] * 4
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from longsum.tiny import build_tokenizer
+
+    return build_tokenizer(CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_lsg_bart(tokenizer):
+    """Factory: an untrained tiny LSG-BART (seeded) with LSG overrides."""
+    from longsum.lsg import LSGBartForConditionalGeneration
+    from longsum.tiny import tiny_lsg_bart_config
+
+    def make(seed: int = 0, **lsg):
+        torch.manual_seed(seed)
+        return LSGBartForConditionalGeneration(tiny_lsg_bart_config(len(tokenizer), 1024, **lsg)).eval()
+
+    return make
+
+
+def random_ids(batch: int, length: int, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+    """`<s> ... </s>` sequences of random ids above the special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    return ids
