@@ -35,9 +35,9 @@ from longsum.errors import LSGConfigError
 
 SPARSITY_TYPES = ("norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none")
 
-# Elements (per keys and per values tensor) gathered at once; bounds the extra memory of a
-# forward to ~2 x 64 MiB in fp32 whatever the sequence length.
-GATHER_BUDGET = 1 << 24
+# Elements (per keys and per values tensor) gathered at once: bounds the extra memory of a forward
+# to ~2 x 16 MiB in fp32 whatever the length; small chunks also stay in cache (faster on CPU).
+GATHER_BUDGET = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -115,13 +115,15 @@ Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LSG
 
 
 def _gather_tokens(k, v, mask, idx):
-    """Take tokens `idx` [b or 1, h, m] from k, v [b, h, t, d] and mask [b, t]."""
-    b, h, t, d = k.shape
-    idx = idx.expand(b, h, -1)
-    k_c = k.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
-    v_c = v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
-    mask_c = mask.unsqueeze(1).expand(b, h, t).gather(2, idx)
-    return k_c, v_c, mask_c
+    """Take tokens `idx` [b or 1, h, m] from k, v [b, h, t, d] and mask [b, t].
+
+    Advanced indexing reads whole d-rows, which is ~2x faster than `gather` on the transposed
+    (non-contiguous) views that the projections produce.
+    """
+    b, h = k.shape[:2]
+    rows = torch.arange(b, device=k.device).view(b, 1, 1)
+    heads = torch.arange(h, device=k.device).view(1, h, 1)
+    return k[rows, heads, idx], v[rows, heads, idx], mask[rows, idx.expand(b, h, -1)]  # [b, h, m, d], [b, h, m]
 
 
 def select_norm(q, k, v, mask, spec):
@@ -340,7 +342,8 @@ def lsg_attention(
         k_blk = bank_k.index_select(2, flat).view(b, h * c, K, d)  # [b, h*c, K, d]
         v_blk = bank_v.index_select(2, flat).view(b, h * c, K, d)
         m_blk = bank_mask.index_select(2, flat).view(b, hm, c, 1, K) & valid[i : i + step].view(1, 1, c, 1, K)
-        m_blk = m_blk.expand(b, h, c, 1, K).reshape(b, h * c, 1, K)  # broadcasts over the bs queries
+        # The mask broadcasts over the bs queries of a block; interior blocks without padding need none.
+        m_blk = None if m_blk.all() else m_blk.expand(b, h, c, 1, K).reshape(b, h * c, 1, K)
         q_blk = q_blocks[:, :, i : i + step].reshape(b, h * c, bs, d)
         outs.append(_sdpa(q_blk, k_blk, v_blk, m_blk, dropout_p).view(b, h, c * bs, d))
     out = torch.cat([out_global, *outs], dim=2)  # [b, h, G + t, d]
