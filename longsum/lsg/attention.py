@@ -318,8 +318,10 @@ def lsg_attention(
         t += pad
     n_blocks = t // bs
 
-    # Global queries see every key.
-    out_global = _sdpa(q[:, :, :G], k, v, mask[:, None, None, :], dropout_p)  # [b, h, G, d]
+    # Outputs go straight into one token-major buffer [b, n, h, d]: no list + cat, and the caller's
+    # transpose back to [b, n, h*d] is then free.
+    out = q.new_empty(b, G + t, h, d)
+    out[:, :G] = _sdpa(q[:, :, :G], k, v, mask[:, None, None, :], dropout_p).transpose(1, 2)  # globals see all
 
     # The bank every block reads from: [globals | tokens | compressed].
     bank_k, bank_v, bank_mask = k, v, mask.unsqueeze(1)  # [b, h, n, d], [b, 1, n]
@@ -328,13 +330,13 @@ def lsg_attention(
         bank_k = torch.cat([k, k_c], dim=2)  # [b, h, G + t + t/f, d]
         bank_v = torch.cat([v, v_c], dim=2)
         bank_mask = torch.cat([bank_mask.expand(-1, mask_c.shape[1], -1), mask_c], dim=2)  # [b, 1|h, N]
+        del k_c, v_c  # peak memory: only the bank copies stay alive
     index, valid = block_index(t, spec, str(q.device))  # [n_blocks, K]
     K = index.shape[1]
     hm = bank_mask.shape[1]
 
-    q_blocks = q[:, :, G:].reshape(b, h, n_blocks, bs, d)  # [b, h, blocks, bs, d]
+    q_blocks = q[:, :, G:].reshape(b, h, n_blocks, bs, d)  # [b, h, blocks, bs, d] (a view)
     step = max(1, GATHER_BUDGET // (b * h * K * d))
-    outs = []
     for i in range(0, n_blocks, step):
         idx = index[i : i + step]  # [c, K]
         c = idx.shape[0]
@@ -345,6 +347,6 @@ def lsg_attention(
         # The mask broadcasts over the bs queries of a block; interior blocks without padding need none.
         m_blk = None if m_blk.all() else m_blk.expand(b, h, c, 1, K).reshape(b, h * c, 1, K)
         q_blk = q_blocks[:, :, i : i + step].reshape(b, h * c, bs, d)
-        outs.append(_sdpa(q_blk, k_blk, v_blk, m_blk, dropout_p).view(b, h, c * bs, d))
-    out = torch.cat([out_global, *outs], dim=2)  # [b, h, G + t, d]
-    return out[:, :, :n] if pad else out
+        o_blk = _sdpa(q_blk, k_blk, v_blk, m_blk, dropout_p).view(b, h, c * bs, d)
+        out[:, G + i * bs : G + (i + c) * bs] = o_blk.transpose(1, 2)  # [b, c*bs, h, d]
+    return out[:, :n].transpose(1, 2)  # [b, h, n, d]
