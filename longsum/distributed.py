@@ -81,3 +81,39 @@ def merge_parts(output: Path, key: str = "id") -> int:
     for part in parts:
         part.unlink()
     return added
+
+
+def open_output(output: str, dist: Dist, overwrite: bool = False, key: str = "id"):
+    """(writer, ids already done, repaired?) for `output`; under a launcher each rank writes a part.
+
+    Rank 0 first folds in parts left by a crashed run, so every rank sees the same done ids.
+    """
+    from longsum.errors import LongsumError
+    from longsum.jsonl import JsonlWriter
+
+    if dist.world == 1:
+        writer = JsonlWriter(output, overwrite=overwrite, key=key)
+        return writer, set(writer.done), writer.repaired
+    if output == "-":
+        raise LongsumError("with several processes, write to a file (-o out.jsonl), not stdout")
+    path = Path(output)
+    repaired = False
+    if dist.main:
+        if overwrite and path.exists():
+            path.unlink()
+        merge_parts(path, key)
+        probe = JsonlWriter(path, key=key)  # fails early (one line) if the output is not writable
+        repaired = probe.repaired
+        probe.close()
+    dist.barrier()
+    done = {str(r.get(key)) for r in read_records(path)} if path.exists() else set()
+    return JsonlWriter(part_path(path, dist.rank), overwrite=True, key=key), done, repaired
+
+
+def close_output(writer, output: str, dist: Dist, key: str = "id") -> None:
+    """Close this rank's writer; rank 0 merges every part into `output` once all are done."""
+    writer.close()
+    if dist.world > 1:
+        dist.barrier()
+        if dist.main:
+            merge_parts(Path(output), key)

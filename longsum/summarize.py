@@ -166,30 +166,14 @@ def run(cfg: SummarizeConfig) -> int:
     from rich.console import Console
 
     from longsum import distributed
-    from longsum.jsonl import JsonlWriter
-    from longsum.jsonl import read_records as read_jsonl
 
     console = Console(stderr=True)
     dist = distributed.init()
     docs = collect_documents(cfg.inputs, cfg.glob, cfg.text_field, cfg.id_field)
 
-    if dist.world > 1:
-        if cfg.output == "-":
-            raise LongsumError("with several processes, write to a file (-o summaries.jsonl), not stdout")
-        output = Path(cfg.output)
-        if dist.main:
-            if cfg.overwrite and output.exists():
-                output.unlink()
-            distributed.merge_parts(output)  # leftovers of a crashed run
-            JsonlWriter(output).close()  # fails early (one line) if the output is not writable
-        dist.barrier()
-        done = {str(r.get("id")) for r in read_jsonl(output)} if output.exists() else set()
-        writer = JsonlWriter(distributed.part_path(output, dist.rank), overwrite=True)
-    else:
-        writer = JsonlWriter(cfg.output, overwrite=cfg.overwrite)
-        done = set(writer.done)
-        if writer.repaired:
-            console.print(f"repaired a torn last line in {cfg.output} (interrupted run)")
+    writer, done, repaired = distributed.open_output(cfg.output, dist, overwrite=cfg.overwrite)
+    if repaired:
+        console.print(f"repaired a torn last line in {cfg.output} (interrupted run)")
 
     todo = dist.shard([d for d in docs if d.id not in done])
     skipped = len(docs) - len([d for d in docs if d.id not in done])
@@ -225,11 +209,7 @@ def run(cfg: SummarizeConfig) -> int:
     except _FailFast as err:
         console.print(f"[red]stopped at the first failure (--fail-fast):[/red] {err}")
     finally:
-        writer.close()
-        if dist.world > 1:
-            dist.barrier()
-            if dist.main:
-                distributed.merge_parts(Path(cfg.output))
+        distributed.close_output(writer, cfg.output, dist)
 
     elapsed = max(time.perf_counter() - start, 1e-9)
     if dist.main or dist.world == 1:
