@@ -47,6 +47,38 @@ def convert(source: str = typer.Argument(..., help="Checkpoint folder, Hub id or
     _not_yet("convert", 3)
 
 
+# Options shared by the commands that generate (summarize, eval): same names, same meaning.
+NUM_BEAMS = typer.Option(None, "--num-beams", help="Beam size [default: preset, model's, else 4].")
+MAX_NEW_TOKENS = typer.Option(
+    None, "--max-new-tokens", help="Longest summary in tokens [default: preset, model's, else 256]."
+)
+MIN_NEW_TOKENS = typer.Option(
+    None, "--min-new-tokens", help="Shortest summary in tokens [default: preset, model's, else 0]."
+)
+LENGTH_PENALTY = typer.Option(
+    None, "--length-penalty", help="Beam length penalty [default: preset, model's, else 1.0]."
+)
+NO_REPEAT_NGRAM = typer.Option(
+    None, "--no-repeat-ngram-size", help="Block repeated n-grams [default: model's, else 3]."
+)
+BATCH_SIZE = typer.Option(4, "--batch-size", help="Documents per batch (halved on CUDA out-of-memory).")
+MAX_SOURCE_LENGTH = typer.Option(None, "--max-source-length", help="Input tokens kept [default: the model's length].")
+LONG_INPUT = typer.Option("truncate", "--long-input", help="Documents longer than the model: truncate | chunk.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1...")
+DTYPE = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16.")
+MODEL = typer.Option(
+    "ccdv/lsg-bart-base-4096-pubmed", "--model", "-m", envvar="LONGSUM_MODEL", help="Path, Hub id or alias."
+)
+
+
+def _generation(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size, batch_size,
+                max_source_length, long_input):  # fmt: skip
+    from longsum.generation import GenerationOptions
+
+    return GenerationOptions(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
+                             batch_size, max_source_length, long_input)  # fmt: skip
+
+
 SUMMARIZE_EPILOG = """Examples:
 
   longsum summarize paper.txt                          (default model: ccdv/lsg-bart-base-4096-pubmed)
@@ -68,19 +100,17 @@ for another one (a local folder works offline)."""
 def summarize(
     inputs: list[str] = typer.Argument(..., help="Text/Markdown files, folders, '-' for stdin, or JSONL/CSV/parquet."),
     output: str = typer.Option("summaries.jsonl", "--output", "-o", help="JSONL output ('-' for stdout)."),
-    model: str = typer.Option(
-        "ccdv/lsg-bart-base-4096-pubmed", "--model", "-m", envvar="LONGSUM_MODEL", help="Path, Hub id or alias."
-    ),
-    num_beams: int = typer.Option(None, help="Beam size [default: model's, else 4]."),
-    max_new_tokens: int = typer.Option(None, help="Longest summary in tokens [default: model's, else 256]."),
-    min_new_tokens: int = typer.Option(None, help="Shortest summary in tokens [default: model's, else 0]."),
-    length_penalty: float = typer.Option(None, help="Beam length penalty [default: model's, else 1.0]."),
-    no_repeat_ngram_size: int = typer.Option(None, help="Block repeated n-grams [default: model's, else 3]."),
-    batch_size: int = typer.Option(4, help="Documents per batch (halved on CUDA out-of-memory)."),
-    max_source_length: int = typer.Option(None, help="Input tokens kept [default: the model's length]."),
-    long_input: str = typer.Option("truncate", help="Documents longer than the model: truncate | chunk."),
-    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:1..."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16."),
+    model: str = MODEL,
+    num_beams: int = NUM_BEAMS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    min_new_tokens: int = MIN_NEW_TOKENS,
+    length_penalty: float = LENGTH_PENALTY,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
+    batch_size: int = BATCH_SIZE,
+    max_source_length: int = MAX_SOURCE_LENGTH,
+    long_input: str = LONG_INPUT,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     glob: str = typer.Option("*.txt,*.md", help="File patterns inside folders (comma-separated)."),
     text_field: str = typer.Option(None, help="Record field with the text [default: text, then article]."),
     id_field: str = typer.Option(None, help="Record field with the id [default: id, else file:line]."),
@@ -88,19 +118,10 @@ def summarize(
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first document that fails."),
 ) -> None:
     """Summarize documents into JSONL, one line per document, resumable."""
-    from longsum.generation import GenerationOptions
     from longsum.summarize import SummarizeConfig, run
 
-    options = GenerationOptions(
-        num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        batch_size=batch_size,
-        max_source_length=max_source_length,
-        long_input=long_input,
-    )
+    options = _generation(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
+                          batch_size, max_source_length, long_input)  # fmt: skip
     config = SummarizeConfig(
         inputs=inputs, output=output, model=model, device=device, dtype=dtype, generation=options, glob=glob,
         text_field=text_field, id_field=id_field, overwrite=overwrite, fail_fast=fail_fast,
@@ -108,10 +129,68 @@ def summarize(
     raise typer.Exit(run(config))
 
 
-@app.command("eval", epilog="Example: longsum eval pubmed --model ccdv/lsg-bart-base-4096-pubmed --limit 100")
-def eval_(dataset: str = typer.Argument(..., help="Dataset alias, Hub id or local file.")) -> None:
-    """Score a model with ROUGE on a summarization dataset."""
-    _not_yet("eval", 5)
+EVAL_EPILOG = """Examples:
+
+  longsum eval pubmed --model ccdv/lsg-bart-base-4096-pubmed --limit 200
+
+  longsum eval govreport --model ./my-model --batch-size 8 --compare eval-govreport-test-base/results.json
+
+  longsum eval data/dev.jsonl --text-column document --summary-column summary --model ./my-model
+
+  accelerate launch -m longsum eval arxiv --model ccdv/lsg-bart-base-4096-arxiv
+
+  longsum eval --list
+
+Scores: rouge1/2/L/Lsum F1 x100 (rouge-score, use_stemmer=True; rougeLsum on sentences split offline),
+mean over examples with a seeded bootstrap 95% interval. Hub datasets need the Hub once, then the cache."""
+
+
+@app.command("eval", epilog=EVAL_EPILOG)
+def eval_(
+    dataset: str = typer.Argument(None, help="Alias (pubmed, arxiv, govreport), Hub id, or JSONL/CSV/parquet file."),
+    model: str = MODEL,
+    split: str = typer.Option("test", help="Dataset split."),
+    limit: int = typer.Option(None, help="Score a seeded random subset of N examples."),
+    seed: int = typer.Option(0, help="Seed for --limit sampling and the bootstrap."),
+    text_column: str = typer.Option(None, help="Column with the document [default: the alias's, else text]."),
+    summary_column: str = typer.Option(None, help="Column with the reference [default: the alias's, else summary]."),
+    dataset_config: str = typer.Option(None, help="Hub dataset configuration [default: the alias's]."),
+    revision: str = typer.Option(None, help="Hub dataset revision (branch, tag or commit)."),
+    output_dir: str = typer.Option(None, help="Where results go [default: eval-DATASET-SPLIT-MODEL]."),
+    num_beams: int = NUM_BEAMS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    min_new_tokens: int = MIN_NEW_TOKENS,
+    length_penalty: float = LENGTH_PENALTY,
+    no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
+    batch_size: int = BATCH_SIZE,
+    max_source_length: int = MAX_SOURCE_LENGTH,
+    long_input: str = LONG_INPUT,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    compare: str = typer.Option(None, help="Another results.json to compare with."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier predictions in the output dir."),
+    list_aliases: bool = typer.Option(False, "--list", help="Show the dataset aliases and their presets."),
+) -> None:
+    """Score a model with ROUGE on a summarization dataset (resumable, with provenance)."""
+    if list_aliases:
+        from longsum.data import list_aliases as aliases
+
+        for entry in aliases():
+            typer.echo(f"{entry['alias']:<10} {entry['hub_id']} [{entry['config']}] {entry['text_column']} -> "
+                       f"{entry['summary_column']}; preset {entry['preset']}: {entry['description']}")  # fmt: skip
+        return
+    if dataset is None:
+        raise LongsumError("name a dataset (pubmed, arxiv, govreport, a Hub id or a file); see longsum eval --list")
+    from longsum.evaluation import EvalConfig, run
+
+    options = _generation(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
+                          batch_size, max_source_length, long_input)  # fmt: skip
+    config = EvalConfig(
+        dataset=dataset, model=model, split=split, limit=limit, seed=seed, text_column=text_column,
+        summary_column=summary_column, config=dataset_config, revision=revision, output_dir=output_dir,
+        generation=options, device=device, dtype=dtype, compare=compare, overwrite=overwrite,
+    )  # fmt: skip
+    raise typer.Exit(run(config))
 
 
 @app.command(epilog="Example: longsum train --model ./lsg-bart-base-4096 --dataset pubmed --output-dir runs/pubmed")

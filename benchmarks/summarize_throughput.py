@@ -1,0 +1,296 @@
+"""Summarization throughput: longsum's batched `Summarizer` against a naive per-document `model.generate` loop.
+
+What it measures: the wall-clock time to summarize the same N documents (lengths ~300 to ~4000 tokens, word
+slices of ``examples/docs``) two ways with the same model and the same generate() settings:
+  naive     for each document in input order: tokenize (truncate to the model's length), ``model.generate``
+            at batch size 1, decode
+  batched   ``longsum.generation.Summarizer.summarize`` (tokenize once, sort by length, batches of
+            ``--batch-size``); the naive loop reuses its ``generate_kwargs`` and ``max_source_length``
+Both methods are warmed up on 2 documents, then timed over all documents (median of ``--repeats``). The output
+length is forced (``min_new_tokens == max_new_tokens``) so both generate the same number of tokens, which is
+checked. Reported: seconds, docs/s, input tokens/s and the speed-up batched/naive against the issue's target
+(>= 1.5x on CPU with a small model, >= 3x on GPU with a base-size model). Nothing is asserted.
+
+Model: ``--model PATH_OR_ID`` (through ``longsum.load_model``), else an untrained LSG-BART built in code
+(``--size small``: d_model 256, 3+3 layers; ``--size base``: bart-base size) with a BPE tokenizer trained on the
+example documents. Untrained weights are fine for throughput. CPU: fp32, all threads; CUDA: bf16.
+
+Run from the repository root:
+    python benchmarks/summarize_throughput.py                                  # default (a few minutes on CPU)
+    python benchmarks/summarize_throughput.py --num-docs 8 --max-new-tokens 16  # quick check
+    python benchmarks/summarize_throughput.py --device cuda --size base         # the GPU target
+Outputs: a table on stdout; summarize_throughput.json (measurements, settings, provenance) and
+summarize_throughput.png (docs/s and tokens/s bars) in --out-dir (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {
+    "small": dict(d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024),
+    "base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                 decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+}  # fmt: skip
+TARGETS = {"cpu": (1.5, "CPU, small model"), "cuda": (3.0, "GPU, base-size model")}
+
+
+def example_texts() -> list[str]:
+    files = sorted(p for p in (ROOT / "examples" / "docs").iterdir() if p.suffix in (".txt", ".md"))
+    return [p.read_text(encoding="utf-8") for p in files]
+
+
+def build_model(size: str, texts: list[str], device: str, dtype, seed: int):
+    import torch
+
+    from longsum.lsg import LSGBartConfig, LSGBartForConditionalGeneration
+    from longsum.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(texts, vocab_size=2000, model_max_length=4096)
+    config = LSGBartConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, block_size=64,
+                           sparse_block_size=64, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
+                           **SIZES[size])  # fmt: skip
+    torch.manual_seed(seed)
+    model = LSGBartForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    return model, tokenizer
+
+
+def make_documents(texts: list[str], tokenizer, n: int, lo: int, hi: int) -> list[tuple[str, str]]:
+    """n documents of ~lo..~hi tokens: word slices of the example texts (cycled), at spread-out offsets."""
+    words = " ".join(texts).split()
+    words_per_token = len(words) / len(tokenizer(" ".join(words), verbose=False)["input_ids"])
+    docs = []
+    for i in range(n):
+        target = lo + (hi - lo) * ((i * 7) % n) / max(n - 1, 1)  # lengths interleaved, not sorted
+        count, start = max(1, round(target * words_per_token)), (i * 997) % len(words)
+        docs.append((f"doc{i:03d}", " ".join(words[(start + k) % len(words)] for k in range(count))))
+    return docs
+
+
+class GenerateCounter:
+    """Wraps `model.generate` to count decoder tokens per sequence (to check both methods generate as many)."""
+
+    def __init__(self, model):
+        self.model, self.original, self.new_tokens = model, model.generate, []
+        model.generate = self
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos) if isinstance(eos, list) else {eos}
+        for row in out.tolist():  # row[0] is the decoder start token; count up to the first EOS after it
+            self.new_tokens.append(next((i for i, t in enumerate(row) if i > 0 and t in eos), len(row) - 1))
+        return out
+
+
+def run_naive(model, tokenizer, docs, summarizer) -> dict:
+    import torch
+
+    summaries = {}
+    for key, text in docs:
+        inputs = tokenizer(text, truncation=True, max_length=summarizer.max_source_length, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs.to(model.device), **summarizer.generate_kwargs)
+        summaries[key] = tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    return summaries
+
+
+def run_batched(docs, summarizer) -> dict:
+    results = {}
+    summarizer.summarize(docs, lambda key, result: results.__setitem__(key, result))
+    return {key: (r.summary if r.error is None else None) for key, r in results.items()}
+
+
+def timed(method, docs, counter, repeats: int) -> tuple[list[float], dict, list[int]]:
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        counter.new_tokens = []
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        summaries = method(docs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times, summaries, counter.new_tokens
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """How many cores other processes keep busy right now (Linux /proc/stat), to warn about contention."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def provenance(device_name: str) -> dict:
+    import torch
+    import transformers
+
+    import longsum
+
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return dict(command=[sys.executable, *sys.argv], device_name=device_name, torch=torch.__version__,
+                transformers=transformers.__version__, longsum=longsum.__version__,
+                python=platform.python_version(), platform=platform.platform(),
+                git_head=git.stdout.strip() if git.returncode == 0 else None,
+                timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in zip(axes, ("docs_per_s", "input_tokens_per_s"), ("documents / s", "input tokens / s")):
+        bars = ax.bar([r["method"] for r in rows], [r[metric] for r in rows], color=["C0", "C1"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set(ylabel=label, title=label)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint folder or Hub id (default: an untrained LSG-BART built in code)")
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="size of the built model")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--num-docs", type=int, default=24)
+    p.add_argument("--min-tokens", type=int, default=300, help="shortest document (approx. tokens)")
+    p.add_argument("--max-tokens", type=int, default=4000, help="longest document (approx. tokens)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="also min_new_tokens: a fixed output length")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=3)
+    p.add_argument("--max-source-length", type=int, default=None, help="default: the model's length")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes per method (median reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args()
+
+    import torch
+
+    from longsum.generation import GenerationOptions, Summarizer
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    texts = example_texts()
+    if args.model:
+        from longsum import load_model
+
+        model, tokenizer = load_model(args.model, device=device, dtype="bf16" if device == "cuda" else "fp32")
+    else:
+        model, tokenizer = build_model(args.size, texts, device, dtype, args.seed)
+    options = GenerationOptions(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                                min_new_tokens=args.max_new_tokens, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                length_penalty=1.0, batch_size=args.batch_size,
+                                max_source_length=args.max_source_length)  # fmt: skip
+    summarizer = Summarizer(model, tokenizer, options)
+    docs = make_documents(texts, tokenizer, args.num_docs, args.min_tokens, args.max_tokens)
+    lengths = [min(len(ids), summarizer.max_source_length) for ids in tokenizer([t for _, t in docs])["input_ids"]]
+    n_tokens = sum(lengths)
+    cfg = model.config
+    model_summary = dict(name=args.model or f"untrained lsg_bart ({args.size})", model_type=cfg.model_type,
+                         d_model=cfg.d_model, layers=f"{cfg.encoder_layers}+{cfg.decoder_layers}",
+                         heads=cfg.encoder_attention_heads, ffn=cfg.encoder_ffn_dim, vocab_size=cfg.vocab_size,
+                         parameters=sum(t.numel() for t in model.parameters()),
+                         block_size=getattr(cfg, "block_size", None),
+                         sparse_block_size=getattr(cfg, "sparse_block_size", None))  # fmt: skip
+    threads = torch.get_num_threads() if device == "cpu" else None
+    device_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+    busy = busy_cores() if device == "cpu" else None
+    if busy is not None and busy + threads > (os.cpu_count() or 1) + 0.5:
+        print(f"WARNING: other processes keep ~{busy:.1f} of {os.cpu_count()} cores busy; with {threads} threads "
+              f"every parallel op waits for a descheduled thread and timings are distorted (try --threads "
+              f"{max(1, round((os.cpu_count() or 1) - busy))})")  # fmt: skip
+    print(f"model: {model_summary}")
+    print(f"device: {device} ({device_name}), dtype {str(dtype).split('.')[-1]}, threads {threads}")
+    print(f"generate: {summarizer.generate_kwargs}, batch_size {args.batch_size}, max_source_length "
+          f"{summarizer.max_source_length}\ndocs: {len(docs)}, {n_tokens} input tokens "
+          f"(min {min(lengths)}, median {int(statistics.median(lengths))}, max {max(lengths)})")  # fmt: skip
+
+    counter = GenerateCounter(model)
+    methods = {"naive (batch 1)": lambda d: run_naive(model, tokenizer, d, summarizer),
+               f"batched (batch {args.batch_size})": lambda d: run_batched(d, summarizer)}  # fmt: skip
+    for method in methods.values():  # warm-up
+        method(docs[:2])
+    rows = []
+    for name, method in methods.items():
+        times, summaries, new_tokens = timed(method, docs, counter, args.repeats)
+        seconds = statistics.median(times)
+        missing = [k for k, _ in docs if summaries.get(k) is None]
+        rows.append(dict(method=name, docs=len(docs), input_tokens=n_tokens, seconds=seconds, all_seconds=times,
+                         docs_per_s=len(docs) / seconds, input_tokens_per_s=n_tokens / seconds,
+                         generated_tokens=sum(new_tokens), new_tokens_per_doc=sorted(set(new_tokens)),
+                         summaries_ok=len(docs) - len(missing), missing=missing,
+                         empty_summaries=sum(1 for k, _ in docs if summaries.get(k) == "")))  # fmt: skip
+        print(f"  {name}: {seconds:.1f} s")
+    naive, batched = rows
+    speedup = naive["seconds"] / batched["seconds"]
+    target, target_case = TARGETS[device]
+    verdict = "PASS" if speedup >= target else "FAIL"
+
+    print(f"\n{'method':<20} {'docs':>5} {'in tokens':>10} {'seconds':>9} {'docs/s':>8} {'in tok/s':>9} "
+          f"{'gen tok':>8} {'ok':>6}")  # fmt: skip
+    for r in rows:
+        print(f"{r['method']:<20} {r['docs']:>5} {r['input_tokens']:>10} {r['seconds']:>9.2f} {r['docs_per_s']:>8.3f} "
+              f"{r['input_tokens_per_s']:>9.0f} {r['generated_tokens']:>8} {r['summaries_ok']:>3}/{r['docs']:<2}")  # fmt: skip
+    print(f"\nspeed-up batched/naive: {speedup:.2f}x  (target >= {target}x, {target_case}): {verdict}")
+    if naive["new_tokens_per_doc"] != batched["new_tokens_per_doc"]:
+        print(f"WARNING: generated lengths differ: {naive['new_tokens_per_doc']} vs {batched['new_tokens_per_doc']}")
+    if any(r["missing"] for r in rows):
+        print(f"WARNING: missing summaries: {[(r['method'], r['missing']) for r in rows if r['missing']]}")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = dict(results=rows, speedup=speedup, target=target, target_case=target_case, verdict=verdict,
+                  settings=dict(model=model_summary, generate_kwargs=summarizer.generate_kwargs,
+                                batch_size=args.batch_size, max_source_length=summarizer.max_source_length,
+                                device=device, dtype=str(dtype).split(".")[-1], threads=threads,
+                                busy_cores_before=busy,
+                                repeats=args.repeats, seed=args.seed, doc_lengths=lengths),
+                  provenance=provenance(device_name))  # fmt: skip
+    json_path, png_path = args.out_dir / "summarize_throughput.json", args.out_dir / "summarize_throughput.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(rows, png_path, f"{model_summary['name']} on {device}, {len(docs)} docs, {n_tokens} input tokens: "
+                         f"batched/naive {speedup:.2f}x")  # fmt: skip
+    print(f"wrote {json_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
