@@ -41,10 +41,70 @@ def _not_yet(command: str, issue: int) -> None:
     raise LongsumError(f"`longsum {command}` is not available in longsum {__version__} yet (planned, issue #{issue})")
 
 
-@app.command(epilog="Example: longsum convert bart-base ./lsg-bart-base-4096 --max-length 4096")
-def convert(source: str = typer.Argument(..., help="Checkpoint folder, Hub id or alias.")) -> None:
-    """Convert a short-context checkpoint into a long-context LSG one."""
-    _not_yet("convert", 3)
+CONVERT_EPILOG = """Examples:
+
+  longsum convert bart-base                              (-> ./lsg-bart-base-4096)
+
+  longsum convert facebook/bart-large-cnn ./lsg-bart-large-cnn-16384 --max-length 16384
+
+  longsum convert ./lsg-bart-base-4096 --max-length 16384  (re-convert: positions only, globals kept)
+
+  longsum convert roberta-base --max-length 4096 --sparsity-type pooling --num-global-tokens 16
+
+  longsum convert flan-t5-base --to longt5-tglobal --max-length 16384
+
+Aliases: bart-base, bart-large, bart-large-cnn, distilbart-cnn-12-6, pegasus-large, mbart-large-cc25,
+t5-base, flan-t5-base, roberta-base, bert-base-uncased (Hub ids need the Hub once, then the cache)."""
+
+
+@app.command(epilog=CONVERT_EPILOG)
+def convert(
+    source: str = typer.Argument(..., help="Checkpoint folder, Hub id or alias."),
+    output_dir: str = typer.Argument(None, help="Where to write [default: ./lsg-NAME-LENGTH]."),
+    max_length: int = typer.Option(4096, help="New maximum input length (a multiple of the block size)."),
+    block_size: int = typer.Option(None, help="Local block size [default 128]."),
+    sparse_block_size: int = typer.Option(None, help="Sparse tokens on each side [default 128]; 0 = none."),
+    sparsity_factor: int = typer.Option(None, help="Compression factor of the sparse sequence [default 2]."),
+    sparsity_type: str = typer.Option(None, help="norm|pooling|lsh|stride|block_stride|bos_pooling|none [norm]."),
+    num_global_tokens: int = typer.Option(None, help="Global tokens, 1..512 [default 1]."),
+    pass_global_tokens_to_decoder: bool = typer.Option(
+        None, "--pass-global-tokens-to-decoder/--no-pass-global-tokens-to-decoder", help="[default: pass]"
+    ),
+    mask_first_token: bool = typer.Option(None, "--mask-first-token", help="Hide token 0 (it repeats global 0)."),
+    random_global_init: bool = typer.Option(False, "--random-global-init", help="Draw globals from a normal fit."),
+    global_stride: int = typer.Option(64, help="Positions between consecutive global tokens."),
+    to: str = typer.Option(None, "--to", help="T5 only: longt5-local | longt5-tglobal."),
+    seed: int = typer.Option(0, help="Seed for random global initialisation."),
+    dtype: str = typer.Option("fp32", help="Saved weights: fp32, bf16, fp16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Convert a short-context checkpoint into a long-context one (LSG, or LongT5 from T5)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from longsum.convert import ConvertOptions
+    from longsum.convert import convert as run_convert
+
+    options = ConvertOptions(
+        max_length=max_length, block_size=block_size, sparse_block_size=sparse_block_size,
+        sparsity_factor=sparsity_factor, sparsity_type=sparsity_type, num_global_tokens=num_global_tokens,
+        pass_global_tokens_to_decoder=pass_global_tokens_to_decoder, mask_first_token=mask_first_token,
+        random_global_init=random_global_init, global_stride=global_stride, seed=seed, dtype=dtype,
+        overwrite=overwrite, to=to,
+    )  # fmt: skip
+    report = run_convert(source, output_dir, options)
+    table = Table(title=f"converted {report.source}", show_header=False)
+    rows = [("architecture", f"{report.architecture} ({report.model_type})"),
+            ("parameters", f"{report.params_before:,} -> {report.params_after:,}"),
+            ("positions", f"{report.positions_before} -> {report.positions_after}"),
+            *((k, str(v)) for k, v in report.settings.items()),
+            ("output", report.output), ("seconds", f"{report.seconds:.1f}")]  # fmt: skip
+    for key, value in rows:
+        table.add_row(key, value)
+    console = Console(stderr=True)
+    console.print(table)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
 
 
 # Options shared by the commands that generate (summarize, eval): same names, same meaning.

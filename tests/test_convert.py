@@ -1,0 +1,224 @@
+"""`longsum convert` on tiny checkpoints of each family, built in code and run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from longsum.cli import app
+from longsum.convert import order_positions, tile_positions
+from tests.conftest import random_ids
+
+runner = CliRunner()
+SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+             encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+             decoder_start_token_id=2)  # fmt: skip
+
+
+def convert(*args):
+    result = runner.invoke(app, ["convert", *map(str, args)], catch_exceptions=False)
+    return result
+
+
+def save(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def bart_source(tmp_path, tokenizer):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, **SMALL))
+    return save(model, tokenizer, tmp_path / "bart"), model
+
+
+def test_bart_positions_globals_config_and_both_loading_paths(tmp_path, bart_source, tokenizer):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from longsum import load_model
+
+    source, stock = bart_source
+    out = tmp_path / "lsg"
+    result = convert(source, out, "--max-length", 4096, "--num-global-tokens", 4)
+    assert result.exit_code == 0, result.output
+    assert {"config.json", "model.safetensors", "README.md", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}  # fmt: skip
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "lsg_bart" and config["max_position_embeddings"] == 4096
+    assert (config["block_size"], config["sparse_block_size"], config["sparsity_factor"]) == (128, 128, 2)
+    assert config["sparsity_type"] == "norm" and config["num_global_tokens"] == 4
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+
+    weights = load_file(out / "model.safetensors")
+    old = stock.model.encoder.embed_positions.weight.detach()
+    for side in ("encoder", "decoder"):
+        new = weights[f"model.{side}.embed_positions.weight"]
+        assert new.shape == (4098, 32)
+        torch.testing.assert_close(new[:1026], stock.state_dict()[f"model.{side}.embed_positions.weight"])
+        for k in (0, 5, 1023):  # row 1024 + k starts as row k (after the 2 offset rows)
+            torch.testing.assert_close(new[2 + 1024 + k], new[2 + k])
+            torch.testing.assert_close(new[2 + 3 * 1024 + k], new[2 + k])
+    globals_ = weights["model.encoder.global_embeddings.weight"]
+    tokens = stock.model.shared.weight.detach()
+    positions = old[2:]  # untiled, after the offset; 1024 rows -> one in 2, stride 64 apart
+    torch.testing.assert_close(globals_[0], positions[0] + tokens[tokenizer.bos_token_id])
+    torch.testing.assert_close(globals_[1], positions[64] + tokens[tokenizer.mask_token_id])
+    torch.testing.assert_close(globals_[2], positions[128] + tokens[tokenizer.mask_token_id])
+    torch.testing.assert_close(globals_[16], positions[2] + tokens[tokenizer.mask_token_id])
+
+    model, _ = load_model(out)
+    plain = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    ids = random_ids(1, 4096)
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=torch.tensor([[2, 7, 9]])).logits
+        torch.testing.assert_close(plain(input_ids=ids, decoder_input_ids=torch.tensor([[2, 7, 9]])).logits, logits)
+        generated = model.generate(ids, max_new_tokens=3, num_beams=2)
+    assert torch.isfinite(logits).all() and generated.shape[0] == 1
+    assert "longsum convert" in (out / "README.md").read_text()
+
+
+def test_reconversion_extends_positions_and_keeps_globals(tmp_path, bart_source):
+    source, _ = bart_source
+    first, second = tmp_path / "lsg-4096", tmp_path / "lsg-16384"
+    assert convert(source, first, "--max-length", 4096, "--sparsity-type", "pooling", "--block-size", 64).exit_code == 0
+    assert convert(first, second, "--max-length", 16384).exit_code == 0
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    torch.testing.assert_close(b["model.encoder.global_embeddings.weight"], a["model.encoder.global_embeddings.weight"])
+    assert b["model.encoder.embed_positions.weight"].shape == (16386, 32)
+    torch.testing.assert_close(
+        b["model.encoder.embed_positions.weight"][:4098], a["model.encoder.embed_positions.weight"]
+    )
+    config = json.loads((second / "config.json").read_text())
+    assert config["sparsity_type"] == "pooling" and config["block_size"] == 64  # settings kept
+    assert config["max_position_embeddings"] == 16384
+
+
+def test_pegasus_sinusoids_recomputed(tmp_path, tokenizer):
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
+
+    from longsum import load_model
+
+    torch.manual_seed(0)
+    source = save(PegasusForConditionalGeneration(PegasusConfig(vocab_size=len(tokenizer), max_position_embeddings=512,
+                                                                **SMALL)), tokenizer, tmp_path / "peg")  # fmt: skip
+    out = tmp_path / "lsg-peg"
+    assert convert(source, out, "--max-length", 2048, "--block-size", 64, "--sparse-block-size", 64).exit_code == 0
+    model, _ = load_model(out)
+    table = model.model.encoder.embed_positions
+    fresh = table.create_weight()
+    assert table.weight.shape == (2048, 32)
+    torch.testing.assert_close(table.weight, fresh)
+    with torch.no_grad():
+        out_ids = model.generate(random_ids(1, 2048), max_new_tokens=2)
+    assert out_ids.shape[0] == 1
+
+
+def test_mbart_and_classification_heads(tmp_path, tokenizer):
+    from transformers import BartConfig, BartForSequenceClassification, MBartConfig, MBartForConditionalGeneration
+
+    from longsum import load_model
+
+    torch.manual_seed(0)
+    mbart = save(MBartForConditionalGeneration(MBartConfig(vocab_size=len(tokenizer), max_position_embeddings=256,
+                                                           **SMALL)), tokenizer, tmp_path / "mbart")  # fmt: skip
+    assert convert(mbart, tmp_path / "o1", "--max-length", 1024, "--block-size", 32).exit_code == 0
+    assert type(load_model(tmp_path / "o1")[0]).__name__ == "LSGMBartForConditionalGeneration"
+
+    clf = save(BartForSequenceClassification(BartConfig(vocab_size=len(tokenizer), max_position_embeddings=256,
+                                                         id2label={0: "neg", 1: "pos"}, **SMALL)), tokenizer, tmp_path / "clf")  # fmt: skip
+    assert convert(clf, tmp_path / "o2", "--max-length", 1024, "--block-size", 32).exit_code == 0
+    model, _ = load_model(tmp_path / "o2", task="classification")
+    with torch.no_grad():
+        assert model(input_ids=random_ids(2, 1000)).logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("target", ["longt5-local", "longt5-tglobal"])
+def test_t5_to_longt5(tmp_path, tokenizer, target):
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4, pad_token_id=1, eos_token_id=2,
+                                             decoder_start_token_id=1)).eval()  # fmt: skip
+    source = save(t5, tokenizer, tmp_path / "t5")
+    out = tmp_path / "longt5"
+    result = convert(source, out, "--to", target, "--max-length", 16384)
+    assert result.exit_code == 0, result.output
+    long = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    assert long.config.model_type == "longt5"
+    ids = random_ids(2, 100)  # within the local radius (127): local attention sees everything
+    dec = torch.tensor([[1, 7, 9, 11]] * 2)
+    with torch.no_grad():
+        want = t5(input_ids=ids, decoder_input_ids=dec).logits
+        got = long(input_ids=ids, decoder_input_ids=dec).logits
+    if target == "longt5-local":
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # tglobal adds side keys (block summaries): close to T5, not equal
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bart-base"], "could not be fetched from the Hugging Face Hub"),
+        (["./no/such/folder"], "local path './no/such/folder' does not exist"),
+        (["{src}", "{out}", "--max-length", "5000"], "not a multiple of the block size 128; use 4992 or 5120"),
+        (["{src}", "{existing}"], "exists; pass --overwrite"),
+        (["{src}", "{out}", "--sparsity-type", "dense"], "unknown sparsity_type 'dense'"),
+        (["{src}", "{out}", "--block-size", "100", "--sparsity-factor", "8"], "divisible by sparsity_factor"),
+        (["{src}", "{out}", "--num-global-tokens", "600"], "between 1 and 512"),
+        (["{unsupported}"], "cannot convert architecture 'gpt2'"),
+        (["{src}", "{out}", "--to", "longt5-local"], "--to longt5-local converts T5 checkpoints"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, bart_source, tokenizer, args, message):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    source, _ = bart_source
+    (tmp_path / "existing").mkdir()
+    gpt = tmp_path / "gpt2"
+    if "{unsupported}" in args:
+        save(GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)), tokenizer, gpt)
+    subs = {"{src}": str(source), "{out}": str(tmp_path / "out"), "{existing}": str(tmp_path / "existing"),
+            "{unsupported}": str(gpt)}  # fmt: skip
+    args = [subs.get(a, a) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "longsum", "convert", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_mask_id_outside_vocabulary_falls_back_to_random_globals(tmp_path, bart_source):
+    source, _ = bart_source
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    vocab_size = json.loads((source / "config.json").read_text())["vocab_size"]
+    # shrink the model's vocabulary below the mask id: the mask embedding does not exist
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    small = BartForConditionalGeneration(BartConfig(vocab_size=4, max_position_embeddings=1024, **SMALL))
+    small.save_pretrained(source)
+    assert vocab_size > 4 and config
+    result = convert(source, tmp_path / "out", "--max-length", 2048)
+    assert result.exit_code == 0
+    assert "outside the vocabulary: globals drawn at random" in result.output
+
+
+def test_helpers_tile_and_order():
+    table = torch.arange(2 + 8, dtype=torch.float32).view(-1, 1).expand(-1, 3)
+    tiled = tile_positions(table, 2, 20)
+    assert tiled.shape == (22, 3) and tiled[2 + 8 + 3, 0] == tiled[2 + 3, 0] and tiled[1, 0] == 1
+    positions = torch.arange(1024, dtype=torch.float32).view(-1, 1)
+    ordered = order_positions(positions, 64)[:, 0]
+    assert ordered[:3].tolist() == [0, 64, 128] and ordered[16].item() == 2 and len(ordered) == 512
