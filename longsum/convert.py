@@ -73,9 +73,10 @@ class Family:
     """How one architecture is converted: its LSG classes and where its tensors live."""
 
     kind: str  # "seq2seq" or "encoder"
-    position_offset: int  # rows before position 0 in the learned table (BART: 2)
+    position_offset: int  # rows before position 0 in the learned table (BART, RoBERTa: 2)
     learned_positions: bool  # False: sinusoidal, recomputed (Pegasus)
     heads: dict  # source architecture suffix -> task key of the LSG family
+    config_offset: int = 0  # RoBERTa counts its offset rows in max_position_embeddings
 
 
 SEQ2SEQ_HEADS = {"ForConditionalGeneration": "seq2seq", "ForSequenceClassification": "classification", "Model": "base"}
@@ -85,8 +86,8 @@ FAMILIES = {
     "mbart": Family("seq2seq", 2, True, SEQ2SEQ_HEADS),
     "pegasus": Family("seq2seq", 0, False, SEQ2SEQ_HEADS),
     "bert": Family("encoder", 0, True, ENCODER_HEADS),
-    "roberta": Family("encoder", 2, True, ENCODER_HEADS),
-    "xlm-roberta": Family("encoder", 2, True, ENCODER_HEADS),
+    "roberta": Family("encoder", 2, True, ENCODER_HEADS, config_offset=2),
+    "xlm-roberta": Family("encoder", 2, True, ENCODER_HEADS, config_offset=2),
 }
 SUPPORTED = "bart, mbart, pegasus (seq2seq); bert, roberta, xlm-roberta (encoders); t5 -> longt5"
 
@@ -243,13 +244,13 @@ def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, out:
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     state = source_model.state_dict()
     source_config = source_model.config
-    positions_before = source_config.max_position_embeddings
+    positions_before = source_config.max_position_embeddings - family.config_offset
     notes: list[str] = []
 
     new_config = classes["config"].from_dict(
         {**{k: v for k, v in source_config.to_dict().items() if k not in ("model_type", "auto_map", "architectures",
                                                                             "transformers_version")},
-         **settings, "max_position_embeddings": options.max_length})  # fmt: skip
+         **settings, "max_position_embeddings": options.max_length + family.config_offset})  # fmt: skip
     torch.manual_seed(options.seed)
     new_model = classes[task](new_config)
     encoder = _encoder_of(source_model, family)

