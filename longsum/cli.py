@@ -37,10 +37,6 @@ def _main(
     """Summarize long documents with LSG, LongT5, LED and other long-context seq2seq models."""
 
 
-def _not_yet(command: str, issue: int) -> None:
-    raise LongsumError(f"`longsum {command}` is not available in longsum {__version__} yet (planned, issue #{issue})")
-
-
 CONVERT_EPILOG = """Examples:
 
   longsum convert bart-base                              (-> ./lsg-bart-base-4096)
@@ -253,15 +249,92 @@ def eval_(
     raise typer.Exit(run(config))
 
 
-@app.command(epilog="Example: longsum train --model ./lsg-bart-base-4096 --dataset pubmed --output-dir runs/pubmed")
-def train() -> None:
-    """Fine-tune a seq2seq model on a summarization dataset."""
-    _not_yet("train", 6)
+TRAIN_EPILOG = """Examples:
+
+  longsum train --model ./lsg-bart-base-4096 --dataset pubmed --output-dir runs/pubmed \\
+      --per-device-batch-size 8 --gradient-accumulation-steps 4 --bf16 --gradient-checkpointing \\
+      --eval-steps 1000 --save-steps 1000                      (the published recipe: lr 8e-5, warmup 10%)
+
+  longsum train --model ./lsg-bart-base-4096 --dataset train.jsonl --eval-dataset dev.jsonl \\
+      --output-dir runs/mine --max-steps 2000 --resume
+
+  accelerate launch -m longsum train --config pubmed.yaml          (multi-GPU; same flags)
+
+  torchrun --nproc-per-node 8 -m longsum train --config pubmed.yaml --deepspeed ds_zero2.json
+
+--resume alone continues from the last checkpoint in --output-dir; --resume PATH from that one.
+--config FILE (YAML/JSON) sets any option below or any transformers Seq2SeqTrainingArguments field."""
+
+
+@app.command(epilog=TRAIN_EPILOG)
+def train(
+    ctx: typer.Context,
+    model: str = typer.Option(None, "--model", "-m", help="Model to fine-tune (path, Hub id or alias)."),
+    dataset: str = typer.Option(None, help="Alias (pubmed, arxiv, govreport), Hub id, or JSONL/CSV/parquet file."),
+    output_dir: str = typer.Option(None, help="Checkpoints, log, curves and the final model."),
+    config: str = typer.Option(None, "--config", help="YAML/JSON file with more options (unknown keys fail)."),
+    eval_dataset: str = typer.Option(None, help="Evaluation data [default: --dataset's validation split]."),
+    text_column: str = typer.Option(None, help="Column with the document."),
+    summary_column: str = typer.Option(None, help="Column with the reference summary."),
+    dataset_config: str = typer.Option(None, help="Hub dataset configuration [default: the alias's]."),
+    train_split: str = typer.Option("train", help="Training split."),
+    eval_split: str = typer.Option("validation", help="Evaluation split."),
+    limit: int = typer.Option(None, help="Use only N training examples (seeded subset)."),
+    max_source_length: int = typer.Option(None, help="Input tokens [default: the model's length]."),
+    max_target_length: int = typer.Option(512, help="Summary tokens."),
+    per_device_batch_size: int = typer.Option(1, help="Batch size per device."),
+    gradient_accumulation_steps: int = typer.Option(1, help="Steps accumulated per update."),
+    learning_rate: float = typer.Option(8e-5, help="Peak learning rate."),
+    lr_scheduler_type: str = typer.Option("linear", help="Scheduler (linear, cosine, constant_with_warmup...)."),
+    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps for warmup."),
+    num_train_epochs: float = typer.Option(3.0, help="Epochs (ignored when --max-steps is set)."),
+    max_steps: int = typer.Option(-1, help="Total optimizer steps (overrides epochs)."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 mixed precision."),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 mixed precision."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
+    eval_steps: int = typer.Option(None, help="Evaluate ROUGE every N steps (keeps the best by rougeLsum)."),
+    eval_limit: int = typer.Option(100, help="Evaluation examples."),
+    eval_num_beams: int = typer.Option(1, help="Beams when generating for evaluation."),
+    save_steps: int = typer.Option(500, help="Checkpoint every N steps."),
+    save_total_limit: int = typer.Option(2, help="Checkpoints kept."),
+    logging_steps: int = typer.Option(10, help="Log every N steps."),
+    resume: str = typer.Option(None, help="Continue training: alone = last checkpoint, or a checkpoint path."),
+    seed: int = typer.Option(42, help="Random seed."),
+    report_to: str = typer.Option("none", help="none | tensorboard."),
+    deepspeed: str = typer.Option(None, help="DeepSpeed config file (passed to the Trainer)."),
+    fsdp: str = typer.Option(None, help="FSDP options (passed to the Trainer), e.g. 'full_shard auto_wrap'."),
+) -> None:
+    """Fine-tune a seq2seq model (LSG, LongT5, BART...) on a summarization dataset."""
+    import dataclasses
+
+    from longsum.train import TrainConfig, load_config_file, run
+
+    values = {k: v for k, v in ctx.params.items() if k != "config"}
+    if config:  # file values beat defaults; flags given on the command line beat the file
+        for key, value in load_config_file(config).items():
+            if key == "training_args" or getattr(ctx.get_parameter_source(key), "name", "") != "COMMANDLINE":
+                values[key] = value
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset", "output_dir") if not values.get(k)]
+    if missing:
+        raise LongsumError(f"missing {', '.join(missing)} (on the command line or in --config)")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    run(TrainConfig(**{k: v for k, v in values.items() if k in fields}))
+
+
+def _optional_values(argv: list[str]) -> list[str]:
+    """`--resume` with no value means `--resume auto` (Typer has no optional-value options)."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append("auto")
+    return out
 
 
 def main() -> None:
     try:
-        app()
+        app(args=_optional_values(sys.argv[1:]))
     except LongsumError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)

@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses too: tiny models only lose from thread handoffs
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LSG_REF = FIXTURES / "lsg_ref"
