@@ -12,6 +12,7 @@ import sys
 import typer
 
 from longsum import __version__
+from longsum.console import stderr_console
 from longsum.errors import LongsumError
 
 app = typer.Typer(
@@ -75,7 +76,6 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Convert a short-context checkpoint into a long-context one (LSG, or LongT5 from T5)."""
-    from rich.console import Console
     from rich.table import Table
 
     from longsum.convert import ConvertOptions
@@ -97,7 +97,7 @@ def convert(
             ("output", report.output), ("seconds", f"{report.seconds:.1f}")]  # fmt: skip
     for key, value in rows:
         table.add_row(key, value)
-    console = Console(stderr=True)
+    console = stderr_console()
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from longsum.console import stderr_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
 
@@ -73,13 +74,12 @@ def model_identity(name: str) -> dict:
 
 
 def run(cfg: EvalConfig) -> int:
-    from rich.console import Console
 
     from longsum import distributed
     from longsum.data import load_examples
     from longsum.provenance import now
 
-    console = Console(stderr=True)
+    console = stderr_console()
     started, t0 = now(), time.perf_counter()
     dist = distributed.init()
     data = load_examples(cfg.dataset, cfg.split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from longsum.console import stderr_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result, Summarizer
 
@@ -163,11 +164,10 @@ class _FailFast(Exception):
 
 def run(cfg: SummarizeConfig) -> int:
     """Summarize `cfg.inputs` into `cfg.output`; returns the exit code (1 if any document failed)."""
-    from rich.console import Console
 
     from longsum import distributed
 
-    console = Console(stderr=True)
+    console = stderr_console()
     dist = distributed.init()
     docs = collect_documents(cfg.inputs, cfg.glob, cfg.text_field, cfg.id_field)
 

@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from longsum.console import stderr_console
 from longsum.errors import LongsumError
 
 
@@ -127,14 +128,13 @@ def _tokenized(cfg: TrainConfig, name: str, split: str, limit: int | None, token
 def run(cfg: TrainConfig) -> Path:
     """Train; returns the final model folder."""
     import torch
-    from rich.console import Console
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     from longsum.generation import model_max_source_length
     from longsum.models import load_model
 
-    console = Console(stderr=True)
+    console = stderr_console()
     if cfg.bf16 and cfg.fp16:
         raise LongsumError("choose one of --bf16 and --fp16")
     if cfg.eval_steps and cfg.save_steps % cfg.eval_steps:

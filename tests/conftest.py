@@ -54,6 +54,19 @@ def tiny_lsg_bart(tokenizer):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny LSG-BART with only 256 positions (chunking is easy to trigger), 8-token summaries."""
+    from longsum.tiny import build_tiny_lsg_bart
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    texts = CORPUS + [" ".join("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split())] * 4
+    model, _ = build_tiny_lsg_bart(texts, folder, max_positions=256, block_size=16, sparse_block_size=16)
+    model.generation_config.max_new_tokens = 8
+    model.generation_config.save_pretrained(folder)
+    return folder
+
+
 def random_ids(batch: int, length: int, vocab: int = 300, seed: int = 0) -> torch.Tensor:
     """`<s> ... </s>` sequences of random ids above the special tokens."""
     g = torch.Generator().manual_seed(seed)

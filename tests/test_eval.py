@@ -50,14 +50,8 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from longsum.tiny import build_tiny_lsg_bart
-
-    folder = tmp_path_factory.mktemp("eval-model")
-    model, _ = build_tiny_lsg_bart(CORPUS, folder, max_positions=256, block_size=16, sparse_block_size=16)
-    model.generation_config.max_new_tokens = 6
-    model.generation_config.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture
@@ -92,7 +86,7 @@ def test_local_dataset_results_and_predictions(tmp_path, model_dir, dataset):
     assert results["model"]["config_sha256"] and results["model"]["model_type"] == "lsg_bart"
     assert results["metric_recipe"]["use_stemmer"] is True
     assert results["provenance"]["versions"]["rouge-score"]
-    assert results["generation"]["max_new_tokens"] == 6  # from the model's generation_config
+    assert results["generation"]["max_new_tokens"] == 8  # from the model's generation_config
     assert "rougeLsum" in result.output
 
 

@@ -25,15 +25,8 @@ def document(n_sentences: int, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """A tiny LSG-BART with only 256 positions, so chunking is easy to trigger."""
-    from longsum.tiny import build_tiny_lsg_bart
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model, _ = build_tiny_lsg_bart(CORPUS, folder, max_positions=256, block_size=16, sparse_block_size=16)
-    model.generation_config.max_new_tokens = 8
-    model.generation_config.save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def summarize(*args, input: str | None = None):

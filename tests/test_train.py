@@ -13,18 +13,13 @@ import pytest
 
 from longsum.errors import LongsumError
 from longsum.train import TrainConfig, load_config_file, run
-from tests.conftest import CORPUS
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from longsum.tiny import build_tiny_lsg_bart
-
-    folder = tmp_path_factory.mktemp("train-model")
-    build_tiny_lsg_bart(CORPUS + [" ".join(WORDS)] * 4, folder, max_positions=256, block_size=16, sparse_block_size=16)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
