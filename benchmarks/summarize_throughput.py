@@ -15,8 +15,14 @@ Model: ``--model PATH_OR_ID`` (through ``longsum.load_model``), else an untraine
 (``--size small``: d_model 256, 3+3 layers; ``--size base``: bart-base size) with a BPE tokenizer trained on the
 example documents. Untrained weights are fine for throughput. CPU: fp32, all threads; CUDA: bf16.
 
+CPU caveats: time on idle cores (a warning is printed, and saved, when other processes keep cores busy; with more
+threads than free cores every parallel op waits for a descheduled thread, which penalises the naive loop's many
+small ops and inflates the speed-up). glibc hands large tensors back to the OS, so big batches pay page faults
+at every decoding step (beam-search cache reordering); to see that cost, compare with
+``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=20000000000 MALLOC_TOP_PAD_=1000000000``.
+
 Run from the repository root:
-    python benchmarks/summarize_throughput.py                                  # default (a few minutes on CPU)
+    python benchmarks/summarize_throughput.py                                  # default (~40 s on 2 idle CPU cores)
     python benchmarks/summarize_throughput.py --num-docs 8 --max-new-tokens 16  # quick check
     python benchmarks/summarize_throughput.py --device cuda --size base         # the GPU target
 Outputs: a table on stdout; summarize_throughput.json (measurements, settings, provenance) and
@@ -75,7 +81,10 @@ def make_documents(texts: list[str], tokenizer, n: int, lo: int, hi: int) -> lis
     for i in range(n):
         target = lo + (hi - lo) * ((i * 7) % n) / max(n - 1, 1)  # lengths interleaved, not sorted
         count, start = max(1, round(target * words_per_token)), (i * 997) % len(words)
-        docs.append((f"doc{i:03d}", " ".join(words[(start + k) % len(words)] for k in range(count))))
+        for _ in range(2):  # the second pass corrects the word count for this slice's own tokens per word
+            text = " ".join(words[(start + k) % len(words)] for k in range(count))
+            count = max(1, round(count * target / len(tokenizer(text, verbose=False)["input_ids"])))
+        docs.append((f"doc{i:03d}", text))
     return docs
 
 
@@ -191,21 +200,28 @@ def main() -> None:
     p.add_argument("--num-docs", type=int, default=24)
     p.add_argument("--min-tokens", type=int, default=300, help="shortest document (approx. tokens)")
     p.add_argument("--max-tokens", type=int, default=4000, help="longest document (approx. tokens)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4, help="the CLI default")
     p.add_argument("--num-beams", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=48, help="also min_new_tokens: a fixed output length")
     p.add_argument("--no-repeat-ngram-size", type=int, default=3)
     p.add_argument("--max-source-length", type=int, default=None, help="default: the model's length")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per method (median reported)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--stock-allocator",
+        action="store_true",
+        help="skip keep_freed_memory() (the CLI applies it for CPU runs; this shows its effect)",
+    )
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
 
     import torch
 
-    from longsum.generation import GenerationOptions, Summarizer
+    from longsum.generation import GenerationOptions, Summarizer, keep_freed_memory
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    # As `longsum summarize`/`eval` do on CPU; process-wide, so both methods below run with it.
+    allocator_tuned = device == "cpu" and not args.stock_allocator and keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -226,7 +242,7 @@ def main() -> None:
     lengths = [min(len(ids), summarizer.max_source_length) for ids in tokenizer([t for _, t in docs])["input_ids"]]
     n_tokens = sum(lengths)
     cfg = model.config
-    model_summary = dict(name=args.model or f"untrained lsg_bart ({args.size})", model_type=cfg.model_type,
+    model_summary = dict(allocator_tuned=allocator_tuned, name=args.model or f"untrained lsg_bart ({args.size})", model_type=cfg.model_type,
                          d_model=cfg.d_model, layers=f"{cfg.encoder_layers}+{cfg.decoder_layers}",
                          heads=cfg.encoder_attention_heads, ffn=cfg.encoder_ffn_dim, vocab_size=cfg.vocab_size,
                          parameters=sum(t.numel() for t in model.parameters()),
@@ -235,10 +251,14 @@ def main() -> None:
     threads = torch.get_num_threads() if device == "cpu" else None
     device_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     busy = busy_cores() if device == "cpu" else None
-    if busy is not None and busy + threads > (os.cpu_count() or 1) + 0.5:
-        print(f"WARNING: other processes keep ~{busy:.1f} of {os.cpu_count()} cores busy; with {threads} threads "
-              f"every parallel op waits for a descheduled thread and timings are distorted (try --threads "
-              f"{max(1, round((os.cpu_count() or 1) - busy))})")  # fmt: skip
+    cores = os.cpu_count() or 1
+    contended = busy is not None and busy + threads > cores + 0.5
+    if contended and threads > 1:
+        print(f"WARNING: other processes keep ~{busy:.1f} of {cores} cores busy; with {threads} threads every "
+              f"parallel op waits for a descheduled thread and timings are distorted (try --threads "
+              f"{max(1, round(cores - busy))})")  # fmt: skip
+    elif contended:
+        print(f"WARNING: other processes keep ~{busy:.1f} of {cores} cores busy; timings are slowed and noisy")
     print(f"model: {model_summary}")
     print(f"device: {device} ({device_name}), dtype {str(dtype).split('.')[-1]}, threads {threads}")
     print(f"generate: {summarizer.generate_kwargs}, batch_size {args.batch_size}, max_source_length "
@@ -282,12 +302,13 @@ def main() -> None:
                   settings=dict(model=model_summary, generate_kwargs=summarizer.generate_kwargs,
                                 batch_size=args.batch_size, max_source_length=summarizer.max_source_length,
                                 device=device, dtype=str(dtype).split(".")[-1], threads=threads,
-                                busy_cores_before=busy,
+                                busy_cores_before=busy, contended=contended,
                                 repeats=args.repeats, seed=args.seed, doc_lengths=lengths),
                   provenance=provenance(device_name))  # fmt: skip
     json_path, png_path = args.out_dir / "summarize_throughput.json", args.out_dir / "summarize_throughput.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plot(rows, png_path, f"{model_summary['name']} on {device}, {len(docs)} docs, {n_tokens} input tokens: "
+    where = f"{device}, {threads} threads" + (" (contended)" if contended else "") if threads else device
+    plot(rows, png_path, f"{model_summary['name']} on {where}, {len(docs)} docs, {n_tokens} input tokens: "
                          f"batched/naive {speedup:.2f}x")  # fmt: skip
     print(f"wrote {json_path} and {png_path}")
 

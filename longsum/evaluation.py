@@ -124,11 +124,13 @@ def run(cfg: EvalConfig) -> int:
 def _generate(cfg, todo, references, writer, console, dist, stats) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from longsum.generation import Summarizer
+    from longsum.generation import Summarizer, keep_freed_memory
     from longsum.metrics import score_pair
     from longsum.models import load_model
 
     model, tokenizer = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
+    if model.device.type == "cpu":
+        keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
     summarizer = Summarizer(model, tokenizer, cfg.generation)
     settings = summarizer.settings()
     if dist.main:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from longsum.console import stderr_console
 from longsum.errors import LongsumError
-from longsum.generation import GenerationOptions, Result, Summarizer
+from longsum.generation import GenerationOptions, Result, Summarizer, keep_freed_memory
 
 DEFAULT_MODEL = "ccdv/lsg-bart-base-4096-pubmed"
 DEFAULT_GLOB = "*.txt,*.md"
@@ -227,6 +227,8 @@ def _summarize(cfg: SummarizeConfig, items: list[tuple[str, str]], emit, console
     from longsum.models import load_model
 
     model, tokenizer = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
+    if model.device.type == "cpu":
+        keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
     summarizer = Summarizer(model, tokenizer, cfg.generation)
     if dist.main:
         settings = ", ".join(f"{k}={v}" for k, v in summarizer.settings().items())
