@@ -77,6 +77,7 @@ def run(cfg: EvalConfig) -> int:
 
     from longsum import distributed
     from longsum.data import load_examples
+    from longsum.models import locate
     from longsum.provenance import now
 
     console = stderr_console()
@@ -84,6 +85,7 @@ def run(cfg: EvalConfig) -> int:
     dist = distributed.init()
     data = load_examples(cfg.dataset, cfg.split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
                          cfg.revision, cfg.config)  # fmt: skip
+    locate(cfg.model)  # an unknown model or unreachable Hub fails before anything is written
     ids = [ex_id for ex_id, _, _ in data.examples]
     if len(set(ids)) != len(ids):  # ids must be unique for resuming: fall back to row positions
         data.examples = [(str(i), text, ref) for i, (_, text, ref) in enumerate(data.examples)]

@@ -166,10 +166,12 @@ def run(cfg: SummarizeConfig) -> int:
     """Summarize `cfg.inputs` into `cfg.output`; returns the exit code (1 if any document failed)."""
 
     from longsum import distributed
+    from longsum.models import locate
 
     console = stderr_console()
     dist = distributed.init()
     docs = collect_documents(cfg.inputs, cfg.glob, cfg.text_field, cfg.id_field)
+    locate(cfg.model)  # an unknown model or unreachable Hub fails here, before any record is written
 
     writer, done, repaired = distributed.open_output(cfg.output, dist, overwrite=cfg.overwrite)
     if repaired:

@@ -204,3 +204,14 @@ def test_two_processes_one_output(tmp_path, model_dir):
     ids = [r["id"] for r in records(out)]
     assert sorted(ids) == sorted(str(p) for p in docs.iterdir())
     assert not list(tmp_path.glob("out.jsonl.part*"))
+
+
+def test_unknown_model_fails_before_any_record(tmp_path):
+    (tmp_path / "empty.txt").write_text("")  # would get an error record if anything ran
+    (tmp_path / "good.txt").write_text(document(3))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "longsum", "summarize", str(tmp_path / "empty.txt"),
+                           str(tmp_path / "good.txt"), "-m", str(tmp_path / "no-model"), "-o", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert not out.exists() or out.read_text() == ""
