@@ -171,9 +171,13 @@ def run(cfg: SummarizeConfig) -> int:
     console = stderr_console()
     dist = distributed.init()
     docs = collect_documents(cfg.inputs, cfg.glob, cfg.text_field, cfg.id_field)
-    locate(cfg.model)  # an unknown model or unreachable Hub fails here, before any record is written
 
     writer, done, repaired = distributed.open_output(cfg.output, dist, overwrite=cfg.overwrite)
+    try:
+        locate(cfg.model)  # an unknown model or unreachable Hub fails here, before any record is written
+    except LongsumError:
+        writer.close()
+        raise
     if repaired:
         console.print(f"repaired a torn last line in {cfg.output} (interrupted run)")
 

@@ -260,6 +260,13 @@ def block_index(t: int, spec: LSGSpec, device: str = "cpu") -> tuple[torch.Tenso
     `sbs` compressed keys left of the window, `sbs` right of it, then the 3 local blocks.
     Out-of-range slots point at row 0 and are marked invalid.
     """
+    # Cached across calls: build normal tensors even when first called under inference_mode, or a
+    # later training step could not save them for backward.
+    with torch.inference_mode(False):
+        return _block_index(t, spec, device)
+
+
+def _block_index(t: int, spec: LSGSpec, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     G, bs, sbs, f = spec.num_global_tokens, spec.block_size, spec.sparse_block_size, spec.sparsity_factor
     n_blocks, r, tc = t // bs, bs // f, t // f
     block = torch.arange(n_blocks).view(-1, 1)

@@ -284,3 +284,15 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(LSGConfigError, match=message) as err:
         LSGSpec(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_block_index_cached_under_inference_mode_still_trains():
+    spec = LSGSpec(block_size=4, sparse_block_size=4, sparsity_factor=2)
+    q, k, v, mask = qkv_mask(b=1, h=1, n=1 + 28, d=3, dtype=torch.float32)
+    block_index.cache_clear()
+    with torch.inference_mode():
+        lsg_attention(q, k, v, mask, spec)  # fills the cache inside inference mode
+    for x in (q, k, v):
+        x.requires_grad_()
+    lsg_attention(q, k, v, mask, spec).sum().backward()
+    assert all(x.grad is not None for x in (q, k, v))
