@@ -28,9 +28,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 from transformers.models.bert import modeling_bert as bert
 from transformers.utils.output_capturing import capture_outputs
 
-from longsum.errors import InputTooLongError, LSGConfigError
+from longsum.errors import LSGConfigError
 from longsum.lsg.attention import LSGSpec, lsg_attention
-from longsum.lsg.common import MAX_GLOBAL_TOKENS, LSGConfigMixin
+from longsum.lsg.common import MAX_GLOBAL_TOKENS, LSGConfigMixin, check_length, key_mask
 
 
 class LSGEmbeddingsMixin:
@@ -107,15 +107,6 @@ class LSGEncoderModelMixin:
         """The longest input the position table covers."""
         return self.config.max_position_embeddings
 
-    def check_length(self, t: int) -> None:
-        limit = self.max_tokens()
-        if t > limit:
-            bs = self.config.block_size
-            raise InputTooLongError(
-                f"input has {t} tokens but this model has {limit} positions: truncate to {limit} tokens"
-                f" or make a longer model with `longsum convert MODEL --max-length {-(-t // bs) * bs}`"
-            )
-
     # Hidden states stay as the layers produce them (globals first, block padding kept), as in the
     # original; only `last_hidden_state` is trimmed, so it is not tied into `hidden_states`.
     @capture_outputs(tie_last_hidden_states=False)
@@ -139,26 +130,15 @@ class LSGEncoderModelMixin:
         config = self.config
         G, bs = config.num_global_tokens, config.block_size
         b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        self.check_length(t)
+        check_length(t, self.max_tokens(), bs)
 
         hidden = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )  # [b, G + t, d]
-        if attention_mask is None:
-            mask = torch.ones(b, t, dtype=torch.bool, device=hidden.device)
-        elif attention_mask.dim() != 2:
+        if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
-        else:
-            mask = attention_mask.to(hidden.device).bool()  # a new tensor unless it already was bool
-        if config.mask_first_token:
-            mask = mask.clone()  # never write into the caller's tensor
-            mask[:, 0] = False
-
-        # Pad once to whole blocks (the original does it when `adaptive`; lsg_attention would pad in
-        # every layer otherwise, with the same result). Short inputs use full attention: no padding.
-        pad = -t % bs if t > 2 * bs else 0
+        mask, pad = key_mask(attention_mask, b, t, config, hidden.device)  # [b, G + t + pad]
         hidden = F.pad(hidden, (0, 0, 0, pad))
-        mask = F.pad(F.pad(mask, (G, 0), value=True), (0, pad), value=False)  # [b, G + t + pad]
 
         hidden = self.encoder(hidden, attention_mask=mask, **kwargs).last_hidden_state
         if config.pool_with_global:  # token 0 <- global 0, then drop the globals

@@ -104,15 +104,6 @@ class LSGEncoderMixin:
             attention_mask = F.pad(attention_mask, (config.num_global_tokens, 0), value=1)
         return attention_mask
 
-    def check_length(self, t: int) -> None:
-        limit = self.config.max_position_embeddings
-        if t > limit:
-            raise InputTooLongError(
-                f"input has {t} tokens but this model has {limit} positions: truncate to {limit} tokens"
-                f" (--max-source-length {limit}) or make a longer model with `longsum convert MODEL --max-length"
-                f" {_next_multiple(t, self.config.block_size)}`"
-            )
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs) -> BaseModelOutput:
@@ -121,27 +112,17 @@ class LSGEncoderMixin:
         config = self.config
         G, bs = config.num_global_tokens, config.block_size
         b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        self.check_length(t)
+        check_length(t, config.max_position_embeddings, bs)
 
         hidden = self.embed(input_ids, inputs_embeds)  # [b, t, d]
-        device = hidden.device
-        mask = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-        if config.mask_first_token:
-            mask = mask.clone()  # never write into the caller's tensor
-            mask[:, 0] = False
-
         glob = self.global_embeddings.weight[:G].to(hidden.dtype).expand(b, G, -1)  # [b, G, d]
         hidden = torch.cat([glob, hidden], dim=1)  # [b, G + t, d]
         if getattr(self, "layernorm_embedding", None) is not None:
             hidden = self.layernorm_embedding(hidden)
         hidden = F.dropout(hidden, p=self.dropout, training=self.training)
 
-        # Pad once to whole blocks (lsg_attention would otherwise pad in every layer).
-        pad = -t % bs if t > 2 * bs else 0
+        mask, pad = key_mask(attention_mask, b, t, config, hidden.device)  # [b, G + t + pad]
         hidden = F.pad(hidden, (0, 0, 0, pad))
-        mask = F.pad(mask, (G, pad), value=True)
-        if pad:
-            mask[:, G + t :] = False
 
         for layer in self.layers:
             if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
@@ -175,5 +156,27 @@ class LSGSeq2SeqModelMixin:
         )
 
 
-def _next_multiple(x: int, k: int) -> int:
-    return -(-x // k) * k
+def check_length(t: int, limit: int, block_size: int) -> None:
+    """One-line error for an input longer than the model's position table."""
+    if t > limit:
+        longer = -(-t // block_size) * block_size
+        raise InputTooLongError(
+            f"input has {t} tokens but this model has {limit} positions: truncate to {limit} tokens"
+            f" (--max-source-length {limit}) or make a longer model with `longsum convert MODEL --max-length {longer}`"
+        )
+
+
+def key_mask(attention_mask, b: int, t: int, config, device) -> tuple[torch.Tensor, int]:
+    """The encoder's key mask over [globals | tokens | block padding] and the padding length.
+
+    A new tensor: the caller's mask is never written (mask_first_token hides token 0 here). Inputs
+    longer than two blocks are padded once to whole blocks (lsg_attention would otherwise pad in
+    every layer, with the same result); short inputs use full attention and need none.
+    """
+    G, bs = config.num_global_tokens, config.block_size
+    mask = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask
+    pad = -t % bs if t > 2 * bs else 0
+    mask = F.pad(F.pad(mask.to(device).bool(), (G, 0), value=True), (0, pad), value=False)  # [b, G + t + pad]
+    if config.mask_first_token:
+        mask[:, G] = False  # token 0 (mask is a new tensor here)
+    return mask, pad
