@@ -167,24 +167,24 @@ class Summarizer:
         items = list(items)
         if not items:
             return
-        lengths = [len(ids) for ids in self._tokenize([text for _, text in items], truncate=False)]
-        fits = [i for i, n in enumerate(lengths) if n <= self.max_source_length]
+        full = self._tokenize([text for _, text in items], truncate=False)
+        lengths = [len(ids) for ids in full]
         long = [i for i, n in enumerate(lengths) if n > self.max_source_length]
         if on_plan is not None:
             on_plan(len(long))
 
-        jobs = []
-        if self.options.long_input == "truncate" or not long:
-            keep = fits + long
-            for i, ids in zip(keep, self._tokenize([items[i][1] for i in keep], truncate=True)):
-                jobs.append(_Job(items[i][0], ids, Result(input_tokens=lengths[i], truncated=lengths[i] > len(ids))))
-            long = []
-        else:
-            for i, ids in zip(fits, self._tokenize([items[i][1] for i in fits], truncate=True)):
-                jobs.append(_Job(items[i][0], ids, Result(input_tokens=lengths[i])))
+        to_chunk = set(long) if self.options.long_input == "chunk" else set()
+        truncated = {}  # only documents over the length are tokenized again (with truncation)
+        if long and not to_chunk:
+            truncated = dict(zip(long, self._tokenize([items[i][1] for i in long], truncate=True)))
+        jobs = [
+            _Job(key, truncated.get(i, ids), Result(input_tokens=lengths[i], truncated=i in truncated))
+            for i, ((key, _), ids) in enumerate(zip(items, full))
+            if i not in to_chunk
+        ]
         for job in self._run(jobs):
             on_result(job.key, job.result)
-        for i in long:
+        for i in sorted(to_chunk):
             on_result(items[i][0], self._summarize_long(items[i][1], lengths[i]))
 
     # -- internals --------------------------------------------------------------------------

@@ -181,8 +181,9 @@ def run(cfg: SummarizeConfig) -> int:
     if repaired:
         console.print(f"repaired a torn last line in {cfg.output} (interrupted run)")
 
-    todo = dist.shard([d for d in docs if d.id not in done])
-    skipped = len(docs) - len([d for d in docs if d.id not in done])
+    pending = [d for d in docs if d.id not in done]
+    skipped = len(docs) - len(pending)
+    todo = dist.shard(pending)
     stats = {"done": 0, "failed": 0, "tokens": 0}
     start = time.perf_counter()
 
