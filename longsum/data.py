@@ -1,19 +1,28 @@
 """Summarization datasets for `eval` and `train`: Hub aliases, any Hub id, or local files.
 
-Each example is `(id, text, reference summary)`. Hub datasets are loaded with `datasets` (parquet
-data, no loading scripts: datasets 5 no longer runs them); local JSONL / CSV / parquet files are
-read directly. Without network access only datasets already in the local cache load.
+Data stays in Arrow (memory-mapped by `datasets`), never in Python lists: a 400 MB local file costs
+a few MB of memory. Hub datasets load with `datasets` (parquet data, no loading scripts: datasets 5
+no longer runs them); local JSONL / CSV / parquet / JSON files are streamed once through
+`longsum.inputs`' row readers into an Arrow cache (rebuilt when the file changes). Without network
+access only Hub datasets already in the local cache load.
+
+Each example is (id, text, reference). An example that cannot be scored (no document, a missing
+or empty reference, a malformed row) is kept with its `problem`: eval leaves it out of the scores
+and reports how many, train leaves it out of training.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from longsum.errors import LongsumError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_LOCAL_FORMAT = 1  # bump when the Arrow cache of local files changes shape
 
 
 @dataclass(frozen=True)
@@ -56,11 +65,77 @@ PRESETS = {
 }
 _SCRIPT_ONLY = {"scientific_papers": "pubmed or arxiv (ccdv/pubmed-summarization, ccdv/arxiv-summarization)"}
 
+NO_DOCUMENT = "empty or missing document"
+NO_REFERENCE = "empty or missing reference"
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str | None
+    reference: str | None
+    problem: str | None = None  # why it cannot be scored (None: it can)
+
 
 @dataclass
 class EvalData:
-    examples: list[tuple[str, str, str]]  # (id, text, reference)
+    """A selection of a dataset's rows, read lazily from Arrow.
+
+    `indices[k]` is the row number (in the whole split) of the k-th selected row. Example ids are
+    the `id` column's values when they are unique (a row without one is `#ROW`), else the row
+    numbers of all examples (`ids_are_rows`).
+    """
+
+    dataset: object  # datasets.Dataset, rows already selected
+    indices: list[int] | range
+    id_column: str | None
+    text_column: str
+    summary_column: str
+    problem_column: str | None
     source: dict  # provenance: id, config, split, revision/fingerprint, columns, selection
+    ids_are_rows: bool = False
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def examples(self, batch_size: int = 256) -> Iterator[Example]:
+        """The selected examples in order, streamed from Arrow in batches."""
+        columns = [c for c in (self.id_column, self.text_column, self.summary_column, self.problem_column) if c]
+        view = self.dataset.select_columns(columns)
+        k = 0
+        for batch in view.iter(batch_size=batch_size):
+            for j in range(len(batch[self.text_column])):
+                row = self.indices[k]
+                k += 1
+                if self.id_column and not self.ids_are_rows:
+                    value = batch[self.id_column][j]
+                    ex_id = f"#{row}" if value is None or value == "" else str(value)
+                else:
+                    ex_id = str(row)
+                text, reference = _as_text(batch[self.text_column][j]), _as_text(batch[self.summary_column][j])
+                problem = batch[self.problem_column][j] if self.problem_column else None
+                if problem is None and not (text and text.strip()):
+                    problem = NO_DOCUMENT
+                if problem is None and not (reference and reference.strip()):
+                    problem = NO_REFERENCE
+                yield Example(ex_id, text, reference, problem)
+
+    def subset(self, positions: list[int]) -> EvalData:
+        """The examples at `positions` (0-based, in this selection's order)."""
+        return replace(self, dataset=self.dataset.select(positions), indices=[self.indices[p] for p in positions])
+
+    def training_view(self):
+        """A datasets.Dataset with `text` and `reference` columns, usable rows only (for train)."""
+        keep = [k for k, ex in enumerate(self.examples()) if ex.problem is None]
+        view = self.dataset.select(keep).select_columns([self.text_column, self.summary_column])
+        names = {self.text_column: "text", self.summary_column: "reference"}
+        if self.text_column == self.summary_column:
+            raise LongsumError("--text-column and --summary-column name the same column")
+        return view.rename_columns({k: v for k, v in names.items() if k != v}), len(self) - len(keep)
+
+
+def _as_text(value) -> str | None:
+    return value if value is None or isinstance(value, str) else str(value)
 
 
 def list_aliases() -> list[dict]:
@@ -75,65 +150,47 @@ def load_examples(name: str, split: str = "test", text_column: str | None = None
         raise LongsumError(
             f"'{name}' needs a loading script, which datasets 5 no longer runs; use {_SCRIPT_ONLY[name]}"
         )
+    if limit is not None and limit < 1:
+        raise LongsumError(f"--limit must be >= 1, got {limit}")
+    import datasets
+
+    datasets.disable_progress_bars()  # our own progress goes to stderr; theirs would too, twice
     path = Path(name)
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise LongsumError(f"dataset file does not exist: {name}")
-        rows, source = _read_local(path), {"path": str(path.resolve())}
         text_column, summary_column = text_column or "text", summary_column or "summary"
+        data = _local(path, text_column, summary_column)
     else:
         spec = DATASET_ALIASES.get(name)
         if spec is None and "/" not in name:
             raise LongsumError(
                 f"unknown dataset '{name}'; aliases: {', '.join(DATASET_ALIASES)} (or a Hub id / local file)"
             )
-        hub_id = spec.hub_id if spec else name
-        config = config or (spec.config if spec else None)
         text_column = text_column or (spec.text_column if spec else "text")
         summary_column = summary_column or (spec.summary_column if spec else "summary")
-        rows, source = _read_hub(hub_id, config, split, revision)
-    if not rows:
+        data = _hub(spec.hub_id if spec else name, config or (spec.config if spec else None), split, revision,
+                    text_column, summary_column)  # fmt: skip
+    rows = len(data.indices)
+    if rows == 0:
         raise LongsumError(f"dataset '{name}' split '{split}' is empty")
-    missing = [c for c in (text_column, summary_column) if c not in rows[0]]
-    if missing:
-        raise LongsumError(
-            f"column '{missing[0]}' not in dataset '{name}' (columns: {', '.join(rows[0])}); "
-            f"use --text-column / --summary-column"
-        )
-    indices = list(range(len(rows)))
-    if limit is not None and limit < len(rows):
-        import random
-
-        indices = sorted(random.Random(seed).sample(indices, limit))
-    examples = [(str(rows[i].get("id") or i), str(rows[i][text_column] or ""), str(rows[i][summary_column] or ""))
-                for i in indices]  # fmt: skip
-    source.update(split=split, text_column=text_column, summary_column=summary_column, rows=len(rows),
-                  selected=len(examples), limit=limit, seed=seed)  # fmt: skip
-    return EvalData(examples, source)
+    if limit is not None and limit < rows:
+        data = data.subset(sorted(random.Random(seed).sample(range(rows), limit)))
+    if data.id_column:  # ids must be unique for resuming; rows without one are named "#ROW"
+        values = [
+            None if v in (None, "") else str(v) for v in data.dataset.select_columns([data.id_column])[data.id_column]
+        ]
+        named = [v for v in values if v is not None]
+        unnamed = {f"#{row}" for row, v in zip(data.indices, values) if v is None}
+        data.ids_are_rows = not named or len(set(named)) != len(named) or bool(unnamed & set(named))
+    data.source.update(split=split, text_column=text_column, summary_column=summary_column, rows=rows,
+                       selected=len(data), limit=limit, seed=seed,
+                       ids="row numbers" if data.ids_are_rows or not data.id_column else "id column")  # fmt: skip
+    return data
 
 
-def _read_local(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if suffix == ".csv":
-            import csv
-
-            with open(path, encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f))
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (OSError, ValueError) as err:
-        raise LongsumError(f"cannot read dataset file {path}: {err}") from None
-
-
-def _read_hub(hub_id: str, config: str | None, split: str, revision: str | None) -> tuple[list[dict], dict]:
+def _hub(hub_id: str, config: str | None, split: str, revision: str | None, text_column: str,
+         summary_column: str) -> EvalData:  # fmt: skip
     import datasets
 
     try:
@@ -147,5 +204,97 @@ def _read_hub(hub_id: str, config: str | None, split: str, revision: str | None)
             f"dataset '{hub_id}' is not cached and could not be fetched from the Hugging Face Hub "
             f"({type(err).__name__}); connect to the Hub or pass a local JSONL/CSV/parquet file"
         ) from None
+    _check_columns(hub_id, ds.column_names, text_column, summary_column)
     source = {"hub_id": hub_id, "config": config, "revision": revision or "main", "fingerprint": ds._fingerprint}
-    return ds.to_list(), source
+    id_column = "id" if "id" in ds.column_names else None
+    return EvalData(ds, range(len(ds)), id_column, text_column, summary_column, None, source)
+
+
+def _check_columns(name: str, columns, text_column: str, summary_column: str) -> None:
+    missing = [c for c in (text_column, summary_column) if c not in columns]
+    if missing:
+        raise LongsumError(
+            f"column '{missing[0]}' not in dataset '{name}' (columns: {', '.join(map(str, columns))}); "
+            f"use --text-column / --summary-column"
+        )
+
+
+def _local(path: Path, text_column: str, summary_column: str) -> EvalData:
+    """A local file through longsum's streaming row readers into an Arrow cache (rebuilt on change)."""
+    import datasets
+
+    first = next((record for _, record, _ in _local_rows_raw(path) if record is not None), None)
+    if first is None:
+        raise LongsumError(f"dataset file {path} has no readable rows")
+    _check_columns(str(path), first, text_column, summary_column)
+    stat = path.stat()
+    features = datasets.Features({name: datasets.Value("string") for name in ("id", "text", "reference", "problem")})
+    kwargs = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              "text_column": text_column, "summary_column": summary_column, "format": _LOCAL_FORMAT}  # fmt: skip
+    try:
+        ds = datasets.Dataset.from_generator(_local_rows, features=features, gen_kwargs=kwargs)
+    except Exception as err:  # noqa: BLE001  datasets wraps the reader's errors
+        cause = err.__cause__ or err
+        if isinstance(cause, LongsumError):
+            raise LongsumError(str(cause)) from None
+        raise LongsumError(f"cannot read dataset file {path}: {cause}") from None
+    source = {"path": str(path.resolve()), "size": stat.st_size, "sha256": _sha256(path)}
+    return EvalData(ds, range(len(ds)), "id", "text", "reference", "problem", source)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_identity(data: EvalData) -> dict:
+    """What decides a selection's examples: the data's content and how it is read and selected."""
+    keys = ("sha256", "hub_id", "config", "revision", "fingerprint", "split", "text_column", "summary_column",
+            "limit", "seed", "ids")  # fmt: skip
+    source = data.source
+    return {k: source[k] for k in keys if k in source and not (k == "split" and "sha256" in source)}
+
+
+def _local_rows_raw(path: Path):
+    from longsum.inputs import DocumentError, iter_rows
+
+    if path.suffix.lower() == ".json":
+        yield from _json_rows(path)
+        return
+    try:
+        yield from iter_rows(path)
+    except DocumentError as err:
+        raise LongsumError(f"cannot read dataset file {path}: {err}") from None
+
+
+def _json_rows(path: Path):
+    """A .json file: JSON lines, or one array of objects (read whole: that format has no lines)."""
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(1 << 16).lstrip()
+    if not head.startswith("["):
+        from longsum.inputs import jsonl_rows
+
+        yield from jsonl_rows(path)
+        return
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as err:
+        raise LongsumError(f"cannot read dataset file {path}: {err}") from None
+    for n, row in enumerate(rows, 1):
+        yield (n, row, None) if isinstance(row, dict) else (n, None, "not a JSON object")
+
+
+def _local_rows(path: str, size: int, mtime_ns: int, text_column: str, summary_column: str, format: int):
+    """Rows for the Arrow cache (`size`, `mtime_ns` and `format` only key the cache)."""
+    for _, record, problem in _local_rows_raw(Path(path)):
+        if record is None:
+            yield {"id": None, "text": None, "reference": None, "problem": f"malformed row: {problem}"}
+            continue
+        value = record.get("id")
+        yield {"id": None if value is None else str(value), "text": _as_text(record.get(text_column)),
+               "reference": _as_text(record.get(summary_column)), "problem": None}  # fmt: skip

@@ -1,18 +1,19 @@
 """Splitting work between processes under `torchrun` / `accelerate launch`.
 
-Each rank handles every `world`-th item and writes its own part file; rank 0 then appends the parts
-to the one output file (skipping ids already there) and removes them. Part files left behind by a
-crashed run are merged at the next start, so nothing is lost or duplicated.
+Every rank reads the same inputs and takes every `world`-th pending document; each writes its own
+part file (`<output>.part<rank>`). Rank 0 alone opens the real output (checks, lock, resume state:
+`longsum.store.ResultStore`) and, at the end, appends the parts to it and compacts it. Part files
+left behind by a crashed run are folded in at the next start, so nothing is lost or duplicated.
+A check that fails on rank 0 fails on every rank (`Dist.agree`), so no rank waits forever.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from longsum.jsonl import read_records, repair_torn_tail
+from longsum.errors import LongsumError
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,33 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, items: list) -> list:
-        return items[self.rank :: self.world]
+    def mine(self, index: int) -> bool:
+        """Is the `index`-th pending item this rank's?"""
+        return index % self.world == self.rank
 
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def agree(self, fn):
+        """Run `fn()` on rank 0; every rank returns its result or raises its LongsumError."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+
+        payload: list = [None]
+        if self.main:
+            try:
+                payload = [("ok", fn())]
+            except LongsumError as err:
+                payload = [("error", str(err))]
+        dist.broadcast_object_list(payload, src=0)
+        kind, value = payload[0]
+        if kind == "error":
+            raise LongsumError(value)
+        return value
 
     def device(self, device: str) -> str:
         """One GPU per process under a launcher."""
@@ -52,68 +72,89 @@ def init() -> Dist:
     import torch
     import torch.distributed as dist
 
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # object collectives use the current device
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank)
 
 
 def part_path(output: Path, rank: int) -> Path:
     return output.with_name(f"{output.name}.part{rank}")
 
 
-def merge_parts(output: Path, key: str = "id") -> int:
-    """Append the records of `output.part*` files to `output` (new ids only); returns how many."""
-    parts = sorted(output.parent.glob(f"{output.name}.part*"))
-    if not parts:
-        return 0
-    seen = set()
-    if output.exists():
-        repair_torn_tail(output)
-        seen = {str(r.get(key)) for r in read_records(output)}
+def _parts(output: Path) -> list[Path]:
+    return sorted(p for p in output.parent.glob(f"{output.name}.part*") if p.name[len(output.name) + 5 :].isdigit())
+
+
+def merge_parts(store, output: Path) -> int:
+    """Append the records of `output.part<N>` files (ours: each line a record) to `store`; returns how many."""
+    from longsum.store import NotOurs, scan
+
     added = 0
-    with open(output, "a", encoding="utf-8") as out:
-        for part in parts:
-            for record in read_records(part):
-                if str(record.get(key)) not in seen:
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    seen.add(str(record.get(key)))
-                    added += 1
-    for part in parts:
+    for part in _parts(output):
+        try:
+            records = [r for _, _, r in scan(part) if r is not None]
+        except NotOurs:
+            continue  # not a part file of ours: leave it alone
+        for record in records:
+            store.write(record)
+            added += 1
         part.unlink()
     return added
 
 
-def open_output(output: str, dist: Dist, overwrite: bool = False, key: str = "id"):
-    """(writer, ids already done, repaired?) for `output`; under a launcher each rank writes a part.
+class Results:
+    """Where a run writes its records: the store itself, or this rank's part file under a launcher.
 
-    Rank 0 first folds in parts left by a crashed run, so every rank sees the same done ids.
+    `done` / `failed`: keys whose newest record in the output is a success / an error.
     """
-    from longsum.errors import LongsumError
-    from longsum.jsonl import JsonlWriter
 
+    def __init__(self, store, writer, done: set, failed: set, dist: Dist, output: Path | None):
+        self.store, self.writer, self.done, self.failed = store, writer, done, failed
+        self.dist, self.output = dist, output
+        self.repaired = bool(store is not None and store.repaired)
+
+    def write(self, record: dict) -> None:
+        self.writer.write(record)
+
+    def close(self, drop=None) -> None:
+        """Finish: under a launcher, rank 0 merges every part once all ranks are done."""
+        if self.dist.world == 1:
+            self.store.close(drop)
+            return
+        self.writer.close()
+        self.dist.barrier()
+        if self.dist.main:
+            merge_parts(self.store, self.output)
+            self.store.close(drop)
+
+
+def open_results(output: str, identity: dict, dist: Dist, *, info: dict, overwrite: bool = False,
+                 sidecar: Path | None = None, other: str = "another --output") -> Results:  # fmt: skip
+    """Open `output` for this run on every rank (see the module docstring)."""
+    from longsum.store import PartWriter, ResultStore, statuses
+
+    kwargs = {"info": info, "overwrite": overwrite, "sidecar": sidecar, "other": other}
     if dist.world == 1:
-        writer = JsonlWriter(output, overwrite=overwrite, key=key)
-        return writer, set(writer.done), writer.repaired
+        store = ResultStore(output, identity, **kwargs)
+        return Results(store, store, store.done, store.failed, dist, None)
     if output == "-":
         raise LongsumError("with several processes, write to a file (-o out.jsonl), not stdout")
     path = Path(output)
-    repaired = False
-    if dist.main:
-        if overwrite and path.exists():
-            path.unlink()
-        merge_parts(path, key)
-        probe = JsonlWriter(path, key=key)  # fails early (one line) if the output is not writable
-        repaired = probe.repaired
-        probe.close()
-    dist.barrier()
-    done = {str(r.get(key)) for r in read_records(path)} if path.exists() else set()
-    return JsonlWriter(part_path(path, dist.rank), overwrite=True, key=key), done, repaired
+    holder: dict = {}
 
+    def open_main() -> None:
+        store = ResultStore(path, identity, **kwargs)
+        if overwrite:
+            for part in _parts(path):
+                part.unlink()
+        elif merge_parts(store, path):  # a crashed run's parts
+            store.refresh()
+        holder["store"] = store
 
-def close_output(writer, output: str, dist: Dist, key: str = "id") -> None:
-    """Close this rank's writer; rank 0 merges every part into `output` once all are done."""
-    writer.close()
-    if dist.world > 1:
-        dist.barrier()
-        if dist.main:
-            merge_parts(Path(output), key)
+    dist.agree(open_main)
+    store = holder.get("store")
+    done, failed = (store.done, store.failed) if store else statuses(path)
+    return Results(store, PartWriter(part_path(path, dist.rank)), done, failed, dist, path)

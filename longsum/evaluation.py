@@ -1,19 +1,22 @@
 """`longsum eval`: ROUGE of a model on a summarization dataset, with full provenance.
 
 Outputs in `--output-dir`:
-* `predictions.jsonl`: one line per example (id, prediction, reference, per-example scores),
-  written as examples finish and resumable like `summarize` (same configuration required);
-* `results.json`: metrics with bootstrap intervals, the full configuration, model and dataset
-  identity, package versions, git commit and timings.
-Generation uses the shared `Summarizer` (batching, dtype, long-input handling of `summarize`).
+* `predictions.jsonl`: one record per scored example (id, prediction, reference, per-example
+  scores), written as examples finish; a `longsum.store.ResultStore` with `run.json` as its
+  sidecar, so a rerun resumes only with the same data, model weights and output-changing settings,
+  and retries examples whose record is an error;
+* `results.json`: metrics with bootstrap intervals, what was left out of the scores and why, the
+  full configuration, model and dataset identity, package versions, git commit and timings.
+Examples without a document or a reference are not generated nor scored: they are counted and
+reported (and the run fails if none is left). Generation uses the shared `Summarizer`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,8 +24,7 @@ from longsum.console import stderr_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
 
-RUN_KEYS = ("dataset", "split", "model", "limit", "seed", "text_column", "summary_column", "config", "revision",
-            "generation")  # fmt: skip
+SHOWN_EXCLUDED_IDS = 20  # ids of left-out examples listed in results.json
 
 
 @dataclass
@@ -64,20 +66,33 @@ def apply_preset(cfg: EvalConfig) -> dict:
 
 
 def model_identity(name: str) -> dict:
-    from longsum.models import locate, read_config, resolve_name
+    from longsum.models import fingerprint, locate, read_config, resolve_name
 
     folder = locate(name)
-    raw = (folder / "config.json").read_bytes()
     config = read_config(folder)
     return {"name": name, "resolved": resolve_name(name), "path": str(folder), "model_type": config.get("model_type"),
-            "config_sha256": hashlib.sha256(raw).hexdigest()}  # fmt: skip
+            "fingerprint": fingerprint(name)}  # fmt: skip
+
+
+@dataclass
+class _Plan:
+    """What a pass over the examples found: what counts, what is left out, what is still to do."""
+
+    wanted: set = field(default_factory=set)  # ids that are scored
+    excluded: Counter = field(default_factory=Counter)  # reason -> count
+    excluded_ids: list = field(default_factory=list)
+    pending: int = 0
+
+
+def _reason(problem: str) -> str:
+    return "malformed row" if problem.startswith("malformed row") else problem
 
 
 def run(cfg: EvalConfig) -> int:
-
-    from longsum import distributed
-    from longsum.data import load_examples
-    from longsum.models import locate
+    from longsum import __version__, distributed
+    from longsum.data import content_identity, load_examples
+    from longsum.generation import plan_settings
+    from longsum.models import fingerprint
     from longsum.provenance import now
 
     console = stderr_console()
@@ -85,104 +100,144 @@ def run(cfg: EvalConfig) -> int:
     dist = distributed.init()
     data = load_examples(cfg.dataset, cfg.split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
                          cfg.revision, cfg.config)  # fmt: skip
-    locate(cfg.model)  # an unknown model or unreachable Hub fails before anything is written
-    ids = [ex_id for ex_id, _, _ in data.examples]
-    if len(set(ids)) != len(ids):  # ids must be unique for resuming: fall back to row positions
-        data.examples = [(str(i), text, ref) for i, (_, text, ref) in enumerate(data.examples)]
     preset = apply_preset(cfg)
+    device = dist.device(cfg.device)
+    settings = plan_settings(cfg.model, cfg.generation, cfg.dtype, device)  # also: an unknown model fails here
+    identity = {"dataset": content_identity(data), "model_fingerprint": fingerprint(cfg.model), "generation": settings}
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_file = out_dir / "run.json"
-    this_run = {k: v for k, v in asdict(cfg).items() if k in RUN_KEYS}
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LongsumError(f"--output-dir {out_dir} is a file; choose a folder")
     predictions = out_dir / "predictions.jsonl"
-    if dist.main:
-        if run_file.exists() and predictions.exists() and not cfg.overwrite:
-            previous = json.loads(run_file.read_text())
-            if previous != this_run:
-                changed = sorted(k for k in this_run if previous.get(k) != this_run[k])
-                raise LongsumError(f"{out_dir} holds predictions of another configuration (differs in "
-                                   f"{', '.join(changed)}); use --overwrite or another --output-dir")  # fmt: skip
-        run_file.write_text(json.dumps(this_run, indent=2))
-    dist.barrier()
+    info = {"dataset_name": cfg.dataset, "model": cfg.model, "longsum": __version__}
+    results = distributed.open_results(str(predictions), identity, dist, info=info, overwrite=cfg.overwrite,
+                                       sidecar=out_dir / "run.json", other="another --output-dir")  # fmt: skip
 
-    writer, done, _ = distributed.open_output(str(predictions), dist, overwrite=cfg.overwrite)
-    references = {ex_id: ref for ex_id, _, ref in data.examples}
-    todo = dist.shard([(ex_id, text) for ex_id, text, _ in data.examples if ex_id not in done])
+    plan = _Plan()
+    for ex in data.examples():  # a cheap pass (Arrow) before loading the model
+        if ex.problem:
+            plan.excluded[_reason(ex.problem)] += 1
+            if len(plan.excluded_ids) < SHOWN_EXCLUDED_IDS:
+                plan.excluded_ids.append(ex.id)
+            continue
+        plan.wanted.add(ex.id)
+        plan.pending += (None, ex.id) not in results.done
+    if not plan.wanted:
+        results.close()
+        raise LongsumError(f"no example of {cfg.dataset} can be scored ({_excluded_text(plan)})")
     if dist.main:
-        console.print(f"{cfg.dataset} [{cfg.split}]: {len(data.examples)} examples, {len(done & set(references))} "
-                      f"already in {predictions}, {len(todo) * dist.world} to generate")  # fmt: skip
+        _report_plan(cfg, data, plan, results, predictions, console)
+
     gen_stats = {"examples": 0, "input_tokens": 0, "seconds": 0.0}
-    settings: dict = {}
     try:
-        if todo:
-            settings = _generate(cfg, todo, references, writer, console, dist, gen_stats)
+        if plan.pending:
+            settings = _generate(cfg, data, results, settings, console, dist, gen_stats, device)
     finally:
-        distributed.close_output(writer, str(predictions), dist)
+        results.close()
     if not dist.main:
         return 0
-    return _score(cfg, data, predictions, out_dir, preset, settings, gen_stats, started, t0, console)
+    return _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, console)
 
 
-def _generate(cfg, todo, references, writer, console, dist, stats) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _excluded_text(plan: _Plan) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in plan.excluded.most_common()) or "none left out"
 
+
+def _report_plan(cfg, data, plan, results, predictions, console) -> None:
+    done = len(plan.wanted) - plan.pending
+    console.print(f"{cfg.dataset} [{cfg.split}]: {len(data)} examples, {done} already in {predictions}, "
+                  f"{plan.pending} to generate", markup=False, highlight=False)  # fmt: skip
+    if data.source.get("ids") == "row numbers" and data.id_column and not data.source.get("hub_id"):
+        console.print("[yellow]note:[/yellow] the id column is missing or not unique: examples are named by row number")
+    if plan.excluded:
+        console.print(f"[yellow]left out of the scores:[/yellow] {_excluded_text(plan)}", highlight=False)
+
+
+def _generate(cfg, data, results, settings, console, dist, stats, device) -> dict:
     from longsum.generation import Summarizer, keep_freed_memory
     from longsum.metrics import score_pair
     from longsum.models import load_model
 
-    model, tokenizer = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
+    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     if model.device.type == "cpu":
         keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
-    summarizer = Summarizer(model, tokenizer, cfg.generation)
-    settings = summarizer.settings()
+    summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
     if dist.main:
-        console.print(f"model {cfg.model} on {model.device}; " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+        shown = ", ".join(f"{k}={v}" for k, v in summarizer.settings().items())
+        console.print(f"model {cfg.model} on {model.device}; {shown}", markup=False, highlight=False)
     start = time.perf_counter()
 
-    def on_result(ex_id: str, result: Result) -> None:
-        record = {"id": ex_id, "reference": references[ex_id]}
+    def pending():
+        index = 0
+        for ex in data.examples():
+            if ex.problem or (None, ex.id) in results.done:
+                continue
+            index += 1
+            if dist.mine(index - 1):
+                yield (ex.id, ex.reference), ex.text
+
+    def on_result(key, result: Result) -> None:
+        ex_id, reference = key
+        record = {"id": ex_id, "reference": reference}
         if result.error:
             record["error"] = result.error
         else:
-            record.update(prediction=result.summary, scores=score_pair(result.summary, references[ex_id]),
+            record.update(prediction=result.summary, scores=score_pair(result.summary, reference),
                           input_tokens=result.input_tokens, truncated=result.truncated, chunks=result.chunks,
                           output_tokens=len(tokenizer(result.summary, add_special_tokens=False)["input_ids"]))  # fmt: skip
             stats["examples"] += 1
             stats["input_tokens"] += result.input_tokens
-        writer.write(record)
+        results.write(record)
         progress.update(task, advance=1)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=not console.is_terminal)  # fmt: skip
     with progress:
-        task = progress.add_task("eval", total=len(todo))
-        summarizer.summarize(todo, on_result)
+        task = progress.add_task("eval", total=None)
+        summarizer.summarize(pending(), on_result)
     stats["seconds"] = time.perf_counter() - start
-    return settings
+    return summarizer.settings()
 
 
-def _score(cfg, data, predictions, out_dir, preset, settings, gen_stats, started, t0, console) -> int:
-    from longsum.jsonl import read_records
+def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, console) -> int:
     from longsum.metrics import METRIC_RECIPE, ROUGE_TYPES, aggregate
     from longsum.provenance import now, provenance
+    from longsum.store import latest_records
 
-    wanted = {ex_id for ex_id, _, _ in data.examples}
-    records = {r["id"]: r for r in read_records(predictions) if r.get("id") in wanted}
-    missing = wanted - set(records)
+    scores, failed, first_error = [], 0, None
+    tokens = words = truncated = 0
+    found = set()
+    for r in latest_records(predictions):
+        if r["id"] not in plan.wanted:
+            continue
+        found.add(r["id"])
+        if "error" in r:
+            failed += 1
+            first_error = first_error or r["error"]
+            continue
+        scores.append(r["scores"])
+        tokens += r["output_tokens"]
+        words += len(r["prediction"].split())
+        truncated += bool(r.get("truncated"))
+    missing = len(plan.wanted) - len(found)
     if missing:
-        raise LongsumError(f"{len(missing)} examples have no prediction in {predictions}; run the same command again")
-    ok = [r for r in records.values() if "error" not in r]
-    failed = [r for r in records.values() if "error" in r]
-    if not ok:
-        raise LongsumError(f"every example failed (first error: {failed[0]['error']}); no score to report")
-    metrics = aggregate([r["scores"] for r in ok], seed=cfg.seed)
+        raise LongsumError(f"{missing} examples have no prediction in {predictions}; run the same command again")
+    if not scores:
+        raise LongsumError(f"every example failed (first error: {first_error}); no score to report")
+    metrics = aggregate(scores, seed=cfg.seed)
     results = {
         "metrics": metrics,
-        "examples": len(ok),
-        "failed": len(failed),
-        "mean_prediction_tokens": sum(r["output_tokens"] for r in ok) / len(ok),
-        "mean_prediction_words": sum(len(r["prediction"].split()) for r in ok) / len(ok),
-        "truncated_inputs": sum(bool(r.get("truncated")) for r in ok),
+        "examples": len(scores),
+        "failed": failed,
+        "excluded": {
+            "count": sum(plan.excluded.values()),
+            "reasons": dict(plan.excluded),
+            "first_ids": plan.excluded_ids,
+        },  # fmt: skip
+        "mean_prediction_tokens": tokens / len(scores),
+        "mean_prediction_words": words / len(scores),
+        "truncated_inputs": truncated,
         "throughput": {
             **gen_stats,
             "examples_per_s": gen_stats["examples"] / gen_stats["seconds"] if gen_stats["seconds"] else None,
@@ -190,7 +245,7 @@ def _score(cfg, data, predictions, out_dir, preset, settings, gen_stats, started
         "metric_recipe": METRIC_RECIPE,
         "dataset": {"name": cfg.dataset, **data.source},
         "model": model_identity(cfg.model),
-        "generation": settings or {"preset": preset, **asdict(cfg.generation)},
+        "generation": settings,
         "generation_preset": preset,
         "config": asdict(cfg),
         "provenance": provenance(),
@@ -200,9 +255,12 @@ def _score(cfg, data, predictions, out_dir, preset, settings, gen_stats, started
     _print_table(results, console, ROUGE_TYPES)
     if cfg.compare:
         print_comparison(results, cfg.compare, console)
-    console.print(f"wrote {out_dir / 'results.json'} and {predictions}")
+    console.print(f"wrote {out_dir / 'results.json'} and {predictions}", markup=False, highlight=False)
+    if plan.excluded:
+        console.print(f"[yellow]{sum(plan.excluded.values())} example(s) left out of the scores:[/yellow] "
+                      f"{_excluded_text(plan)} (see 'excluded' in results.json)", highlight=False)  # fmt: skip
     if failed:
-        console.print(f"[red]{len(failed)} example(s) failed and are not in the scores (see 'error' in {predictions})")
+        console.print(f"[red]{failed} example(s) failed and are not in the scores (see 'error' in {predictions})")
         return 1
     return 0
 

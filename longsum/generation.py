@@ -1,21 +1,30 @@
 """Batched summary generation shared by `summarize` and `eval`.
 
-`Summarizer` turns (key, text) pairs into summaries with `model.generate`:
-* documents are tokenized once, sorted by length and batched (padding stays small);
+`Summarizer` turns a stream of (key, text) pairs into summaries with `model.generate`, with memory
+bounded by a window of documents, never by the corpus or a document's size:
+
+* documents are taken in windows (`window_docs` documents or `window_chars` characters of text in
+  memory); each window is tokenized, sorted by length and batched, so padding stays small;
+* only a prefix of each text is read and tokenized: about `PREFIX_CHARS_PER_TOKEN` characters per
+  token the model can read (more when a prefix turns out too short), and it must reach a few tokens
+  past the model's length, so a truncated input is exactly what truncating the whole text gives;
 * on CUDA out-of-memory the batch is halved and retried; a batch that fails for another reason is
   retried one document at a time, so one bad document never takes the others down;
 * documents longer than the model are truncated, or (`long_input="chunk"`) split at sentence
-  boundaries into overlapping windows that are summarized separately, then the joined partial
-  summaries are summarized again (map-reduce) until one summary remains.
+  boundaries into overlapping windows (in linear time) that are summarized in batches, then the
+  joined partial summaries are summarized again (map-reduce) until one summary remains.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from longsum.errors import LongsumError
+from longsum.inputs import DocumentError, StringText, Text
 from longsum.text import sentence_windows
 
 LONG_INPUT_MODES = ("truncate", "chunk")
@@ -23,6 +32,10 @@ LONG_INPUT_MODES = ("truncate", "chunk")
 GENERATION_DEFAULTS = {"num_beams": 4, "max_new_tokens": 256, "min_new_tokens": 0, "length_penalty": 1.0,
                        "no_repeat_ngram_size": 3}  # fmt: skip
 MAX_REDUCE_ROUNDS = 3
+PREFIX_CHARS_PER_TOKEN = 8  # first guess of the characters needed per token (English BPE: ~4.5)
+TRUNCATION_MARGIN = 16  # tokens a prefix must hold beyond the model's length (tokenization is local)
+WINDOW_DOCS = 256
+WINDOW_CHARS = 32 << 20
 
 
 @dataclass
@@ -41,17 +54,22 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.long_input not in LONG_INPUT_MODES:
             raise LongsumError(f"--long-input must be one of {', '.join(LONG_INPUT_MODES)}, got '{self.long_input}'")
-        if self.batch_size < 1:
-            raise LongsumError(f"--batch-size must be >= 1, got {self.batch_size}")
-        for name in ("num_beams", "max_new_tokens"):
+        at_least = {"batch_size": 1, "num_beams": 1, "max_new_tokens": 1, "max_source_length": 1,
+                    "min_new_tokens": 0, "no_repeat_ngram_size": 0}  # fmt: skip
+        for name, low in at_least.items():
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise LongsumError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            if value is not None and value < low:
+                raise LongsumError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if self.length_penalty is not None and not math.isfinite(self.length_penalty):
+            raise LongsumError(f"--length-penalty must be a finite number, got {self.length_penalty}")
 
 
 @dataclass
 class Result:
-    """One document's outcome (`summary` or `error`)."""
+    """One document's outcome (`summary` or `error`).
+
+    `input_tokens` counts the tokens the model read (all of the document's tokens when chunked).
+    """
 
     summary: str | None = None
     input_tokens: int = 0
@@ -64,7 +82,7 @@ class Result:
 @dataclass
 class _Job:
     key: object
-    ids: list[int]
+    ids: array
     result: Result = field(default_factory=Result)
 
 
@@ -108,9 +126,8 @@ def beam_cache():
     return SelfOnlyReorderCache(DynamicCache(), DynamicCache())
 
 
-def model_max_source_length(model, tokenizer) -> int:
+def model_max_source_length(config, tokenizer) -> int:
     """The longest input the model accepts, from its config (positions) or its tokenizer."""
-    config = model.config
     for name in ("max_encoder_position_embeddings", "max_position_embeddings"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0 and config.model_type not in ("t5", "mt5", "longt5"):
@@ -121,11 +138,11 @@ def model_max_source_length(model, tokenizer) -> int:
     return 16384 if config.model_type == "longt5" else 512  # relative positions: the trained length
 
 
-def resolve_generation_kwargs(model, options: GenerationOptions) -> dict:
+def resolve_generation_kwargs(generation_config, options: GenerationOptions) -> dict:
     """Command line > the model's own generation_config (when it sets a value) > our defaults."""
     from transformers import GenerationConfig
 
-    own, stock = model.generation_config, GenerationConfig()
+    own, stock = generation_config, GenerationConfig()
     kwargs = {}
     for name, default in GENERATION_DEFAULTS.items():
         value = getattr(options, name)
@@ -143,76 +160,167 @@ def resolve_generation_kwargs(model, options: GenerationOptions) -> dict:
     return kwargs
 
 
-class Summarizer:
-    """Summaries for many documents with one model; see the module docstring."""
+def resolve_settings(config, generation_config, tokenizer, options: GenerationOptions) -> dict:
+    """Every setting that decides the summaries (what a result file's identity compares).
 
-    def __init__(self, model, tokenizer, options: GenerationOptions):
+    Computed from the config objects alone, so a run can be checked against an existing output
+    before any weights are loaded. The batch size is not here: it does not change the summaries.
+    """
+    return {**resolve_generation_kwargs(generation_config, options),
+            "max_source_length": options.max_source_length or model_max_source_length(config, tokenizer),
+            "long_input": options.long_input}  # fmt: skip
+
+
+def plan_settings(model_name: str, options: GenerationOptions, dtype: str, device: str) -> dict:
+    """`resolve_settings` for a checkpoint name plus the dtype it will run in, without its weights."""
+    from longsum.models import (
+        load_config,
+        load_generation_config,
+        load_tokenizer,
+        locate,
+        resolve_device,
+        resolve_dtype,  # fmt: skip
+    )
+
+    _, config = load_config(model_name)
+    settings = resolve_settings(config, load_generation_config(locate(model_name), config),
+                                load_tokenizer(model_name), options)  # fmt: skip
+    return {**settings, "dtype": str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")}
+
+
+class Summarizer:
+    """Summaries for many documents with one model; see the module docstring.
+
+    `settings` (from `resolve_settings`) may be passed when already resolved; by default they
+    are resolved from the model's config and generation config.
+    """
+
+    def __init__(self, model, tokenizer, options: GenerationOptions, settings: dict | None = None, *,
+                 window_docs: int = WINDOW_DOCS, window_chars: int = WINDOW_CHARS):  # fmt: skip
         self.model, self.tokenizer, self.options = model, tokenizer, options
-        self.max_source_length = options.max_source_length or model_max_source_length(model, tokenizer)
-        self.generate_kwargs = resolve_generation_kwargs(model, options)
+        self._settings = settings or resolve_settings(model.config, model.generation_config, tokenizer, options)
+        self.max_source_length = self._settings["max_source_length"]
+        self.generate_kwargs = {k: v for k, v in self._settings.items()
+                                if k not in ("max_source_length", "long_input", "dtype")}  # fmt: skip
         self.batch_size = options.batch_size
+        self.window_docs, self.window_chars = window_docs, window_chars
+        self._n_special = tokenizer.num_special_tokens_to_add(pair=False)
 
     def settings(self) -> dict:
         """What this run uses (printed at start, saved with results)."""
-        return {**self.generate_kwargs, "batch_size": self.options.batch_size,
-                "max_source_length": self.max_source_length, "long_input": self.options.long_input}  # fmt: skip
+        return {**self._settings, "batch_size": self.options.batch_size}
 
     # -- public -----------------------------------------------------------------------------
-    def summarize(self, items: Iterable[tuple[object, str]], on_result: Callable[[object, Result], None],
-                  on_plan: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    def summarize(
+        self, items: Iterable[tuple[object, Text | str]], on_result: Callable[[object, Result], None]
+    ) -> None:
         """Summarize (key, text) pairs; `on_result(key, result)` is called as each document finishes.
 
-        `on_plan(n)` is told, before any generation, how many documents exceed the model's length.
+        `items` is consumed lazily, one window at a time; a text is a `str` or a `longsum.inputs.Text`
+        (read only as far as needed). A text that cannot be read gets a Result with its `error`.
         """
-        items = list(items)
-        if not items:
-            return
-        full = self._tokenize([text for _, text in items], truncate=False)
-        lengths = [len(ids) for ids in full]
-        long = [i for i, n in enumerate(lengths) if n > self.max_source_length]
-        if on_plan is not None:
-            on_plan(len(long))
-
-        to_chunk = set(long) if self.options.long_input == "chunk" else set()
-        truncated = {}  # only documents over the length are tokenized again (with truncation)
-        if long and not to_chunk:
-            truncated = dict(zip(long, self._tokenize([items[i][1] for i in long], truncate=True)))
-        jobs = [
-            _Job(key, truncated.get(i, ids), Result(input_tokens=lengths[i], truncated=i in truncated))
-            for i, ((key, _), ids) in enumerate(zip(items, full))
-            if i not in to_chunk
-        ]
-        for job in self._run(jobs):
-            on_result(job.key, job.result)
-        for i in sorted(to_chunk):
-            on_result(items[i][0], self._summarize_long(items[i][1], lengths[i]))
+        for window in self._windows(items):
+            jobs, long_docs = self._prepare(window, on_result)
+            del window  # the texts are no longer needed (except those to chunk)
+            for job in self._run(jobs):
+                on_result(job.key, job.result)
+            for key, text in long_docs:
+                on_result(key, self._summarize_long(text))
 
     # -- internals --------------------------------------------------------------------------
-    def _tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
+    def _windows(self, items: Iterable[tuple[object, Text | str]]) -> Iterator[list[tuple[object, Text]]]:
+        window: list[tuple[object, Text]] = []
+        chars = 0
+        for key, text in items:
+            text = StringText(text) if isinstance(text, str) else text
+            window.append((key, text))
+            chars += text.chars_in_memory
+            if len(window) >= self.window_docs or chars >= self.window_chars:
+                yield window
+                window, chars = [], 0
+        if window:
+            yield window
+
+    def _count(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
-        return self.tokenizer(
-            texts, truncation=truncate, max_length=self.max_source_length if truncate else None, verbose=False
-        )["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [len(x) for x in ids]
 
-    def _summarize_long(self, text: str, n_tokens: int) -> Result:
+    def _prepare(self, window, on_result) -> tuple[list[_Job], list[tuple[object, Text]]]:
+        """Token ids (truncated) for the window's documents; documents to chunk are set aside."""
+        max_len = self.max_source_length
+        needed = max_len - self._n_special + TRUNCATION_MARGIN  # tokens a prefix must reach
+        budget = max_len * PREFIX_CHARS_PER_TOKEN
+        keys, texts, complete, sources = [], [], [], []
+        for key, text in window:
+            try:
+                prefix, whole = text.read(budget)
+            except DocumentError as err:
+                on_result(key, Result(error=str(err)))
+                continue
+            keys.append(key), texts.append(prefix), complete.append(whole), sources.append(text)
+        counts = self._count(texts)
+        for i in range(len(texts)):  # rare: a prefix too short (long runs of spaces, symbols...)
+            size = budget
+            while not complete[i] and counts[i] < needed:
+                size *= 4
+                try:
+                    texts[i], complete[i] = sources[i].read(size)
+                except DocumentError as err:
+                    texts[i], complete[i], counts[i] = "", True, -1
+                    on_result(keys[i], Result(error=str(err)))
+                    break
+                counts[i] = self._count([texts[i]])[0]
+        jobs, long_docs, keep = [], [], []
+        for i, n in enumerate(counts):
+            if n < 0:
+                continue
+            if n == 0:
+                on_result(keys[i], Result(error="empty document"))
+                continue
+            too_long = n + self._n_special > max_len
+            if too_long and self.options.long_input == "chunk":
+                long_docs.append((keys[i], sources[i]))
+            else:
+                keep.append((i, too_long))
+        if keep:
+            ids = self.tokenizer([texts[i] for i, _ in keep], truncation=True, max_length=max_len,
+                                 verbose=False)["input_ids"]  # fmt: skip
+            for (i, too_long), doc_ids in zip(keep, ids):
+                jobs.append(_Job(keys[i], array("i", doc_ids), Result(input_tokens=len(doc_ids), truncated=too_long)))
+        return jobs, long_docs
+
+    def _tokenize(self, texts: list[str]) -> list[array]:
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_source_length, verbose=False)["input_ids"]
+        return [array("i", x) for x in ids]
+
+    def _summarize_long(self, text: Text) -> Result:
         """Map-reduce over sentence-aligned windows until one summary remains."""
         start = time.perf_counter()
-        chunks = 0
+        try:
+            full, _ = text.read(None)
+        except DocumentError as err:
+            return Result(error=str(err))
+        stats: dict = {}
+        chunks, n_tokens = 0, 0
         for _ in range(MAX_REDUCE_ROUNDS):
-            windows = sentence_windows(text, self.tokenizer, self.max_source_length)
-            chunks = chunks or len(windows)
-            jobs = [_Job(k, ids) for k, ids in enumerate(self._tokenize(windows, truncate=True))]
-            done = sorted(self._run(jobs), key=lambda job: job.key)
-            failed = next((job.result.error for job in done if job.result.error), None)
-            if failed:
-                return Result(input_tokens=n_tokens, chunks=chunks, error=failed)
-            parts = [job.result.summary for job in done]
+            parts = []
+            windows = sentence_windows(full, self.tokenizer, self.max_source_length, stats=stats)
+            while group := [w for _, w in zip(range(self.window_docs), windows)]:
+                jobs = [_Job(k, ids) for k, ids in enumerate(self._tokenize(group))]
+                done = sorted(self._run(jobs), key=lambda job: job.key)
+                failed = next((job.result.error for job in done if job.result.error), None)
+                if failed:
+                    return Result(input_tokens=n_tokens or stats.get("tokens", 0), chunks=chunks, error=failed)
+                parts += [job.result.summary for job in done]
+            if not n_tokens:
+                chunks, n_tokens = len(parts), stats.get("tokens", 0)
             if len(parts) == 1:
                 return Result(parts[0], n_tokens, chunks=chunks, seconds=time.perf_counter() - start)
-            text = "\n".join(parts)
+            full = "\n".join(parts)
         # Still too long after the last round: summarize the (truncated) joined summaries once more.
-        (job,) = self._run([_Job(0, self._tokenize([text], truncate=True)[0])])
+        (job,) = self._run([_Job(0, self._tokenize([full])[0])])
         job.result.input_tokens, job.result.chunks = n_tokens, chunks
         job.result.seconds = time.perf_counter() - start
         return job.result
@@ -263,7 +371,8 @@ class Summarizer:
     def _generate(self, batch_ids: list[list[int]]) -> list[str]:
         import torch
 
-        inputs = self.tokenizer.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.model.device)
+        batch = {"input_ids": [ids.tolist() for ids in batch_ids]}
+        inputs = self.tokenizer.pad(batch, return_tensors="pt").to(self.model.device)
         cache = beam_cache() if self.model.config.is_encoder_decoder and self.generate_kwargs["num_beams"] > 1 else None
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self.generate_kwargs, **({"past_key_values": cache} if cache else {}))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ def locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path
     return _fetch_from_hub(name, revision)
 
 
+@lru_cache(maxsize=16)  # one fetch per process: the commands ask for the folder several times
 def _fetch_from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -197,6 +199,105 @@ _TOKENIZER_FILES = (
 )
 
 
+def load_config(name_or_path: str | os.PathLike, task: str = "seq2seq", *, revision: str | None = None):
+    """(model class, config) of a checkpoint, without loading its weights (cheap).
+
+    The class is longsum's LSG class for LSG checkpoints, else the transformers Auto class.
+    """
+    if task not in TASKS:
+        raise ModelLoadError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
+    folder = locate(name_or_path, revision)
+    config_dict = read_config(folder)
+
+    from transformers import AutoConfig
+
+    import longsum.lsg  # noqa: F401  (registers the lsg_* model types)
+
+    cls, config = _model_class(config_dict, task)
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        except (ValueError, KeyError) as err:
+            raise ModelLoadError(
+                f"unsupported architecture '{config_dict.get('model_type')}' in {folder}: {_first_line(err)}"
+            ) from None
+        _check_supported(cls, config, task)
+    return cls, config
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None):
+    """The checkpoint's tokenizer (a one-line error when the folder has none)."""
+    folder = locate(name_or_path, revision)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers would silently build an empty tokenizer with only special tokens
+        raise ModelLoadError(
+            f"no usable tokenizer in {folder}: none of {', '.join(_TOKENIZER_FILES)}; "
+            f"save the source model's tokenizer there (tokenizer.save_pretrained)"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelLoadError(f"no usable tokenizer in {folder}: {_first_line(err)}") from None
+
+
+def load_generation_config(folder: Path, config):
+    """The generation config `from_pretrained` would give the model (file, else from its config)."""
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        try:
+            return GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot read {folder / 'generation_config.json'}: {_first_line(err)}") from None
+    return GenerationConfig.from_model_config(config)
+
+
+# What decides a model's outputs: its weights, its config and its tokenizer (not the README, not
+# generation_config.json: the generation settings that result from it are compared on their own).
+_FINGERPRINT_NAMES = {"config.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "merges.txt", *_TOKENIZER_FILES}  # fmt: skip
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def fingerprint(name_or_path: str | os.PathLike, *, revision: str | None = None) -> str:
+    """sha256 (16 hex digits) over the files that decide a checkpoint's outputs.
+
+    Files in the Hugging Face cache are links to blobs named by their content hash, which is used
+    as is; other files are hashed (about 0.3 s per GB).
+    """
+    import hashlib
+
+    folder = locate(name_or_path, revision)
+    total = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or not (path.name in _FINGERPRINT_NAMES or path.name.endswith(_WEIGHT_SUFFIXES)):
+            continue
+        total.update(path.name.encode() + b"\0" + _file_digest(path).encode() + b"\0")
+    return total.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    if path.is_symlink():
+        target = Path(os.readlink(path))
+        if "blobs" in target.parts:  # the Hugging Face cache: content-addressed already
+            return target.name
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else _sha256(f)
+
+
+def _sha256(f) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     task: str = "seq2seq",
@@ -224,46 +325,20 @@ def load_model(
         ModelLoadError: with a one-line message (missing folder, unreachable Hub, unsupported
             architecture, missing tokenizer).
     """
-    if task not in TASKS:
-        raise ModelLoadError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
+    cls, config = load_config(name_or_path, task, revision=revision)
     folder = locate(name_or_path, revision)
-    config_dict = read_config(folder)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    import longsum.lsg  # noqa: F401  (registers the lsg_* model types)
-
-    cls, config = _model_class(config_dict, task)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if config is None:
-        try:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        except (ValueError, KeyError) as err:
-            raise ModelLoadError(
-                f"unsupported architecture '{config_dict.get('model_type')}' in {folder}: {_first_line(err)}"
-            ) from None
-        _check_supported(cls, config, task)
+    if not is_lsg_config(read_config(folder)):
         kwargs["trust_remote_code"] = False
+    tokenizer = load_tokenizer(folder)
     try:
         model = cls.from_pretrained(folder, config=config, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"cannot load weights from {folder}: {_first_line(err)}") from None
     model.to(device).eval()
-
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        # transformers would silently build an empty tokenizer with only special tokens
-        raise ModelLoadError(
-            f"no usable tokenizer in {folder}: none of {', '.join(_TOKENIZER_FILES)}; "
-            f"save the source model's tokenizer there (tokenizer.save_pretrained)"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelLoadError(f"no usable tokenizer in {folder}: {_first_line(err)}") from None
     return model, tokenizer
 
 

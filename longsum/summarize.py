@@ -1,36 +1,30 @@
 """`longsum summarize`: files, folders, stdin or records in; one JSON line per document out.
 
-Records are flushed as documents finish; re-running with the same output skips the ids already
-there (a torn last line from a crash is cut off first). A document that cannot be read or
-summarized gets an `error` record and the others go on. Under `torchrun`/`accelerate launch` the
-documents are split between processes and merged into the one output file.
+Inputs are streamed (`longsum.inputs`): memory grows with the batch, not the corpus. Every input
+document ends with exactly one record in the output, keyed by (`source`, `id`) (see
+`longsum.inputs` for how keys are made unique and stable). Records are flushed as documents finish.
+
+The output is a `longsum.store.ResultStore`: rerunning into it skips documents already summarized
+and retries those whose record is an error (the newer record replaces the error); it must have been
+written by the same model weights and output-changing settings (else a one-line refusal naming the
+difference); a file longsum did not write is never touched; a second concurrent run is refused.
+A document that cannot be read or summarized gets an `error` record and the others go on. Under
+`torchrun`/`accelerate launch` the documents are split between processes and merged into the one output.
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from longsum.console import stderr_console
 from longsum.errors import LongsumError
-from longsum.generation import GenerationOptions, Result, Summarizer, keep_freed_memory
+from longsum.generation import GenerationOptions, Result
+from longsum.inputs import DEFAULT_GLOB, Document, InputPlan, iter_documents, plan_inputs
 
 DEFAULT_MODEL = "ccdv/lsg-bart-base-4096-pubmed"
-DEFAULT_GLOB = "*.txt,*.md"
-TEXT_FIELDS = ("text", "article")
-RECORD_SUFFIXES = (".jsonl", ".csv", ".parquet")
-
-
-@dataclass
-class Document:
-    id: str
-    text: str | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -48,217 +42,175 @@ class SummarizeConfig:
     fail_fast: bool = False
 
 
-# ------------------------------------------------------------------------------------------ inputs
-def decode_text(data: bytes, source: str) -> Document:
-    if b"\x00" in data[:8192]:
-        return Document(source, error="binary file, not text")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        return Document(source, error=f"not UTF-8 text (byte {err.start}): re-encode the file as UTF-8")
-    if not text.strip():
-        return Document(source, error="empty document")
-    return Document(source, text)
-
-
-def read_file(path: Path) -> Document:
-    if path.suffix.lower() == ".pdf":
-        return read_pdf(path)
-    try:
-        return decode_text(path.read_bytes(), str(path))
-    except OSError as err:
-        return Document(str(path), error=f"cannot read file: {err.strerror or err}")
-
-
-def read_pdf(path: Path) -> Document:
-    try:
-        from pypdf import PdfReader
-    except ImportError:
-        return Document(str(path), error="PDF input needs pypdf: pip install 'longsum[pdf]'")
-    try:
-        text = "\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
-    except Exception as err:  # noqa: BLE001  a broken PDF is this document's problem only
-        return Document(str(path), error=f"cannot read PDF: {type(err).__name__}: {err}")
-    return Document(str(path), text) if text.strip() else Document(str(path), error="PDF has no extractable text")
-
-
-def _rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(row number, record or None, problem) for JSONL, CSV and parquet files."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for n, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield n, row, None
-        return
-    with open(path, encoding="utf-8", newline="") as f:
-        if suffix == ".csv":
-            for n, row in enumerate(csv.DictReader(f), 1):
-                yield n, row, None
-            return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                yield n, None, f"invalid JSON: {err.msg}"
-                continue
-            yield (n, record, None) if isinstance(record, dict) else (n, None, "a JSON line must be an object")
-
-
-def read_records(path: Path, text_field: str | None, id_field: str | None) -> Iterator[Document]:
-    fields = (text_field,) if text_field else TEXT_FIELDS
-    try:
-        for n, record, problem in _rows(path):
-            default_id = f"{path}:{n}"
-            if record is None:
-                yield Document(default_id, error=problem)
-                continue
-            key = record.get(id_field or "id")
-            doc_id = default_id if key in (None, "") else str(key)
-            text = next((record[f] for f in fields if isinstance(record.get(f), str)), None)
-            if text is None:
-                yield Document(doc_id, error=f"record has no text field {' or '.join(map(repr, fields))}"
-                                             f" (fields: {', '.join(map(str, record))}); use --text-field")  # fmt: skip
-            elif not text.strip():
-                yield Document(doc_id, error="empty document")
-            else:
-                yield Document(doc_id, text)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        yield Document(str(path), error=f"cannot read records: {err}")
-
-
-def collect_documents(inputs: list[str], glob: str = DEFAULT_GLOB, text_field: str | None = None,
-                      id_field: str | None = None) -> list[Document]:  # fmt: skip
-    """Every document named by `inputs`, in order; a missing path is an error before any work."""
-    missing = [p for p in inputs if p != "-" and not Path(p).exists()]
-    if missing:
-        raise LongsumError(f"input path does not exist: {missing[0]}")
-    docs: list[Document] = []
-    patterns = [p.strip() for p in glob.split(",") if p.strip()]
-    for item in inputs:
-        path = Path(item)
-        if item == "-":
-            docs.append(decode_text(sys.stdin.buffer.read(), "<stdin>"))
-        elif path.is_dir():
-            files = sorted({f for pattern in patterns for f in path.rglob(pattern) if f.is_file()})
-            docs += [read_file(f) for f in files]
-        elif path.suffix.lower() in RECORD_SUFFIXES:
-            docs += read_records(path, text_field, id_field)
-        else:
-            docs.append(read_file(path))
-    seen: set[str] = set()
-    unique = []
-    for doc in docs:  # the same file named twice is summarized once
-        if doc.id not in seen:
-            seen.add(doc.id)
-            unique.append(doc)
-    return unique
-
-
-# ------------------------------------------------------------------------------------------ run
 class _FailFast(Exception):
     pass
 
 
+def _check_output_is_not_an_input(output: str, plan: InputPlan) -> None:
+    if output == "-" or not Path(output).exists():
+        return
+    out = Path(output).resolve()
+    for _, path in plan.items:
+        if path is not None and path.exists() and path.resolve() == out:
+            raise LongsumError(f"the output {output} is also an input; choose another --output")
+
+
 def run(cfg: SummarizeConfig) -> int:
     """Summarize `cfg.inputs` into `cfg.output`; returns the exit code (1 if any document failed)."""
-
-    from longsum import distributed
-    from longsum.models import locate
+    from longsum import __version__, distributed
+    from longsum.generation import plan_settings
+    from longsum.models import fingerprint, locate
 
     console = stderr_console()
+    plan = plan_inputs(cfg.inputs, cfg.glob)  # a missing path, or nothing at all to read: error now
+    _check_output_is_not_an_input(cfg.output, plan)
     dist = distributed.init()
-    docs = collect_documents(cfg.inputs, cfg.glob, cfg.text_field, cfg.id_field)
+    device = dist.device(cfg.device)
+    # What the output's identity needs, without loading weights: a mismatch is refused before any work.
+    settings = plan_settings(cfg.model, cfg.generation, cfg.dtype, device)
+    identity = {"model_fingerprint": fingerprint(cfg.model), **settings}
+    info = {"model": cfg.model, "model_path": str(locate(cfg.model).resolve()), "longsum": __version__}
+    results = distributed.open_results(cfg.output, identity, dist, info=info, overwrite=cfg.overwrite)
+    if dist.main:
+        for warning in plan.warnings:
+            console.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+        if results.repaired:
+            console.print(f"repaired a torn last line in {cfg.output} (interrupted run)", markup=False)
 
-    writer, done, repaired = distributed.open_output(cfg.output, dist, overwrite=cfg.overwrite)
-    try:
-        locate(cfg.model)  # an unknown model or unreachable Hub fails here, before any record is written
-    except LongsumError:
-        writer.close()
-        raise
-    if repaired:
-        console.print(f"repaired a torn last line in {cfg.output} (interrupted run)")
-
-    pending = [d for d in docs if d.id not in done]
-    skipped = len(docs) - len(pending)
-    todo = dist.shard(pending)
-    stats = {"done": 0, "failed": 0, "tokens": 0}
+    counts: Counter = Counter()
+    seen: set = set()  # keys of this run's documents
     start = time.perf_counter()
 
-    def emit(doc_id: str, result: Result) -> None:
-        record: dict = {"id": doc_id, "model": cfg.model}
+    def emit(doc: Document, result: Result) -> None:
+        record: dict = {"id": doc.id}
+        if doc.source is not None:
+            record["source"] = doc.source
+        record["model"] = cfg.model
         if result.error:
             record["error"] = result.error
-            stats["failed"] += 1
+            counts["failed"] += 1
         else:
             record["summary"] = result.summary
             record["input_tokens"] = result.input_tokens
-            if cfg.generation.long_input == "chunk":
+            if result.chunks > 1 or cfg.generation.long_input == "chunk":
                 record["chunks"] = result.chunks
             else:
                 record["truncated"] = result.truncated
             record["seconds"] = round(result.seconds, 3)
-            stats["done"] += 1
-            stats["tokens"] += result.input_tokens
-        writer.write(record)
+            counts["done"] += 1
+            counts["tokens"] += result.input_tokens
+            counts["long"] += bool(result.truncated or result.chunks > 1)
+            if counts["long"] == 1 and (result.truncated or result.chunks > 1):
+                _note_long(console, cfg.generation.long_input, settings["max_source_length"])
+        if doc.encoding not in (None, "utf-8", "utf-8-sig"):
+            record["encoding"] = doc.encoding
+        results.write(record)
+        progress.advance()
         if result.error and cfg.fail_fast:
-            raise _FailFast(f"{doc_id}: {result.error}")
+            raise _FailFast(f"{doc.id}: {result.error}")
 
-    try:
-        for doc in todo:
+    def pending():
+        """This rank's documents still to do; errors of reading are emitted as they come."""
+        index = 0
+        for doc in iter_documents(plan, cfg.text_field, cfg.id_field):
+            if doc.key in seen:  # a bug if it happens: keys are made unique by the readers
+                raise RuntimeError(f"document key {doc.key} produced twice")
+            seen.add(doc.key)
+            if doc.key in results.done:
+                counts["skipped"] += 1
+                continue
+            counts["retried"] += doc.key in results.failed
+            index += 1
+            if not dist.mine(index - 1):
+                continue
             if doc.error:
-                emit(doc.id, Result(error=doc.error))
-        readable = [(doc.id, doc.text) for doc in todo if not doc.error]
-        if readable:
-            _summarize(cfg, readable, emit, console, dist)
+                emit(doc, Result(error=doc.error))
+            else:
+                yield doc, doc.text
+
+    finished = False
+    progress = _Progress(console)
+    try:
+        model, tokenizer = _load(cfg, device, settings, console, dist)
+        from longsum.generation import Summarizer
+
+        summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
+        with progress:
+            summarizer.summarize(pending(), emit)
+        finished = True
     except _FailFast as err:
-        console.print(f"[red]stopped at the first failure (--fail-fast):[/red] {err}")
+        console.print(f"[red]stopped at the first failure (--fail-fast):[/red] {err}", highlight=False)
     finally:
-        distributed.close_output(writer, cfg.output, dist)
+        sources = {str(path) for kind, path in plan.items if kind == "records"}
+
+        def stale(record: dict) -> bool:
+            """An error record of a record file read whole in this run, for a key it no longer has
+            (a fixed line now has its own id): the document it was about is this run's record."""
+            from longsum.store import is_failure, record_key
+
+            return (
+                finished and is_failure(record) and record.get("source") in sources and record_key(record) not in seen
+            )
+
+        results.close(drop=stale)
 
     elapsed = max(time.perf_counter() - start, 1e-9)
-    if dist.main or dist.world == 1:
+    if dist.main:
+        retried = f", retried {counts['retried']} that had failed" if counts["retried"] else ""
         console.print(
-            f"done {stats['done']}, skipped {skipped}, failed {stats['failed']} in {elapsed:.1f}s: "
-            f"{stats['done'] / elapsed:.2f} docs/s, {stats['tokens'] / elapsed:,.0f} tokens/s"
-            + (f" (this process; {dist.world} processes)" if dist.world > 1 else "")
-        )
-    return 1 if stats["failed"] else 0
+            f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}{retried} in "
+            f"{elapsed:.1f}s: {counts['done'] / elapsed:.2f} docs/s, {counts['tokens'] / elapsed:,.0f} tokens/s"
+            + (f" (this process; {dist.world} processes)" if dist.world > 1 else ""), markup=False
+        )  # fmt: skip
+        if not seen:
+            console.print("[red]no documents in the inputs[/red]")
+    if counts["failed"] or plan.unmatched or not seen:
+        return 1
+    return 0
 
 
-def _summarize(cfg: SummarizeConfig, items: list[tuple[str, str]], emit, console, dist) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _note_long(console, mode: str, max_len: int) -> None:
+    action = ("split into chunks and summarized whole (map-reduce)" if mode == "chunk" else
+              "truncated (use --long-input chunk to summarize them whole)")  # fmt: skip
+    console.print(f"[yellow]documents longer than {max_len} tokens are {action}; the records say which[/yellow]")
 
+
+def _load(cfg: SummarizeConfig, device: str, settings: dict, console, dist):
+    from longsum.generation import keep_freed_memory
     from longsum.models import load_model
 
-    model, tokenizer = load_model(cfg.model, device=dist.device(cfg.device), dtype=cfg.dtype)
+    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     if model.device.type == "cpu":
         keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
-    summarizer = Summarizer(model, tokenizer, cfg.generation)
     if dist.main:
-        settings = ", ".join(f"{k}={v}" for k, v in summarizer.settings().items())
-        console.print(f"model {cfg.model} on {model.device} ({next(model.parameters()).dtype}); {settings}")
+        shown = ", ".join(f"{k}={v}" for k, v in {**settings, "batch_size": cfg.generation.batch_size}.items())
+        console.print(f"model {cfg.model} on {model.device}; {shown}", markup=False, highlight=False)
+    return model, tokenizer
 
-    def warn_long(n_long: int) -> None:
-        if n_long:
-            action = "split into chunks (map-reduce)" if cfg.generation.long_input == "chunk" else (
-                "truncated (use --long-input chunk to summarize them whole)")  # fmt: skip
-            console.print(f"[yellow]{n_long} document(s) longer than {summarizer.max_source_length} tokens: {action}")
 
-    progress = Progress(TextColumn("summarizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[rate]}"), console=console, disable=not console.is_terminal)  # fmt: skip
-    start, tokens = time.perf_counter(), 0
-    with progress:
-        task = progress.add_task("docs", total=len(items), rate="")
+class _Progress:
+    """A live count on a terminal (the total is unknown: inputs are streamed); nothing otherwise."""
 
-        def on_result(doc_id, result: Result) -> None:
-            nonlocal tokens
-            emit(doc_id, result)
-            tokens += result.input_tokens
-            elapsed = time.perf_counter() - start
-            rate = f"{(progress.tasks[0].completed + 1) / elapsed:.2f} docs/s, {tokens / elapsed:,.0f} tok/s"
-            progress.update(task, advance=1, rate=rate)
+    def __init__(self, console):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        summarizer.summarize(items, on_result, on_plan=warn_long)
+        self._progress = Progress(SpinnerColumn(), TextColumn("summarized {task.completed}"), TimeElapsedColumn(),
+                                  TextColumn("{task.fields[rate]}"), console=console,
+                                  disable=not console.is_terminal)  # fmt: skip
+        self._task = None
+        self._start = time.perf_counter()
+
+    def __enter__(self):
+        self._progress.__enter__()
+        self._task = self._progress.add_task("docs", total=None, rate="")
+        return self
+
+    def __exit__(self, *exc):
+        return self._progress.__exit__(*exc)
+
+    def advance(self) -> None:
+        if self._task is None:
+            return
+        done = self._progress.tasks[0].completed + 1
+        rate = f"{done / max(time.perf_counter() - self._start, 1e-9):.2f} docs/s"
+        self._progress.update(self._task, advance=1, rate=rate)

@@ -95,33 +95,67 @@ def _yaml(text: str):
 
 
 # ------------------------------------------------------------------------------------------ data
-def _tokenized(cfg: TrainConfig, name: str, split: str, limit: int | None, tokenizer, max_source: int, console):
-    """A tokenized `datasets.Dataset` (cached on disk per source, split and lengths)."""
-    import datasets
+HOLDOUT_FRACTION = 0.1  # of a local file's rows, held out for --eval-steps without --eval-dataset
 
+
+def _is_local(name: str) -> bool:
+    from longsum.data import LOCAL_SUFFIXES
+
+    return Path(name).suffix.lower() in LOCAL_SUFFIXES or Path(name).exists()
+
+
+def _datasets(cfg: TrainConfig, console):
+    """(train EvalData, eval EvalData or None). A local file without --eval-dataset gives up a
+    seeded held-out part for evaluation (a file has no validation split; its rows are not trained on)."""
     from longsum.data import load_examples
 
-    data = load_examples(name, split, cfg.text_column, cfg.summary_column, limit, cfg.seed, config=cfg.dataset_config)
-    kept = [(text, ref) for _, text, ref in data.examples if text.strip() and ref.strip()]
-    dropped = len(data.examples) - len(kept)
+    train = load_examples(cfg.dataset, cfg.train_split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
+                          config=cfg.dataset_config)  # fmt: skip
+    if not cfg.eval_steps:
+        return train, None
+    if cfg.eval_dataset or not _is_local(cfg.dataset):
+        name = cfg.eval_dataset or cfg.dataset
+        split = cfg.eval_split if not (cfg.eval_dataset and _is_local(cfg.eval_dataset)) else "test"
+        return train, load_examples(name, split, cfg.text_column, cfg.summary_column, cfg.eval_limit, cfg.seed,
+                                    config=cfg.dataset_config)  # fmt: skip
+    n = len(train)
+    held = min(cfg.eval_limit, max(1, int(n * HOLDOUT_FRACTION)))
+    if n - held < 1:
+        raise LongsumError(f"{cfg.dataset} has {n} example(s): too few to hold some out for evaluation; "
+                           f"pass --eval-dataset")  # fmt: skip
+    import random
+
+    eval_positions = set(random.Random(cfg.seed).sample(range(n), held))
+    console.print(f"no --eval-dataset: holding out {held} of {n} examples of {cfg.dataset} for evaluation "
+                  f"(seed {cfg.seed}); they are not trained on", markup=False, highlight=False)  # fmt: skip
+    return (train.subset([k for k in range(n) if k not in eval_positions]),
+            train.subset(sorted(eval_positions)))  # fmt: skip
+
+
+def _tokenized(cfg: TrainConfig, data, split: str, tokenizer, max_source: int, console):
+    """A tokenized `datasets.Dataset` (cached on disk per source, selection and lengths)."""
+    view, dropped = data.training_view()
     if dropped:
-        console.print(f"[yellow]dropped {dropped} empty example(s) from {name} [{split}]")
-    if not kept:
-        raise LongsumError(f"no usable examples in {name} [{split}]")
-    key = json.dumps([data.source, getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_source,
+        console.print(f"[yellow]left out {dropped} example(s) of {cfg.dataset} [{split}] without a document or a "
+                      f"reference")  # fmt: skip
+    if len(view) == 0:
+        raise LongsumError(f"no usable examples in {data.source.get('hub_id') or data.source.get('path')} [{split}]")
+    from array import array
+
+    rows = hashlib.sha256(array("q", data.indices).tobytes()).hexdigest()  # which rows (subset, hold-out)
+    key = json.dumps([data.source, rows, getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_source,
                       cfg.max_target_length], sort_keys=True, default=str)  # fmt: skip
     cache = Path(cfg.output_dir) / "cache" / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
-    raw = datasets.Dataset.from_dict({"text": [t for t, _ in kept], "summary": [s for _, s in kept]})
 
     def tokenize(batch):
         features = tokenizer(batch["text"], max_length=max_source, truncation=True)
-        features["labels"] = tokenizer(text_target=batch["summary"], max_length=cfg.max_target_length,
+        features["labels"] = tokenizer(text_target=batch["reference"], max_length=cfg.max_target_length,
                                        truncation=True)["input_ids"]  # fmt: skip
         return features
 
-    return raw.map(tokenize, batched=True, remove_columns=["text", "summary"], cache_file_name=str(cache),
-                   load_from_cache_file=True, desc=f"tokenizing {split}")  # fmt: skip
+    return view.map(tokenize, batched=True, remove_columns=["text", "reference"], cache_file_name=str(cache),
+                    load_from_cache_file=True, desc=f"tokenizing {split}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -129,7 +163,6 @@ def run(cfg: TrainConfig) -> Path:
     """Train; returns the final model folder."""
     import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     from longsum.generation import model_max_source_length
     from longsum.models import load_model
@@ -141,16 +174,14 @@ def run(cfg: TrainConfig) -> Path:
         raise LongsumError(f"--save-steps ({cfg.save_steps}) must be a multiple of --eval-steps ({cfg.eval_steps}) "
                            f"to keep the best checkpoint by rougeLsum")  # fmt: skip
     out = Path(cfg.output_dir)
-    resume = _resume_point(cfg, out, get_last_checkpoint, console)
+    resume = _resume_point(cfg, out, console)
 
     model, tokenizer = load_model(cfg.model, device="cpu", dtype="fp32")
     model.train()
-    max_source = cfg.max_source_length or model_max_source_length(model, tokenizer)
-    train_set = _tokenized(cfg, cfg.dataset, cfg.train_split, cfg.limit, tokenizer, max_source, console)
-    eval_set = None
-    if cfg.eval_steps:
-        eval_name = cfg.eval_dataset or cfg.dataset  # local files have no splits: pass --eval-dataset
-        eval_set = _tokenized(cfg, eval_name, cfg.eval_split, cfg.eval_limit, tokenizer, max_source, console)
+    max_source = cfg.max_source_length or model_max_source_length(model.config, tokenizer)
+    train_data, eval_data = _datasets(cfg, console)
+    train_set = _tokenized(cfg, train_data, cfg.train_split, tokenizer, max_source, console)
+    eval_set = None if eval_data is None else _tokenized(cfg, eval_data, "eval", tokenizer, max_source, console)
 
     block = getattr(model.config, "block_size", None) if hasattr(model.config, "sparsity_type") else None
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=block)
@@ -232,19 +263,50 @@ def run(cfg: TrainConfig) -> Path:
     return final
 
 
-def _resume_point(cfg: TrainConfig, out: Path, get_last_checkpoint, console) -> Path | None:
+def _complete(checkpoint: Path) -> bool:
+    """A checkpoint the Trainer finished writing: its trainer_state.json (written last) reads, and
+    its weights are there."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(checkpoint.glob("*.safetensors")) or any(checkpoint.glob("pytorch_model*.bin"))
+
+
+def last_complete_checkpoint(out: Path, console=None) -> Path | None:
+    """The newest complete `checkpoint-N` in `out`; newer incomplete ones (a kill during a save)
+    are skipped with a note, and left on disk."""
+    import re
+
+    found = []
+    for path in out.iterdir() if out.is_dir() else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        if _complete(path):
+            return path
+        if console is not None:
+            console.print(f"[yellow]skipping {path}: incomplete (interrupted while being saved)", highlight=False)
+    return None
+
+
+def _resume_point(cfg: TrainConfig, out: Path, console) -> Path | None:
     if cfg.resume is None:
-        if out.is_dir() and get_last_checkpoint(str(out)):
+        if last_complete_checkpoint(out):
             console.print(f"[yellow]{out} already has checkpoints; pass --resume to continue from the last one")
         return None
     if cfg.resume == "auto":
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = last_complete_checkpoint(out, console)
         if last is None:
-            console.print(f"no checkpoint in {out} yet: starting from the beginning")
-        return Path(last) if last else None
+            console.print(f"no complete checkpoint in {out} yet: starting from the beginning", markup=False)
+        return last
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file():
         raise LongsumError(f"--resume {cfg.resume} is not a checkpoint folder (no trainer_state.json)")
+    if not _complete(path):
+        raise LongsumError(f"--resume {cfg.resume} is an incomplete checkpoint (interrupted while being saved); "
+                           f"pass an earlier one, or --resume alone for the newest complete one")  # fmt: skip
     return path
 
 

@@ -12,8 +12,8 @@ from rouge_score import rouge_scorer
 from typer.testing import CliRunner
 
 from longsum.cli import app
-from longsum.jsonl import read_records
 from longsum.metrics import aggregate, score_pair
+from longsum.store import read_records
 from tests.conftest import CORPUS
 
 runner = CliRunner()
@@ -83,7 +83,8 @@ def test_local_dataset_results_and_predictions(tmp_path, model_dir, dataset):
         assert results["metrics"][name]["mean"] == pytest.approx(mean)
     assert results["examples"] == 5 and results["failed"] == 0
     assert results["dataset"]["limit"] == 5 and results["dataset"]["rows"] == 8
-    assert results["model"]["config_sha256"] and results["model"]["model_type"] == "lsg_bart"
+    assert len(results["model"]["fingerprint"]) == 16 and results["model"]["model_type"] == "lsg_bart"
+    assert results["excluded"] == {"count": 0, "reasons": {}, "first_ids": []}
     assert results["metric_recipe"]["use_stemmer"] is True
     assert results["provenance"]["versions"]["rouge-score"]
     assert results["generation"]["max_new_tokens"] == 8  # from the model's generation_config
@@ -93,10 +94,10 @@ def test_local_dataset_results_and_predictions(tmp_path, model_dir, dataset):
 def test_limit_is_a_seeded_subset(tmp_path, model_dir, dataset):
     from longsum.data import load_examples
 
-    a = load_examples(str(dataset), text_column="document", limit=3, seed=1).examples
-    b = load_examples(str(dataset), text_column="document", limit=3, seed=1).examples
-    c = load_examples(str(dataset), text_column="document", limit=3, seed=2).examples
+    a, b, c = (list(load_examples(str(dataset), text_column="document", limit=3, seed=seed).examples())
+               for seed in (1, 1, 2))  # fmt: skip
     assert a == b and len(a) == 3 and a != c
+    assert [ex.id for ex in a] == sorted(ex.id for ex in a)  # in dataset order
 
 
 def test_resume_generates_only_the_missing_examples(tmp_path, model_dir, dataset):
@@ -118,7 +119,8 @@ def test_changed_configuration_is_refused(tmp_path, model_dir, dataset):
     assert evaluate(*args).exit_code == 0
     proc = subprocess.run([sys.executable, "-m", "longsum", "eval", *map(str, args), "--num-beams", "3"],
                           capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 2 and "another configuration (differs in generation)" in proc.stderr
+    assert proc.returncode == 2 and "generation.num_beams 1 then, 3 now" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
 
 
 def test_compare_prints_differences(tmp_path, model_dir, dataset):
@@ -166,3 +168,61 @@ def test_two_processes_gather_before_scoring(tmp_path, model_dir, dataset):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p["id"] for p in read_records(out / "predictions.jsonl")) == [f"ex{i}" for i in range(8)]
     assert json.loads((out / "results.json").read_text())["examples"] == 8
+
+
+def test_examples_without_reference_or_document_are_left_out_and_reported(tmp_path, model_dir):
+    path = tmp_path / "data.jsonl"
+    rows = [{"id": f"ok{i}", "document": CORPUS[i], "summary": CORPUS[i + 1]} for i in range(3)]
+    rows += [{"id": "blank", "document": CORPUS[0], "summary": "  "}, {"id": "null", "document": CORPUS[1],
+             "summary": None}, {"id": "missing", "document": CORPUS[2]}, {"id": "nodoc", "document": "",
+             "summary": "s"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{torn json\n")
+    out = tmp_path / "run"
+    result = evaluate(path, "-m", model_dir, "--text-column", "document", "--output-dir", out)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["examples"] == 3
+    assert results["excluded"]["count"] == 5 and results["excluded"]["reasons"] == {
+        "empty or missing reference": 3, "empty or missing document": 1, "malformed row": 1}  # fmt: skip
+    assert sorted(results["excluded"]["first_ids"]) == ["#7", "blank", "missing", "nodoc", "null"]
+    assert sorted(p["id"] for p in read_records(out / "predictions.jsonl")) == ["ok0", "ok1", "ok2"]
+    assert "left out of the scores" in result.output and "3 empty or missing reference" in result.output
+
+
+def test_no_example_with_a_reference_fails(tmp_path, model_dir):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"document": CORPUS[i], "summary": ""}) + "\n" for i in range(3)))
+    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", str(path), "-m", str(model_dir), "--text-column",
+                           "document", "--output-dir", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: no example of") and "3 empty or missing ref" in \
+        proc.stderr  # fmt: skip
+
+
+def test_changed_weights_are_refused_on_resume(tmp_path, model_dir, dataset):
+    from tests.test_summarize import copy_model, perturb_weights
+
+    model = copy_model(model_dir, tmp_path / "model")
+    out = tmp_path / "run"
+    args = [dataset, "-m", model, "--text-column", "document", "--output-dir", out, "--limit", 2]
+    assert evaluate(*args).exit_code == 0
+    perturb_weights(model)
+    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "model_fingerprint" in proc.stderr and "resuming would mix them" in proc.stderr
+
+
+def test_eval_reads_a_large_local_dataset_through_arrow(tmp_path):
+    """Memory for 20,000 examples stays that of a few (Arrow is memory-mapped), not of the file."""
+    import tracemalloc
+
+    from longsum.data import load_examples
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(20_000):
+            f.write(json.dumps({"id": i, "text": CORPUS[i % 5] * 8, "summary": CORPUS[(i + 1) % 5]}) + "\n")
+    data = load_examples(str(path))  # builds the Arrow cache
+    tracemalloc.start()
+    n = sum(1 for _ in load_examples(str(path)).examples())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == len(data) == 20_000 and peak < 24 << 20, f"peak {peak / 2**20:.1f} MiB"  # file: 16 MB

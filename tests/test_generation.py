@@ -59,3 +59,44 @@ def test_keep_freed_memory_applies_on_linux_glibc():
     import sys
 
     assert keep_freed_memory() is sys.platform.startswith("linux")
+
+
+def test_a_prefix_is_truncated_exactly_like_the_whole_text(tiny_lsg_bart, tokenizer, tmp_path):
+    """Only a prefix of each document is read and tokenized; the ids are those of the whole text."""
+    from longsum.inputs import StringText, read_text_file
+    from tests.conftest import CORPUS
+
+    summarizer = Summarizer(tiny_lsg_bart(), tokenizer, GenerationOptions(max_source_length=64))
+    body = " ".join(CORPUS)
+    texts = [body[:40], body[:200], body, " " * 3000 + body, "x" * 5000 + " " + body, "é" * 700 + body,
+             body[:300] + "\n" * 2000 + body]  # fmt: skip
+    items = [(i, StringText(t)) for i, t in enumerate(texts)]
+    for i, text in enumerate(texts):  # the same through lazily read files
+        (tmp_path / f"{i}.txt").write_text(text)
+        items.append((f"file{i}", read_text_file(tmp_path / f"{i}.txt").text))
+    errors = {}
+    jobs, long_docs = summarizer._prepare(items, errors.__setitem__)
+    assert not errors and not long_docs and len(jobs) == len(items)
+    for job in jobs:
+        text = texts[job.key] if isinstance(job.key, int) else texts[int(job.key[4:])]
+        whole = tokenizer(text, truncation=True, max_length=64)["input_ids"]
+        assert list(job.ids) == whole, job.key
+        assert job.result.truncated == (len(tokenizer(text)["input_ids"]) > 64)
+        assert job.result.input_tokens == len(whole)
+
+
+def test_documents_are_taken_in_bounded_windows(tiny_lsg_bart, tokenizer):
+    """The stream is consumed a window at a time: results come before the input is exhausted."""
+    summarizer = Summarizer(tiny_lsg_bart(), tokenizer, GenerationOptions(max_new_tokens=2, num_beams=1),
+                            window_docs=3)  # fmt: skip
+    pulled, events = 0, []
+
+    def items():
+        nonlocal pulled
+        for i in range(7):
+            pulled += 1
+            yield i, f"document number {i}. " * 3
+
+    summarizer.summarize(items(), lambda key, result: events.append((key, pulled)))
+    assert sorted(k for k, _ in events) == list(range(7))
+    assert max(p for k, p in events if k < 3) == 3  # the first window was done after 3 documents were read

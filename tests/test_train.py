@@ -127,3 +127,39 @@ def test_two_process_ddp(tmp_path, model_dir, data):
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and (out / "final" / "model.safetensors").exists()
     assert len([line for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]) == 4
+
+
+def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path, model_dir, data, capsys):
+    out = tmp_path / "run"
+    base = dict(model=str(model_dir), dataset=str(data), output_dir=str(out), save_steps=2, logging_steps=1,
+                max_target_length=8, save_total_limit=None)  # fmt: skip
+    run(TrainConfig(**base, max_steps=4))
+    broken = out / "checkpoint-6"  # what a kill during the save of step 6 leaves: weights cut short, no state
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes((out / "checkpoint-4" / "model.safetensors").read_bytes()[:1000])
+    run(TrainConfig(**base, max_steps=8, resume="auto"))
+    err = capsys.readouterr().err.replace("\n", "")
+    assert f"skipping {broken}: incomplete (interrupted while being saved)" in err
+    assert f"resuming from {out / 'checkpoint-4'}" in err
+    state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    with pytest.raises(LongsumError, match="incomplete checkpoint"):
+        (broken / "trainer_state.json").unlink(missing_ok=True)
+        (broken / "trainer_state.json").write_text("{torn")
+        run(TrainConfig(**base, max_steps=8, resume=str(broken)))
+
+
+def test_eval_steps_on_a_local_file_hold_out_rows_instead_of_reusing_training_rows(tmp_path, data):
+    from longsum.console import stderr_console
+    from longsum.train import _datasets
+
+    cfg = TrainConfig(model="unused", dataset=str(data), output_dir=str(tmp_path), eval_steps=2, eval_limit=100)
+    train, held = _datasets(cfg, stderr_console())
+    train_ids, held_ids = {ex.id for ex in train.examples()}, {ex.id for ex in held.examples()}
+    assert len(train_ids) + len(held_ids) == 25 and not train_ids & held_ids
+    assert len(held_ids) == 2  # 10% of the file
+    again_train, again_held = _datasets(cfg, stderr_console())
+    assert {ex.id for ex in again_held.examples()} == held_ids  # seeded: the same rows every time
+    with_eval = TrainConfig(model="unused", dataset=str(data), eval_dataset=str(data), output_dir=str(tmp_path),
+                            eval_steps=2)  # fmt: skip
+    assert len(_datasets(with_eval, stderr_console())[0]) == 25  # an explicit eval set: nothing held out
