@@ -147,6 +147,11 @@ SUMMARIZE_EPILOG = """Examples:
 
   torchrun --nproc-per-node 4 -m longsum summarize docs/ -o summaries.jsonl
 
+Every input document gets exactly one record: a file's id is its path, a record's key is its file
+('source') plus its id (--id-field, else FILE:LINE), stdin's id is 'stdin:' + a hash of the text.
+Rerunning into the same output skips documents already done and retries failed ones; the output must
+come from the same model weights and settings (see OUTPUT.run.json), else the run is refused.
+
 The default model is a real long-document summarizer on the Hugging Face Hub (an LSG-BART fine-tuned
 on PubMed, 4,096 tokens); it needs the Hub once, then the local cache. Set LONGSUM_MODEL or --model
 for another one (a local folder works offline)."""
@@ -154,7 +159,7 @@ for another one (a local folder works offline)."""
 
 @app.command(epilog=SUMMARIZE_EPILOG)
 def summarize(
-    inputs: list[str] = typer.Argument(..., help="Text/Markdown files, folders, '-' for stdin, or JSONL/CSV/parquet."),
+    inputs: list[str] = typer.Argument(..., help="Text/Markdown/PDF files, folders, '-' for stdin, JSONL/CSV/parquet."),
     output: str = typer.Option("summaries.jsonl", "--output", "-o", help="JSONL output ('-' for stdout)."),
     model: str = MODEL,
     num_beams: int = NUM_BEAMS,
@@ -167,10 +172,12 @@ def summarize(
     long_input: str = LONG_INPUT,
     device: str = DEVICE,
     dtype: str = DTYPE,
-    glob: str = typer.Option("*.txt,*.md", help="File patterns inside folders (comma-separated)."),
+    glob: str = typer.Option("*.txt,*.md", help="File patterns inside folders (comma-separated, any case)."),
     text_field: str = typer.Option(None, help="Record field with the text [default: text, then article]."),
-    id_field: str = typer.Option(None, help="Record field with the id [default: id, else file:line]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of skipping ids already done."),
+    id_field: str = typer.Option(None, help="Record field with the id [default: id, else FILE:LINE]."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start over (an output longsum wrote) instead of resuming."
+    ),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first document that fails."),
 ) -> None:
     """Summarize documents into JSONL, one line per document, resumable."""
@@ -332,12 +339,28 @@ def _optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler, `docker stop`, `kill`): stop as Ctrl-C does, through every `finally`
+    (records flushed, output closed, lock released). Not an Exception: nothing may take it for a
+    failing document."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app(args=_optional_values(sys.argv[1:]))
     except LongsumError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    except _Terminated:
+        typer.echo("terminated", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -259,7 +259,10 @@ class Summarizer:
             except DocumentError as err:
                 on_result(key, Result(error=str(err)))
                 continue
-            keys.append(key), texts.append(prefix), complete.append(whole), sources.append(text)
+            keys.append(key)
+            texts.append(prefix)
+            complete.append(whole)
+            sources.append(text)
         counts = self._count(texts)
         for i in range(len(texts)):  # rare: a prefix too short (long runs of spaces, symbols...)
             size = budget

@@ -128,6 +128,11 @@ def test_fail_fast_stops_at_first_failure(tmp_path, model_dir):
         (["{doc}", "-m", "{model}", "-o", "/proc/nope/out.jsonl"], "cannot write to /proc/nope/out.jsonl"),
         (["{doc}", "-m", "{model}", "-o", "{doc}"], "the output {doc} is also an input; choose another --output"),
         (["{empty}"], "no input documents: no file in {empty} matches '*.txt,*.md'"),
+        (
+            ["{doc}", "-m", "{model}", "-o", "{notes}"],
+            "{notes} was not written by longsum (there is no notes.txt.run.json",
+        ),
+        (["{doc}", "-m", "{model}", "-o", "{notes}", "--overwrite"], "{notes} was not written by longsum"),
         (["{doc}", "--num-beams", "0"], "--num-beams must be >= 1, got 0"),
         (["{doc}", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
         (["{doc}", "-m", "/no/such/model"], "local path '/no/such/model' does not exist"),
@@ -138,7 +143,9 @@ def test_one_line_errors_before_any_work(tmp_path, model_dir, args, message):
     doc = tmp_path / "d.txt"
     doc.write_text(document(2))
     (tmp_path / "empty").mkdir()
-    names = {"{doc}": str(doc), "{model}": str(model_dir), "{empty}": str(tmp_path / "empty")}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my own notes\nlast line, no newline")
+    names = {"{doc}": str(doc), "{model}": str(model_dir), "{empty}": str(tmp_path / "empty"), "{notes}": str(notes)}
     for name, value in names.items():
         args = [a.replace(name, value) for a in args]
         message = message.replace(name, value)
@@ -151,6 +158,8 @@ def test_one_line_errors_before_any_work(tmp_path, model_dir, args, message):
     assert proc.stderr.startswith(f"error: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert doc.read_bytes() == before and not (tmp_path / "o.jsonl").exists()
+    assert notes.read_text() == "my own notes\nlast line, no newline"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.txt", "empty", "notes.txt"]  # no lock, no sidecar
 
 
 def test_chunking_a_document_longer_than_the_model(tmp_path, model_dir):
