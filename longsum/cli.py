@@ -147,14 +147,17 @@ SUMMARIZE_EPILOG = """Examples:
 
   torchrun --nproc-per-node 4 -m longsum summarize docs/ -o summaries.jsonl
 
-Every input document gets exactly one record: a file's id is its path, a record's key is its file
-('source') plus its id (--id-field, else FILE:LINE), stdin's id is 'stdin:' + a hash of the text.
-Rerunning into the same output skips documents already done and retries failed ones; the output must
-come from the same model weights and settings (see OUTPUT.run.json), else the run is refused.
+Every input document gets exactly one record, known by its file's resolved
+'path' plus, for a JSONL/CSV/parquet record, its id (--id-field, else
+NAME:LINE); stdin's id is 'stdin:' + a hash of the text. Rerunning into the
+same output skips documents already done and retries failed ones; the output
+must come from the same model weights and settings (OUTPUT.run.json), else the
+run is refused. One run at a time writes an output (OUTPUT.lock).
 
-The default model is a real long-document summarizer on the Hugging Face Hub (an LSG-BART fine-tuned
-on PubMed, 4,096 tokens); it needs the Hub once, then the local cache. Set LONGSUM_MODEL or --model
-for another one (a local folder works offline)."""
+The default model is a real long-document summarizer on the Hugging Face Hub
+(an LSG-BART fine-tuned on PubMed, 4,096 tokens); it needs the Hub once, then
+the local cache. Set LONGSUM_MODEL or --model for another one (a local folder
+works offline)."""
 
 
 @app.command(epilog=SUMMARIZE_EPILOG)
@@ -174,7 +177,7 @@ def summarize(
     dtype: str = DTYPE,
     glob: str = typer.Option("*.txt,*.md", help="File patterns inside folders (comma-separated, any case)."),
     text_field: str = typer.Option(None, help="Record field with the text [default: text, then article]."),
-    id_field: str = typer.Option(None, help="Record field with the id [default: id, else FILE:LINE]."),
+    id_field: str = typer.Option(None, help="Record field with the id [default: id, else NAME:LINE]."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start over (an output longsum wrote) instead of resuming."
     ),

@@ -5,14 +5,17 @@ Inputs are text/Markdown/PDF files, folders (recursive; `--glob` patterns matche
 when it is found: its `Text` is read later, only as far as the model can use (`Text.read(max_chars)`),
 so a 30 MB file costs a few hundred KB in truncate mode.
 
-Every document gets one key, unique in the output and the same on every rerun of the same command:
+Every document gets one key, unique in the output and the same on every rerun, however its file
+is named (`docs/a.txt`, `./docs/a.txt`, `/home/me/docs/a.txt`, through a symlink...):
 
-* a file: `id` = its path as given (`docs/a.txt`); the same file named twice is read once;
-* a record: `source` = the record file as given, `id` = its `--id-field` value (default `id`), else
-  `FILE:LINE`. Records of different files never collide (the key is the pair); a record whose id
-  repeats an earlier one of the same file gets an error record under its `FILE:LINE` id;
+* a file: `path` = its resolved absolute path is the key; `id` = its path as given (for display);
+  the same file named twice is read once;
+* a record: the key is (`path` of its record file, `id`); `id` = its `--id-field` value (default
+  `id`), else `NAME:LINE` (the file's name and line); `source` = the record file as given. Records
+  of different files never collide; a record whose id repeats an earlier one of the same file gets
+  an error record under its `NAME:LINE` id;
 * stdin (`-`) or a pipe (`<(...)`): `id` = `stdin:` or `pipe:` + 12 hex digits of the content's
-  sha256, so a second, different piped document is a new document and the same one is "done".
+  sha256 (the key), so a second, different piped document is a new document and the same one is "done".
 
 Text is decoded as UTF-8 (a BOM is honoured); otherwise the encoding is detected (UTF-16/32,
 cp1252, latin-1... with charset-normalizer) and reported; data with NUL bytes that is not UTF-16/32
@@ -226,39 +229,42 @@ class Document:
     """One input document: `text` to summarize, or the `error` that its record will carry."""
 
     id: str
-    source: str | None = None  # the record file a record came from (None for files and stdin)
+    source: str | None = None  # the record file a record came from, as given (None for files and stdin)
     text: Text | None = None
     error: str | None = None
+    path: str | None = None  # the resolved path of the file it came from (None for stdin and pipes)
 
     @property
-    def key(self) -> tuple[str | None, str]:
-        """What identifies this document in the output (and on reruns)."""
-        return (self.source, self.id)
+    def key(self) -> tuple[str | None, str | None]:
+        """What identifies this document in the output, on every rerun (`longsum.store.record_key`)."""
+        if self.path is None:
+            return (None, self.id)
+        return (self.path, self.id if self.source is not None else None)
 
     @property
     def encoding(self) -> str | None:
         return None if self.text is None else self.text.encoding
 
 
-def read_text_file(path: Path, doc_id: str | None = None) -> Document:
+def read_text_file(path: Path) -> Document:
     """A text file as a lazily read Document (binary, empty or unreadable: an error Document)."""
-    doc_id = doc_id or str(path)
+    doc_id, real = str(path), os.path.realpath(path)
     if path.suffix.lower() == ".pdf":
-        return Document(doc_id, text=PdfText(path))
+        return Document(doc_id, text=PdfText(path), path=real)
     try:
         with open(path, "rb") as f:
             head = f.read(HEAD_BYTES)
             size = os.fstat(f.fileno()).st_size
     except OSError as err:
-        return Document(doc_id, error=f"cannot read file: {err.strerror or err}")
+        return Document(doc_id, error=f"cannot read file: {err.strerror or err}", path=real)
     complete = len(head) >= size
     try:
         text, encoding = decode_bytes(head, complete)
     except DocumentError as err:
-        return Document(doc_id, error=str(err))
+        return Document(doc_id, error=str(err), path=real)
     if complete and not text.strip():
-        return Document(doc_id, error="empty document")
-    return Document(doc_id, text=FileText(path, encoding, size))
+        return Document(doc_id, error="empty document", path=real)
+    return Document(doc_id, text=FileText(path, encoding, size), path=real)
 
 
 def read_stream(data: bytes, prefix: str) -> Document:
@@ -504,9 +510,9 @@ def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB) -> InputPlan:
     return plan
 
 
-def source_name(path: Path, kind: str) -> str:
-    """The `source` of records from `path`: the path as given; a pipe's path changes on every run."""
-    return "pipe" if kind == "pipe" else str(path)
+def source_name(path: Path, kind: str) -> tuple[str, str | None]:
+    """(`source`, `path`) of records from `path`: as given and resolved; a pipe's path changes on every run."""
+    return ("pipe", None) if kind == "pipe" else (str(path), os.path.realpath(path))
 
 
 def iter_documents(plan: InputPlan, text_field: str | None = None, id_field: str | None = None,
@@ -529,12 +535,14 @@ def iter_documents(plan: InputPlan, text_field: str | None = None, id_field: str
                 continue
             yield read_stream(data, "pipe")
         else:
-            yield from _record_documents(path, source_name(path, kind), fields, id_field)
+            yield from _record_documents(path, *source_name(path, kind), fields, id_field)
 
 
-def _record_documents(path: Path, source: str, fields: tuple[str, ...], id_field: str | None) -> Iterator[Document]:
+def _record_documents(path: Path, source: str, real: str | None, fields: tuple[str, ...],
+                      id_field: str | None) -> Iterator[Document]:  # fmt: skip
     first_line: dict[str, int] = {}  # id -> line where it first appeared (every id used in this file)
     n_records = 0
+    name = path.name if real is not None else source
 
     def unused(doc_id: str) -> str:  # a positional id that a record already took as its own id
         k = 2
@@ -542,28 +550,27 @@ def _record_documents(path: Path, source: str, fields: tuple[str, ...], id_field
             k += 1
         return doc_id if doc_id not in first_line else f"{doc_id}#{k}"
 
+    def document(doc_id: str, line: int, error: str | None = None, text: str | None = None) -> Document:
+        first_line.setdefault(doc_id, line)
+        return Document(doc_id, source, None if text is None else StringText(text), error, real)
+
     try:
         for n, record, problem in iter_rows(path):
             n_records += 1
-            positional = f"{source}:{n}"
+            positional = f"{name}:{n}"
             if record is None:
-                doc_id = unused(positional)
-                first_line[doc_id] = n
-                yield Document(doc_id, source, error=problem)
+                yield document(unused(positional), n, error=problem)
                 continue
             value = record.get(id_field or "id")
             doc_id = positional if value is None or value == "" else str(value)
             if doc_id in first_line:
-                error = (f"duplicate id {doc_id!r} (first at line {first_line[doc_id]} of {source}); "
-                         f"give every record its own id")  # fmt: skip
-                doc_id = unused(positional)
-                first_line[doc_id] = n
-                yield Document(doc_id, source, error=error)
+                yield document(unused(positional), n, error=f"duplicate id {doc_id!r} (first at line "
+                               f"{first_line[doc_id]} of {source}); give every record its own id")  # fmt: skip
                 continue
             first_line[doc_id] = n
             text, problem = record_text(record, fields)
-            yield Document(doc_id, source, error=problem) if problem else Document(doc_id, source, StringText(text))
+            yield document(doc_id, n, error=problem) if problem else document(doc_id, n, text=text)
     except DocumentError as err:
-        yield Document(unused(source), source, error=str(err))
+        yield document(unused(name), 0, error=str(err))
     if n_records == 0:
-        yield Document(unused(source), source, error="no records in this file")
+        yield document(unused(name), 0, error="no records in this file")

@@ -17,7 +17,7 @@ says what produced it: the model's weights fingerprint and every setting that ch
   with one line instead of writing every record twice. The kernel drops the lock when the process
   dies, even on `kill -9`; the lock file is removed at the end.
 
-Records are keyed by (`source`, `id`) (`record_key`). A key whose newest record is a success is
+Records are keyed by `record_key` (the resolved path of the file they came from, and their id). A key whose newest record is a success is
 `done` (skipped on reruns); one whose newest record is an `error` is retried. When a run has
 replaced records, `close()` compacts the file so that every key keeps only its newest record:
 the new file is written beside it, fsynced and renamed over it (a crash leaves the old one whole).
@@ -40,7 +40,12 @@ Key = tuple  # (source or None, id)
 
 
 def record_key(record: dict) -> Key:
-    return (record.get("source"), str(record["id"]))
+    """(resolved file path, id) of a record from a record file; (path, None) of a text file's
+    record; (None, id) of stdin, pipes and eval examples. See `longsum.inputs`."""
+    path = record.get("path")
+    if path is None:
+        return (None, str(record["id"]))
+    return (path, str(record["id"]) if "source" in record else None)
 
 
 def sidecar_for(path: Path) -> Path:

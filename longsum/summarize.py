@@ -85,6 +85,8 @@ def run(cfg: SummarizeConfig) -> int:
         record: dict = {"id": doc.id}
         if doc.source is not None:
             record["source"] = doc.source
+        if doc.path is not None:
+            record["path"] = doc.path
         record["model"] = cfg.model
         if result.error:
             record["error"] = result.error
@@ -162,6 +164,9 @@ def run(cfg: SummarizeConfig) -> int:
             f"{elapsed:.1f}s: {counts['done'] / elapsed:.2f} docs/s, {counts['tokens'] / elapsed:,.0f} tokens/s"
             + (f" (this process; {dist.world} processes)" if dist.world > 1 else ""), markup=False
         )  # fmt: skip
+        if plan.unmatched:
+            console.print(f"[yellow]no file matched '{cfg.glob}' in {', '.join(plan.unmatched)} (exit code 1)",
+                          highlight=False)  # fmt: skip
         if not seen:
             console.print("[red]no documents in the inputs[/red]")
     if counts["failed"] or plan.unmatched or not seen:

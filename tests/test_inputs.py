@@ -46,7 +46,7 @@ def test_a_duplicate_id_inside_one_file_is_an_error_of_its_own(tmp_path):
                                              {"text": "no id"}])  # fmt: skip
     docs = documents(src)
     assert len(docs) == 5 and len({d.key for d in docs}) == 5  # one per record, none dropped
-    assert [d.id for d in docs] == ["a", f"{src}:2", "7", f"{src}:4", f"{src}:5"]
+    assert [d.id for d in docs] == ["a", "r.jsonl:2", "7", "r.jsonl:4", "r.jsonl:5"]
     assert docs[1].error == f"duplicate id 'a' (first at line 1 of {src}); give every record its own id"
     assert docs[3].error.startswith("duplicate id '7' (first at line 3")
     assert docs[0].error is docs[2].error is docs[4].error is None
@@ -55,9 +55,9 @@ def test_a_duplicate_id_inside_one_file_is_an_error_of_its_own(tmp_path):
 
 def test_a_positional_id_taken_by_a_record_is_not_reused(tmp_path):
     src = tmp_path / "r.jsonl"
-    write_jsonl(src, [{"id": f"{src}:2", "text": "claims line 2's id"}, "{not json"])
+    write_jsonl(src, [{"id": "r.jsonl:2", "text": "claims line 2's id"}, "{not json"])
     docs = documents(src)
-    assert [d.id for d in docs] == [f"{src}:2", f"{src}:2#2"] and "invalid JSON" in docs[1].error
+    assert [d.id for d in docs] == ["r.jsonl:2", "r.jsonl:2#2"] and "invalid JSON" in docs[1].error
 
 
 def test_csv_with_huge_fields_and_malformed_rows(tmp_path):
@@ -79,8 +79,8 @@ def test_csv_with_huge_fields_and_malformed_rows(tmp_path):
     assert by_id["ok1"].text.read(None)[0] == "a normal, quoted document"
     assert by_id["ok2"].text.read(None)[0] == "after the bad row"  # not swallowed by the bad quote
     assert by_id["ok3"].text.read(None)[0] == "multi\nline text"
-    assert "malformed CSV row" in by_id[f"{path}:4"].error and "unterminated or stray quote" in by_id[f"{path}:4"].error
-    assert by_id[f"{path}:6"].error.startswith("CSV row has 3 fields but the header has 2")
+    assert "malformed CSV row" in by_id["t.csv:4"].error and "unterminated or stray quote" in by_id["t.csv:4"].error
+    assert by_id["t.csv:6"].error.startswith("CSV row has 3 fields but the header has 2")
     assert len(docs) == 6
 
 
@@ -188,6 +188,20 @@ def test_csv_unterminated_quote_to_the_end_costs_one_row(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text('id,text\na,fine\nb,"never closed\nc,next row\nd,another row\n')
     docs = documents(path)
-    assert [d.id for d in docs] == ["a", f"{path}:3", "c", "d"]
+    assert [d.id for d in docs] == ["a", "t.csv:3", "c", "d"]
     assert "unexpected end of data" in docs[1].error
     assert docs[2].text.read(None)[0] == "next row" and docs[3].text.read(None)[0] == "another row"
+
+
+def test_keys_do_not_depend_on_how_a_path_is_written(tmp_path, monkeypatch):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "r.jsonl", [{"id": 1, "text": "one"}, {"text": "no id"}])
+    (folder / "a.txt").write_text("text")
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    spellings = [["corpus/r.jsonl", "corpus/a.txt"], [str(folder / "r.jsonl"), str(folder / "a.txt")],
+                 ["./link/r.jsonl", "link/../corpus/a.txt"]]  # fmt: skip
+    keys = [[d.key for d in documents(*names)] for names in spellings]
+    assert keys[0] == keys[1] == keys[2] and len(set(keys[0])) == 3
+    assert [d.id for d in documents(*spellings[0])] == ["1", "r.jsonl:2", "corpus/a.txt"]  # ids as given

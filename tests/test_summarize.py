@@ -53,7 +53,8 @@ def test_files_folder_and_ids(tmp_path, model_dir):
     got = records(out)
     assert sorted(r["id"] for r in got) == sorted([str(docs / "a.txt"), str(docs / "sub" / "b.md"), str(single)])
     for r in got:
-        assert set(r) == {"id", "summary", "model", "input_tokens", "truncated", "seconds"}
+        assert set(r) == {"id", "path", "summary", "model", "input_tokens", "truncated", "seconds"}
+        assert r["path"] == str(Path(r["id"]).resolve())
         assert isinstance(r["summary"], str) and r["input_tokens"] > 0 and r["model"] == str(model_dir)
     assert "done 3, skipped 0, failed 0" in result.output
 
@@ -86,7 +87,7 @@ def test_jsonl_csv_records_fields_and_errors(tmp_path, model_dir):
     assert {r["source"] for r in by_id.values()} == {str(src)}
     assert "summary" in by_id["x1"] and "summary" in by_id["x2"]
     assert "no text field" in by_id["x3"]["error"] and "--text-field" in by_id["x3"]["error"]
-    assert "invalid JSON" in by_id[f"{src}:4"]["error"]
+    assert "invalid JSON" in by_id["records.jsonl:4"]["error"]
     assert by_id["x5"]["error"] == "empty document"
     result = summarize(csv_file, "-m", model_dir, "-o", out, "--text-field", "content", "--id-field", "doc")
     assert result.exit_code == 0 and "summary" in {r["id"]: r for r in records(out)}["c1"]
@@ -267,7 +268,7 @@ def test_colliding_and_duplicate_ids_give_one_record_per_document(tmp_path, mode
     assert len(got) == 14 and len({(r["source"], r["id"]) for r in got}) == 14
     assert sum("summary" in r for r in got if r["source"] in (str(a), str(b))) == 10
     errors = {r["id"]: r["error"] for r in got if "error" in r}
-    assert set(errors) == {f"{c}:2", f"{c}:4"} and all(e.startswith("duplicate id") for e in errors.values())
+    assert set(errors) == {"c.jsonl:2", "c.jsonl:4"} and all(e.startswith("duplicate id") for e in errors.values())
     assert "done 12, skipped 0, failed 2" in result.output
     result = summarize(a, b, c, "-m", model_dir, "-o", out)  # a rerun: nothing new, duplicates still reported
     assert result.exit_code == 1 and "done 0, skipped 12, failed 2, retried 2" in result.output
@@ -414,3 +415,17 @@ def test_records_are_summarized_while_the_input_is_still_being_written(tmp_path,
             f.write(json.dumps({"id": f"r{i}", "text": document(2, seed=i)}) + "\n")
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert sorted(r["id"] for r in records(out)) == sorted(f"r{i}" for i in range(320))
+
+
+def test_a_rerun_naming_the_inputs_differently_skips_what_is_done(tmp_path, model_dir, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "r.jsonl", [{"id": i, "text": document(2, i)} for i in range(3)])
+    (corpus / "a.txt").write_text(document(3))
+    out = tmp_path / "out.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert summarize("corpus/r.jsonl", "corpus", "-m", model_dir, "-o", out).exit_code == 0
+    result = summarize(corpus / "r.jsonl", corpus / "a.txt", "-m", model_dir, "-o", out)  # absolute paths now
+    assert result.exit_code == 0 and "done 0, skipped 4" in result.output
+    got = records(out)
+    assert len(got) == 4 and {r["path"] for r in got} == {str(corpus / "r.jsonl"), str(corpus / "a.txt")}
