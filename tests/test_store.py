@@ -76,7 +76,14 @@ def test_identity_mismatch_names_the_difference(tmp_path):
 
 def test_errors_are_retried_and_the_newest_record_wins(tmp_path):
     path = tmp_path / "out.jsonl"
-    fill(path, [{"id": "a", "summary": "s"}, {"id": "b", "error": "bad"}, {"id": "c", "source": "f", "path": "/f", "error": "x"}])
+    fill(
+        path,
+        [
+            {"id": "a", "summary": "s"},
+            {"id": "b", "error": "bad"},
+            {"id": "c", "source": "f", "path": "/f", "error": "x"},
+        ],
+    )
     store = ResultStore(path, IDENTITY)
     assert store.done == {(None, "a")} and store.failed == {(None, "b"), ("/f", "c")}
     store.write({"id": "b", "summary": "fixed"})
