@@ -93,7 +93,8 @@ def measure(cmd: list[str], output: Path, seconds: float, env: dict, cwd: Path) 
         peak = max(peak, rss)
         # RSS minus file-backed pages (memory-mapped Arrow data, libraries): what the process allocated
         peak_anon = max(peak_anon, sum(i.rss - getattr(i, "shared", 0) for i in infos))
-        timeline.append((round(now, 2), rss >> 20))
+        if rss:
+            timeline.append((round(now, 2), rss >> 20))
         if first is None and output.exists():
             with open(output, "rb") as f:
                 if b"\n" in f.read(1 << 16):
