@@ -1,6 +1,6 @@
 """Build an untrained tiny LSG-BART locally, for the offline quickstart (no model hub needed).
 
-    python examples/make_tiny_model.py [OUTPUT_DIR]        # default: ./tiny-lsg-bart
+    python examples/make_tiny_model.py [OUTPUT_DIR]        # default: tiny-lsg-bart
     longsum summarize examples/docs --model tiny-lsg-bart -o -
 
 The tokenizer is a byte-level BPE trained on examples/docs; the weights are RANDOM, so the
@@ -26,8 +26,9 @@ def main() -> None:
     model.generation_config.max_new_tokens = 40
     model.generation_config.num_beams = 2
     model.generation_config.save_pretrained(out)
-    print(f"wrote an untrained tiny LSG-BART to ./{out} (random weights: its summaries are not meaningful)",
-          file=sys.stderr)  # fmt: skip
+    # The path as given (absolute or relative): `./` + an absolute path would name another folder.
+    note = "random weights: its summaries are not meaningful"
+    print(f"wrote an untrained tiny LSG-BART to {out} ({note})", file=sys.stderr)
 
 
 if __name__ == "__main__":

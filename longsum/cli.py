@@ -8,12 +8,14 @@ and logs go to stderr. A `LongsumError` becomes one line on stderr and a non-zer
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 import typer
 
 from longsum import __version__
-from longsum.console import stderr_console
+from longsum.console import note, quiet_libraries, stderr_console
 from longsum.errors import LongsumError
+from longsum.registry import DTYPES, LONG_INPUT_MODES, LONGT5_TARGETS, SPARSITY_TYPES, aliases, convertible
 
 app = typer.Typer(
     name="longsum",
@@ -34,11 +36,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show library logs, warnings and progress bars."),
 ) -> None:
     """Summarize long documents with LSG, LongT5, LED and other long-context seq2seq models."""
+    if not verbose:
+        quiet_libraries()
 
 
-CONVERT_EPILOG = """Examples:
+CONVERT_EPILOG = f"""Examples:
 
   longsum convert bart-base                              (-> ./lsg-bart-base-4096)
 
@@ -50,30 +55,65 @@ CONVERT_EPILOG = """Examples:
 
   longsum convert flan-t5-base --to longt5-tglobal --max-length 16384
 
-Aliases: bart-base, bart-large, bart-large-cnn, distilbart-cnn-12-6, pegasus-large, mbart-large-cc25,
-t5-base, flan-t5-base, roberta-base, bert-base-uncased (Hub ids need the Hub once, then the cache)."""
+Converts: {convertible()}.
+Aliases: {", ".join(aliases("source"))}
+(Hub ids need the Hub once, then the cache)."""
+
+SparsityType = Literal[SPARSITY_TYPES]
+LongT5Target = Literal[LONGT5_TARGETS]
+SavedDtype = Literal[tuple(DTYPES)]
+LSG_PANEL = "LSG settings (defaults: docs/lsg.md; re-converting keeps the source's)"
 
 
 @app.command(epilog=CONVERT_EPILOG)
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder, Hub id or alias."),
-    output_dir: str = typer.Argument(None, help="Where to write [default: ./lsg-NAME-LENGTH]."),
+    output_dir: str = typer.Argument(None, help="Where to write (default: ./lsg-NAME-LENGTH)."),
     max_length: int = typer.Option(4096, help="New maximum input length (a multiple of the block size)."),
-    block_size: int = typer.Option(None, help="Local block size [default 128]."),
-    sparse_block_size: int = typer.Option(None, help="Sparse tokens on each side [default 128]; 0 = none."),
-    sparsity_factor: int = typer.Option(None, help="Compression factor of the sparse sequence [default 2]."),
-    sparsity_type: str = typer.Option(None, help="norm|pooling|lsh|stride|block_stride|bos_pooling|none [norm]."),
-    num_global_tokens: int = typer.Option(None, help="Global tokens, 1..512 [default 1]."),
-    pass_global_tokens_to_decoder: bool = typer.Option(
-        None, "--pass-global-tokens-to-decoder/--no-pass-global-tokens-to-decoder", help="[default: pass]"
+    block_size: int = typer.Option(None, help="Local block size (default 128).", rich_help_panel=LSG_PANEL),
+    sparse_block_size: int = typer.Option(
+        None, help="Sparse tokens on each side (default 128); 0 = none.", rich_help_panel=LSG_PANEL
     ),
-    mask_first_token: bool = typer.Option(None, "--mask-first-token", help="Hide token 0 (it repeats global 0)."),
+    sparsity_factor: int = typer.Option(
+        None, help="Compression factor of the sparse sequence (default 2).", rich_help_panel=LSG_PANEL
+    ),
+    sparsity_type: SparsityType = typer.Option(
+        None, help="How the sparse sequence is built (default norm).", rich_help_panel=LSG_PANEL
+    ),
+    num_global_tokens: int = typer.Option(None, help="Global tokens, 1..512 (default 1).", rich_help_panel=LSG_PANEL),
+    pass_global_tokens_to_decoder: bool = typer.Option(
+        None,
+        "--pass-global-tokens-to-decoder/--no-pass-global-tokens-to-decoder",
+        help="(default: pass)",
+        rich_help_panel=LSG_PANEL,
+    ),  # fmt: skip
+    mask_first_token: bool = typer.Option(
+        None,
+        "--mask-first-token/--no-mask-first-token",
+        help="Hide token 0, which repeats global 0 (default: no).",
+        rich_help_panel=LSG_PANEL,
+    ),  # fmt: skip
+    adaptive: bool = typer.Option(
+        None,
+        "--adaptive/--no-adaptive",
+        help="Shrink blocks for short inputs (default: adaptive).",
+        rich_help_panel=LSG_PANEL,
+    ),  # fmt: skip
+    pool_with_global: bool = typer.Option(
+        None,
+        "--pool-with-global/--no-pool-with-global",
+        help="Pool global tokens too (default: yes).",
+        rich_help_panel=LSG_PANEL,
+    ),  # fmt: skip
+    lsh_num_pre_rounds: int = typer.Option(
+        None, help="Pre-rounds of the lsh sparsity type (default 1).", rich_help_panel=LSG_PANEL
+    ),
     random_global_init: bool = typer.Option(False, "--random-global-init", help="Draw globals from a normal fit."),
     global_stride: int = typer.Option(64, help="Positions between consecutive global tokens."),
-    to: str = typer.Option(None, "--to", help="T5 only: longt5-local | longt5-tglobal."),
+    to: LongT5Target = typer.Option(None, "--to", help="T5 only: which LongT5 attention."),
     seed: int = typer.Option(0, help="Seed for random global initialisation."),
-    dtype: str = typer.Option("fp32", help="Saved weights: fp32, bf16, fp16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    dtype: SavedDtype = typer.Option("fp32", help="Saved weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
 ) -> None:
     """Convert a short-context checkpoint into a long-context one (LSG, or LongT5 from T5)."""
     from rich.table import Table
@@ -85,6 +125,7 @@ def convert(
         max_length=max_length, block_size=block_size, sparse_block_size=sparse_block_size,
         sparsity_factor=sparsity_factor, sparsity_type=sparsity_type, num_global_tokens=num_global_tokens,
         pass_global_tokens_to_decoder=pass_global_tokens_to_decoder, mask_first_token=mask_first_token,
+        adaptive=adaptive, pool_with_global=pool_with_global, lsh_num_pre_rounds=lsh_num_pre_rounds,
         random_global_init=random_global_init, global_stride=global_stride, seed=seed, dtype=dtype,
         overwrite=overwrite, to=to,
     )  # fmt: skip
@@ -97,31 +138,33 @@ def convert(
             ("output", report.output), ("seconds", f"{report.seconds:.1f}")]  # fmt: skip
     for key, value in rows:
         table.add_row(key, value)
-    console = stderr_console()
-    console.print(table)
-    for note in report.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+    stderr_console().print(table)
+    for line in report.notes:
+        note(f"note: {line}")
 
 
 # Options shared by the commands that generate (summarize, eval): same names, same meaning.
-NUM_BEAMS = typer.Option(None, "--num-beams", help="Beam size [default: preset, model's, else 4].")
+# Defaults that depend on the model or preset are written "(default: ...)": Rich would eat "[...]".
+LongInput = Literal[LONG_INPUT_MODES]
+RunDtype = Literal[("auto", *DTYPES)]
+NUM_BEAMS = typer.Option(None, "--num-beams", help="Beam size (default: the preset's, the model's, else 4).")
 MAX_NEW_TOKENS = typer.Option(
-    None, "--max-new-tokens", help="Longest summary in tokens [default: preset, model's, else 256]."
+    None, "--max-new-tokens", help="Longest summary in tokens (default: the preset's, the model's, else 256)."
 )
 MIN_NEW_TOKENS = typer.Option(
-    None, "--min-new-tokens", help="Shortest summary in tokens [default: preset, model's, else 0]."
+    None, "--min-new-tokens", help="Shortest summary in tokens (default: the preset's, the model's, else 0)."
 )
 LENGTH_PENALTY = typer.Option(
-    None, "--length-penalty", help="Beam length penalty [default: preset, model's, else 1.0]."
+    None, "--length-penalty", help="Beam length penalty (default: the preset's, the model's, else 1.0)."
 )
 NO_REPEAT_NGRAM = typer.Option(
-    None, "--no-repeat-ngram-size", help="Block repeated n-grams [default: model's, else 3]."
+    None, "--no-repeat-ngram-size", help="Block repeated n-grams of this size; 0 = off (default: the model's, else 3)."
 )
 BATCH_SIZE = typer.Option(4, "--batch-size", help="Documents per batch (halved on CUDA out-of-memory).")
-MAX_SOURCE_LENGTH = typer.Option(None, "--max-source-length", help="Input tokens kept [default: the model's length].")
-LONG_INPUT = typer.Option("truncate", "--long-input", help="Documents longer than the model: truncate | chunk.")
-DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1...")
-DTYPE = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, else fp32), fp32, bf16, fp16.")
+MAX_SOURCE_LENGTH = typer.Option(None, "--max-source-length", help="Input tokens kept (default: the model's length).")
+LONG_INPUT = typer.Option("truncate", "--long-input", help="Documents longer than the model: cut, or map-reduce.")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1, mps.")
+DTYPE = typer.Option("auto", "--dtype", help="auto: bf16 on CUDA that supports it, else fp32.")
 MODEL = typer.Option(
     "ccdv/lsg-bart-base-4096-pubmed", "--model", "-m", envvar="LONGSUM_MODEL", help="Path, Hub id or alias."
 )
@@ -163,7 +206,7 @@ works offline)."""
 @app.command(epilog=SUMMARIZE_EPILOG)
 def summarize(
     inputs: list[str] = typer.Argument(..., help="Text/Markdown/PDF files, folders, '-' for stdin, JSONL/CSV/parquet."),
-    output: str = typer.Option("summaries.jsonl", "--output", "-o", help="JSONL output ('-' for stdout)."),
+    output: str = typer.Option("summaries.jsonl", "--output", "-o", help="The JSONL output file ('-': stdout)."),
     model: str = MODEL,
     num_beams: int = NUM_BEAMS,
     max_new_tokens: int = MAX_NEW_TOKENS,
@@ -172,12 +215,12 @@ def summarize(
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
     batch_size: int = BATCH_SIZE,
     max_source_length: int = MAX_SOURCE_LENGTH,
-    long_input: str = LONG_INPUT,
+    long_input: LongInput = LONG_INPUT,
     device: str = DEVICE,
-    dtype: str = DTYPE,
+    dtype: RunDtype = DTYPE,
     glob: str = typer.Option("*.txt,*.md", help="File patterns inside folders (comma-separated, any case)."),
-    text_field: str = typer.Option(None, help="Record field with the text [default: text, then article]."),
-    id_field: str = typer.Option(None, help="Record field with the id [default: id, else NAME:LINE]."),
+    text_field: str = typer.Option(None, help="Record field with the text (default: text, then article)."),
+    id_field: str = typer.Option(None, help="Record field with the id (default: id, else NAME:LINE)."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Start over (an output longsum wrote) instead of resuming."
     ),
@@ -218,11 +261,13 @@ def eval_(
     split: str = typer.Option("test", help="Dataset split."),
     limit: int = typer.Option(None, help="Score a seeded random subset of N examples."),
     seed: int = typer.Option(0, help="Seed for --limit sampling and the bootstrap."),
-    text_column: str = typer.Option(None, help="Column with the document [default: the alias's, else text]."),
-    summary_column: str = typer.Option(None, help="Column with the reference [default: the alias's, else summary]."),
-    dataset_config: str = typer.Option(None, help="Hub dataset configuration [default: the alias's]."),
+    text_column: str = typer.Option(None, help="Column with the document (default: the alias's, else text)."),
+    summary_column: str = typer.Option(None, help="Column with the reference (default: the alias's, else summary)."),
+    dataset_config: str = typer.Option(None, help="Hub dataset configuration (default: the alias's)."),
     revision: str = typer.Option(None, help="Hub dataset revision (branch, tag or commit)."),
-    output_dir: str = typer.Option(None, help="Where results go [default: eval-DATASET-SPLIT-MODEL]."),
+    output_dir: str = typer.Option(
+        None, "--output-dir", "-o", help="Where results go (default: eval-DATASET-SPLIT-MODEL)."
+    ),
     num_beams: int = NUM_BEAMS,
     max_new_tokens: int = MAX_NEW_TOKENS,
     min_new_tokens: int = MIN_NEW_TOKENS,
@@ -230,9 +275,9 @@ def eval_(
     no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
     batch_size: int = BATCH_SIZE,
     max_source_length: int = MAX_SOURCE_LENGTH,
-    long_input: str = LONG_INPUT,
+    long_input: LongInput = LONG_INPUT,
     device: str = DEVICE,
-    dtype: str = DTYPE,
+    dtype: RunDtype = DTYPE,
     compare: str = typer.Option(None, help="Another results.json to compare with."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier predictions in the output dir."),
     list_aliases: bool = typer.Option(False, "--list", help="Show the dataset aliases and their presets."),
@@ -263,73 +308,51 @@ TRAIN_EPILOG = """Examples:
 
   longsum train --model ./lsg-bart-base-4096 --dataset pubmed --output-dir runs/pubmed \\
       --per-device-batch-size 8 --gradient-accumulation-steps 4 --bf16 --gradient-checkpointing \\
-      --eval-steps 1000 --save-steps 1000                      (the published recipe: lr 8e-5, warmup 10%)
+      --eval-steps 2000 --save-steps 2000                      (the published recipe: lr 8e-5, warmup 10%)
 
   longsum train --model ./lsg-bart-base-4096 --dataset train.jsonl --eval-dataset dev.jsonl \\
       --output-dir runs/mine --max-steps 2000 --resume
 
-  accelerate launch -m longsum train --config pubmed.yaml          (multi-GPU; same flags)
+  accelerate launch -m longsum train --config examples/configs/pubmed.yaml     (multi-GPU; same flags)
 
-  torchrun --nproc-per-node 8 -m longsum train --config pubmed.yaml --deepspeed ds_zero2.json
+  torchrun --nproc-per-node 8 -m longsum train --config examples/configs/pubmed.yaml \\
+      --deepspeed examples/configs/ds_zero2.json
 
---resume alone continues from the last checkpoint in --output-dir; --resume PATH from that one.
---config FILE (YAML/JSON) sets any option below or any transformers Seq2SeqTrainingArguments field."""
+--resume alone continues from the newest complete checkpoint in --output-dir; --resume PATH from that one.
+--config FILE (YAML/JSON) sets any option below or any transformers Seq2SeqTrainingArguments field;
+options given on the command line win over the file."""
 
 
-@app.command(epilog=TRAIN_EPILOG)
-def train(
-    ctx: typer.Context,
-    model: str = typer.Option(None, "--model", "-m", help="Model to fine-tune (path, Hub id or alias)."),
-    dataset: str = typer.Option(None, help="Alias (pubmed, arxiv, govreport), Hub id, or JSONL/CSV/parquet file."),
-    output_dir: str = typer.Option(None, help="Checkpoints, log, curves and the final model."),
-    config: str = typer.Option(None, "--config", help="YAML/JSON file with more options (unknown keys fail)."),
-    eval_dataset: str = typer.Option(None, help="Evaluation data [default: --dataset's validation split]."),
-    text_column: str = typer.Option(None, help="Column with the document."),
-    summary_column: str = typer.Option(None, help="Column with the reference summary."),
-    dataset_config: str = typer.Option(None, help="Hub dataset configuration [default: the alias's]."),
-    train_split: str = typer.Option("train", help="Training split."),
-    eval_split: str = typer.Option("validation", help="Evaluation split."),
-    limit: int = typer.Option(None, help="Use only N training examples (seeded subset)."),
-    max_source_length: int = typer.Option(None, help="Input tokens [default: the model's length]."),
-    max_target_length: int = typer.Option(512, help="Summary tokens."),
-    per_device_batch_size: int = typer.Option(1, help="Batch size per device."),
-    gradient_accumulation_steps: int = typer.Option(1, help="Steps accumulated per update."),
-    learning_rate: float = typer.Option(8e-5, help="Peak learning rate."),
-    lr_scheduler_type: str = typer.Option("linear", help="Scheduler (linear, cosine, constant_with_warmup...)."),
-    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps for warmup."),
-    num_train_epochs: float = typer.Option(3.0, help="Epochs (ignored when --max-steps is set)."),
-    max_steps: int = typer.Option(-1, help="Total optimizer steps (overrides epochs)."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 mixed precision."),
-    fp16: bool = typer.Option(False, "--fp16", help="fp16 mixed precision."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
-    eval_steps: int = typer.Option(None, help="Evaluate ROUGE every N steps (keeps the best by rougeLsum)."),
-    eval_limit: int = typer.Option(100, help="Evaluation examples."),
-    eval_num_beams: int = typer.Option(1, help="Beams when generating for evaluation."),
-    save_steps: int = typer.Option(500, help="Checkpoint every N steps."),
-    save_total_limit: int = typer.Option(2, help="Checkpoints kept."),
-    logging_steps: int = typer.Option(10, help="Log every N steps."),
-    resume: str = typer.Option(None, help="Continue training: alone = last checkpoint, or a checkpoint path."),
-    seed: int = typer.Option(42, help="Random seed."),
-    report_to: str = typer.Option("none", help="none | tensorboard."),
-    deepspeed: str = typer.Option(None, help="DeepSpeed config file (passed to the Trainer)."),
-    fsdp: str = typer.Option(None, help="FSDP options (passed to the Trainer), e.g. 'full_shard auto_wrap'."),
-) -> None:
+def _train(ctx: typer.Context, **values) -> None:
     """Fine-tune a seq2seq model (LSG, LongT5, BART...) on a summarization dataset."""
-    import dataclasses
-
     from longsum.train import TrainConfig, load_config_file, run
 
-    values = {k: v for k, v in ctx.params.items() if k != "config"}
-    if config:  # file values beat defaults; flags given on the command line beat the file
+    config = values.pop("config", None)
+    if config:  # file values beat defaults; options given on the command line beat the file
         for key, value in load_config_file(config).items():
             if key == "training_args" or getattr(ctx.get_parameter_source(key), "name", "") != "COMMANDLINE":
                 values[key] = value
-    missing = [f"--{k.replace('_', '-')}" for k in ("model", "dataset", "output_dir") if not values.get(k)]
-    if missing:
-        raise LongsumError(f"missing {', '.join(missing)} (on the command line or in --config)")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    run(TrainConfig(**{k: v for k, v in values.items() if k in fields}))
+    run(TrainConfig(**values))
+
+
+def _register_train() -> None:
+    """`longsum train`: its options are built from `TrainConfig`, where each is defined once."""
+    import inspect
+
+    from longsum.settings import cli_parameters
+    from longsum.train import DATA, TrainConfig
+
+    config = typer.Option(None, "--config", help="YAML/JSON file with more options (unknown keys fail).",
+                          rich_help_panel=DATA)  # fmt: skip
+    _train.__signature__ = inspect.Signature([
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str | None),
+        *cli_parameters(TrainConfig),
+    ])  # fmt: skip
+    app.command("train", epilog=TRAIN_EPILOG)(_train)
+
+
+_register_train()
 
 
 def _optional_values(argv: list[str]) -> list[str]:
@@ -353,17 +376,28 @@ def _on_sigterm(signum, frame):
 
 
 def main() -> None:
+    """The console script: every failure a user can cause ends in one `error:` line and exit code 2."""
     import signal
+
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=_optional_values(sys.argv[1:]))
+        code = app(args=_optional_values(sys.argv[1:]), prog_name="longsum", standalone_mode=False)
+    except NoArgsIsHelpError as err:  # `longsum` or `longsum train` alone: show the help
+        err.show()
+        sys.exit(2)
+    except UsageError as err:  # a bad option or value: click's message, on one line
+        command = err.ctx.command_path if err.ctx else "longsum"
+        typer.echo(f"error: {' '.join(err.format_message().split())} (see '{command} --help')", err=True)
+        sys.exit(2)
     except LongsumError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except _Terminated:
         typer.echo("terminated", err=True)
         sys.exit(143)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code or 0)

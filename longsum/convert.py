@@ -1,6 +1,6 @@
 """`longsum convert`: long-context checkpoints from short-context ones, without pretraining.
 
-What the original LSG converter does (shared/design/lsg.md, "Conversion"), so results compare with
+What the original LSG converter does (docs/lsg.md, "Conversion"), so results compare with
 the published ccdv/lsg-* checkpoints:
 * positions: BART/mBART tile their learned rows after the 2 offset rows (row 1024+k starts as row
   k), encoder and decoder; Pegasus recomputes its sinusoids; BERT-family encoders tile with their
@@ -21,20 +21,31 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from longsum.errors import LongsumError
-from longsum.lsg.common import LSG_DEFAULTS, MAX_GLOBAL_TOKENS
+from longsum.registry import (
+    DTYPES,
+    FAMILIES,
+    LONGT5_TARGETS,
+    LSG_DEFAULTS,
+    MAX_GLOBAL_TOKENS,
+    SPARSITY_TYPES,
+    T5_TYPES,  # fmt: skip
+    Family,
+    convertible,
+)
 
-LONGT5_TARGETS = ("longt5-local", "longt5-tglobal")
-LSG_OPTION_KEYS = ("block_size", "sparse_block_size", "sparsity_factor", "sparsity_type", "num_global_tokens",
-                   "pass_global_tokens_to_decoder", "mask_first_token")  # fmt: skip
+if TYPE_CHECKING:
+    import torch
+
+# The LSG config keys `convert` sets (all of LSG_DEFAULTS but the prefix name).
+LSG_OPTION_KEYS = tuple(key for key in LSG_DEFAULTS if key != "base_model_prefix")
 
 
 @dataclass
 class ConvertOptions:
-    """None means: the source's value when re-converting an LSG checkpoint, else lsg.md's default."""
+    """None means: the source's value when re-converting an LSG checkpoint, else docs/lsg.md's default."""
 
     max_length: int = 4096
     block_size: int | None = None
@@ -44,12 +55,31 @@ class ConvertOptions:
     num_global_tokens: int | None = None
     pass_global_tokens_to_decoder: bool | None = None
     mask_first_token: bool | None = None
+    adaptive: bool | None = None
+    pool_with_global: bool | None = None
+    lsh_num_pre_rounds: int | None = None
     random_global_init: bool = False
     global_stride: int = 64
     seed: int = 0
     dtype: str = "fp32"
     overwrite: bool = False
     to: str | None = None  # T5 only: longt5-local | longt5-tglobal
+
+    def __post_init__(self) -> None:
+        """Cheap checks (no torch, no download): a typo is refused before anything is loaded."""
+        choices = {"sparsity_type": SPARSITY_TYPES, "to": LONGT5_TARGETS, "dtype": tuple(DTYPES)}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise LongsumError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got '{value}'")
+        lows = {"max_length": 1, "block_size": 1, "sparse_block_size": 0, "sparsity_factor": 1, "num_global_tokens": 1,
+                "lsh_num_pre_rounds": 0, "global_stride": 1}  # fmt: skip
+        for name, low in lows.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise LongsumError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if self.num_global_tokens is not None and self.num_global_tokens > MAX_GLOBAL_TOKENS:
+            raise LongsumError(f"--num-global-tokens must be <= {MAX_GLOBAL_TOKENS}, got {self.num_global_tokens}")
 
 
 @dataclass
@@ -68,28 +98,36 @@ class ConvertReport:
 
 
 # ------------------------------------------------------------------------------------ families
-@dataclass(frozen=True)
-class Family:
-    """How one architecture is converted: its LSG classes and where its tensors live."""
-
-    kind: str  # "seq2seq" or "encoder"
-    position_offset: int  # rows before position 0 in the learned table (BART, RoBERTa: 2)
-    learned_positions: bool  # False: sinusoidal, recomputed (Pegasus)
-    heads: dict  # source architecture suffix -> task key of the LSG family
-    config_offset: int = 0  # RoBERTa counts its offset rows in max_position_embeddings
-
-
-SEQ2SEQ_HEADS = {"ForConditionalGeneration": "seq2seq", "ForSequenceClassification": "classification", "Model": "base"}
-ENCODER_HEADS = {"ForMaskedLM": "masked_lm", "ForSequenceClassification": "classification", "Model": "base"}
-FAMILIES = {
-    "bart": Family("seq2seq", 2, True, SEQ2SEQ_HEADS),
-    "mbart": Family("seq2seq", 2, True, SEQ2SEQ_HEADS),
-    "pegasus": Family("seq2seq", 0, False, SEQ2SEQ_HEADS),
-    "bert": Family("encoder", 0, True, ENCODER_HEADS),
-    "roberta": Family("encoder", 2, True, ENCODER_HEADS, config_offset=2),
-    "xlm-roberta": Family("encoder", 2, True, ENCODER_HEADS, config_offset=2),
+# Source architecture class suffix -> LSG head (`registry.TASKS` key), per family kind.
+HEADS = {
+    "seq2seq": {"ForConditionalGeneration": "seq2seq", "ForSequenceClassification": "classification", "Model": "base"},
+    "encoder": {"ForMaskedLM": "masked_lm", "ForSequenceClassification": "classification", "Model": "base"},
 }
-SUPPORTED = "bart, mbart, pegasus (seq2seq); bert, roberta, xlm-roberta (encoders); t5 -> longt5"
+
+
+# Files a model folder may hold: what `save_pretrained` and `convert` write. `--overwrite` deletes
+# nothing else (a folder holding anything more is not a model folder, and is refused).
+_MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                       "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja")  # fmt: skip
+_MODEL_FOLDER_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (unless --overwrite) or that --overwrite would wrongly delete."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LongsumError(f"output {out} is a file; choose a folder name")
+    if not overwrite:
+        raise LongsumError(f"output folder {out} exists; pass --overwrite to replace it")
+    entries = list(out.iterdir())
+    foreign = [p.name for p in entries if not (p.is_file() and (p.name in _MODEL_FOLDER_FILES or
+                                                                p.name.endswith(_MODEL_FOLDER_SUFFIXES)))]  # fmt: skip
+    if entries and (foreign or not (out / "config.json").is_file()):
+        what = f"it holds {foreign[0]}" if foreign else "it has no config.json"
+        raise LongsumError(f"--overwrite replaces model folders only; {out} is not one ({what}): "
+                           f"choose another output folder")  # fmt: skip
 
 
 def default_output_dir(source: str, options: ConvertOptions, model_type: str) -> Path:
@@ -114,6 +152,8 @@ def _check_max_length(options: ConvertOptions, block_size: int) -> None:
 # ------------------------------------------------------------------------------------ tensors
 def tile_positions(table: torch.Tensor, offset: int, max_length: int) -> torch.Tensor:
     """[offset + n, d] -> [offset + max_length, d]; row offset+n+k starts as row offset+k."""
+    import torch
+
     rows = table[offset:]
     repeats = -(-max_length // rows.shape[0])
     return torch.cat([table[:offset], rows.repeat(repeats, 1)[:max_length]], dim=0)
@@ -121,6 +161,8 @@ def tile_positions(table: torch.Tensor, offset: int, max_length: int) -> torch.T
 
 def order_positions(positions: torch.Tensor, stride: int) -> torch.Tensor:
     """512 position rows, one in every n/512, ordered so consecutive ones are `stride` apart."""
+    import torch
+
     n, d = positions.shape
     if n % MAX_GLOBAL_TOKENS:
         if n > MAX_GLOBAL_TOKENS:
@@ -141,6 +183,8 @@ def order_positions(positions: torch.Tensor, stride: int) -> torch.Tensor:
 def global_embeddings(positions: torch.Tensor, tokens: torch.Tensor, bos_id: int, mask_id: int | None,
                       stride: int, random_init: bool) -> torch.Tensor:  # fmt: skip
     """The [512, d] global embeddings as the original converter builds them."""
+    import torch
+
     ordered = order_positions(positions.float(), stride)
     tokens = tokens.float()
     if random_init:
@@ -158,6 +202,8 @@ def global_embeddings(positions: torch.Tensor, tokens: torch.Tensor, bos_id: int
 # ------------------------------------------------------------------------------------ convert
 def convert(source: str, output_dir: str | Path | None = None, options: ConvertOptions | None = None) -> ConvertReport:
     """Convert `source` (folder, Hub id or alias) and write the result to `output_dir`."""
+    import torch
+
     from longsum.models import is_lsg_config, locate, read_config, resolve_name
 
     options = options or ConvertOptions()
@@ -166,18 +212,15 @@ def convert(source: str, output_dir: str | Path | None = None, options: ConvertO
     config = read_config(folder)
     model_type = str(config.get("model_type", "")).removeprefix("lsg_")
     is_lsg = is_lsg_config(config)
-    if options.to and model_type not in ("t5", "mt5"):
+    if options.to and model_type not in T5_TYPES:
         raise LongsumError(f"--to {options.to} converts T5 checkpoints; '{source}' is {model_type}")
-    if model_type in ("t5", "mt5") and not options.to:
+    if model_type in T5_TYPES and not options.to:
         raise LongsumError(f"'{source}' is a T5 model: choose --to longt5-local or --to longt5-tglobal")
-    if model_type not in FAMILIES and model_type not in ("t5", "mt5"):
-        raise LongsumError(f"cannot convert architecture '{model_type}'; supported: {SUPPORTED}")
-    if options.to and options.to not in LONGT5_TARGETS:
-        raise LongsumError(f"--to must be one of {', '.join(LONGT5_TARGETS)}")
+    if model_type not in FAMILIES and model_type not in T5_TYPES:
+        raise LongsumError(f"cannot convert architecture '{model_type}'; supported: {convertible()}")
 
     out = Path(output_dir) if output_dir else default_output_dir(resolve_name(source), options, model_type)
-    if out.exists() and not options.overwrite:
-        raise LongsumError(f"output folder {out} exists; pass --overwrite to replace it")
+    check_output_folder(out, options.overwrite)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(options.seed)
@@ -200,7 +243,7 @@ def convert(source: str, output_dir: str | Path | None = None, options: ConvertO
 
 def _task_for(config: dict, family: Family) -> tuple[str, str]:
     architecture = (config.get("architectures") or [""])[0].removeprefix("LSG")
-    for suffix, task in family.heads.items():
+    for suffix, task in HEADS[family.kind].items():
         if architecture.endswith(suffix) and task != "base":
             return task, architecture
     default = "seq2seq" if family.kind == "seq2seq" else "masked_lm"
@@ -210,7 +253,7 @@ def _task_for(config: dict, family: Family) -> tuple[str, str]:
 def _resolve_settings(config: dict, is_lsg: bool, options: ConvertOptions) -> dict:
     settings = {}
     for key in LSG_OPTION_KEYS:
-        value = getattr(options, key)
+        value = getattr(options, key, None)  # sparse_windows: from the source (LSG) or the default
         settings[key] = (
             value if value is not None else (config.get(key, LSG_DEFAULTS[key]) if is_lsg else LSG_DEFAULTS[key])
         )
@@ -219,6 +262,7 @@ def _resolve_settings(config: dict, is_lsg: bool, options: ConvertOptions) -> di
 
 def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, out: Path,
                  options: ConvertOptions) -> ConvertReport:  # fmt: skip
+    import torch
     from transformers import AutoTokenizer
 
     from longsum.lsg import lsg_family
@@ -227,7 +271,7 @@ def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, out:
 
     family, classes = FAMILIES[model_type], lsg_family(model_type)
     if classes is None:
-        raise LongsumError(f"LSG-{model_type} is not available in this version of longsum; supported: {SUPPORTED}")
+        raise LongsumError(f"LSG-{model_type} is not available in this version of longsum; supported: {convertible()}")
     settings = _resolve_settings(config, is_lsg, options)
     LSGSpec(
         **{
@@ -302,16 +346,17 @@ def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, out:
 
 def _load_source(folder, config, model_type, is_lsg, task, classes):
     """The source model with its weights (LSG sources through longsum's classes)."""
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    import torch
+    import transformers
+
+    from longsum.models import _model_class, load_weights
+    from longsum.registry import TASKS
 
     if is_lsg:
-        from longsum.models import _model_class
-
         cls, cfg = _model_class(config, task)
-        return cls.from_pretrained(folder, config=cfg, dtype=torch.float32).eval()
-    auto = {"seq2seq": AutoModelForSeq2SeqLM, "classification": AutoModelForSequenceClassification,
-            "masked_lm": AutoModelForMaskedLM, "base": AutoModel}[task]  # fmt: skip
-    return auto.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+        return load_weights(cls, folder, config=cfg, dtype=torch.float32).eval()
+    auto = getattr(transformers, TASKS[task])
+    return load_weights(auto, folder, dtype=torch.float32, trust_remote_code=False).eval()
 
 
 def _encoder_of(model, family: Family):
@@ -338,11 +383,12 @@ def _special_ids(tokenizer, config) -> tuple[int, int | None]:
 
 
 def _convert_t5(folder: Path, config: dict, out: Path, options: ConvertOptions) -> ConvertReport:
+    import torch
     from transformers import AutoTokenizer, LongT5Config, LongT5ForConditionalGeneration, T5ForConditionalGeneration
 
-    from longsum.models import resolve_dtype
+    from longsum.models import load_weights, resolve_dtype
 
-    source = T5ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+    source = load_weights(T5ForConditionalGeneration, folder, dtype=torch.float32, trust_remote_code=False).eval()
     c = source.config
     attention = "local" if options.to == "longt5-local" else "transient-global"
     target = LongT5Config(

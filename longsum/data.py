@@ -94,6 +94,7 @@ class EvalData:
     problem_column: str | None
     source: dict  # provenance: id, config, split, revision/fingerprint, columns, selection
     ids_are_rows: bool = False
+    named_ids: bool = False  # some rows have an id of their own
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -185,8 +186,14 @@ def load_examples(name: str, split: str = "test", text_column: str | None = None
         data.ids_are_rows = not named or len(set(named)) != len(named) or bool(unnamed & set(named))
     data.source.update(split=split, text_column=text_column, summary_column=summary_column, rows=rows,
                        selected=len(data), limit=limit, seed=seed,
-                       ids="row numbers" if data.ids_are_rows or not data.id_column else "id column")  # fmt: skip
+                       ids=_id_scheme(data))  # fmt: skip
     return data
+
+
+def _id_scheme(data: EvalData) -> str:
+    if not data.ids_are_rows and data.id_column:
+        return "id column"
+    return "row numbers (ids not unique)" if data.named_ids else "row numbers"
 
 
 def _hub(hub_id: str, config: str | None, split: str, revision: str | None, text_column: str,

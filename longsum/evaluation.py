@@ -6,7 +6,9 @@ Outputs in `--output-dir`:
   sidecar, so a rerun resumes only with the same data, model weights and output-changing settings,
   and retries examples whose record is an error;
 * `results.json`: metrics with bootstrap intervals, what was left out of the scores and why, the
-  full configuration, model and dataset identity, package versions, git commit and timings.
+  full configuration, model and dataset identity, package versions, git commit and timings
+  (schema: docs/eval-results.md); an earlier one is kept as `results.<time>.json`.
+The scores table goes to stdout, logs to stderr.
 Examples without a document or a reference are not generated nor scored: they are counted and
 reported (and the run fails if none is left). Generation uses the shared `Summarizer`.
 """
@@ -20,11 +22,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from longsum.console import stderr_console
+from longsum.console import alert, log, note, stderr_console, stdout_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
 
 SHOWN_EXCLUDED_IDS = 20  # ids of left-out examples listed in results.json
+RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION = "longsum-eval-results", 1  # docs/eval-results.md
 
 
 @dataclass
@@ -95,7 +98,6 @@ def run(cfg: EvalConfig) -> int:
     from longsum.models import fingerprint
     from longsum.provenance import now
 
-    console = stderr_console()
     started, t0 = now(), time.perf_counter()
     dist = distributed.init()
     data = load_examples(cfg.dataset, cfg.split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
@@ -125,34 +127,34 @@ def run(cfg: EvalConfig) -> int:
         results.close()
         raise LongsumError(f"no example of {cfg.dataset} can be scored ({_excluded_text(plan)})")
     if dist.main:
-        _report_plan(cfg, data, plan, results, predictions, console)
+        _report_plan(cfg, data, plan, predictions)
 
     gen_stats = {"examples": 0, "input_tokens": 0, "seconds": 0.0}
     try:
         if plan.pending:
-            settings = _generate(cfg, data, results, settings, console, dist, gen_stats, device)
+            settings = _generate(cfg, data, results, settings, dist, gen_stats, device)
     finally:
         results.close()
     if not dist.main:
         return 0
-    return _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, console)
+    return _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0)
 
 
 def _excluded_text(plan: _Plan) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in plan.excluded.most_common()) or "none left out"
 
 
-def _report_plan(cfg, data, plan, results, predictions, console) -> None:
+def _report_plan(cfg, data, plan, predictions) -> None:
     done = len(plan.wanted) - plan.pending
-    console.print(f"{cfg.dataset} [{cfg.split}]: {len(data)} examples, {done} already in {predictions}, "
-                  f"{plan.pending} to generate", markup=False, highlight=False)  # fmt: skip
-    if data.source.get("ids") == "row numbers" and data.id_column and not data.source.get("hub_id"):
-        console.print("[yellow]note:[/yellow] the id column is missing or not unique: examples are named by row number")
+    log(f"{cfg.dataset} [{cfg.split}]: {len(data)} examples, {done} already in {predictions}, "
+        f"{plan.pending} to generate")  # fmt: skip
+    if data.source.get("ids") == "row numbers (ids not unique)":
+        note("note: the ids of the dataset are not unique: examples are named by row number")
     if plan.excluded:
-        console.print(f"[yellow]left out of the scores:[/yellow] {_excluded_text(plan)}", highlight=False)
+        note(f"left out of the scores: {_excluded_text(plan)}")
 
 
-def _generate(cfg, data, results, settings, console, dist, stats, device) -> dict:
+def _generate(cfg, data, results, settings, dist, stats, device) -> dict:
     from longsum.generation import Summarizer, keep_freed_memory
     from longsum.metrics import score_pair
     from longsum.models import load_model
@@ -163,7 +165,7 @@ def _generate(cfg, data, results, settings, console, dist, stats, device) -> dic
     summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
     if dist.main:
         shown = ", ".join(f"{k}={v}" for k, v in summarizer.settings().items())
-        console.print(f"model {cfg.model} on {model.device}; {shown}", markup=False, highlight=False)
+        log(f"model {cfg.model} on {model.device}; {shown}")
     start = time.perf_counter()
 
     def pending():
@@ -192,7 +194,7 @@ def _generate(cfg, data, results, settings, console, dist, stats, device) -> dic
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, disable=not console.is_terminal)  # fmt: skip
+                        console=stderr_console(), disable=not stderr_console().is_terminal)  # fmt: skip
     with progress:
         task = progress.add_task("eval", total=None)
         summarizer.summarize(pending(), on_result)
@@ -200,7 +202,7 @@ def _generate(cfg, data, results, settings, console, dist, stats, device) -> dic
     return summarizer.settings()
 
 
-def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, console) -> int:
+def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0) -> int:
     from longsum.metrics import METRIC_RECIPE, ROUGE_TYPES, aggregate
     from longsum.provenance import now, provenance
     from longsum.store import latest_records
@@ -227,6 +229,8 @@ def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, s
         raise LongsumError(f"every example failed (first error: {first_error}); no score to report")
     metrics = aggregate(scores, seed=cfg.seed)
     results = {
+        "schema": RESULTS_SCHEMA,
+        "schema_version": RESULTS_SCHEMA_VERSION,
         "metrics": metrics,
         "examples": len(scores),
         "failed": failed,
@@ -251,21 +255,44 @@ def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, s
         "provenance": provenance(),
         "timings": {"started": started, "finished": now(), "seconds": time.perf_counter() - t0},
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    _print_table(results, console, ROUGE_TYPES)
+    kept = _write_results(out_dir / "results.json", results)
+    _print_table(results, ROUGE_TYPES)
     if cfg.compare:
-        print_comparison(results, cfg.compare, console)
-    console.print(f"wrote {out_dir / 'results.json'} and {predictions}", markup=False, highlight=False)
+        print_comparison(results, cfg.compare)
+    log(f"wrote {out_dir / 'results.json'} and {predictions}")
+    if kept:
+        note(f"the earlier results.json is kept as {kept}")
     if plan.excluded:
-        console.print(f"[yellow]{sum(plan.excluded.values())} example(s) left out of the scores:[/yellow] "
-                      f"{_excluded_text(plan)} (see 'excluded' in results.json)", highlight=False)  # fmt: skip
+        note(f"{sum(plan.excluded.values())} example(s) left out of the scores: {_excluded_text(plan)} "
+             f"(see 'excluded' in results.json)")  # fmt: skip
     if failed:
-        console.print(f"[red]{failed} example(s) failed and are not in the scores (see 'error' in {predictions})")
+        alert(f"{failed} example(s) failed and are not in the scores (see 'error' in {predictions})")
         return 1
     return 0
 
 
-def _print_table(results: dict, console, rouge_types) -> None:
+def _write_results(path: Path, results: dict) -> Path | None:
+    """Write results.json; an earlier one is renamed `results.<its finish time>.json`, never overwritten."""
+    from longsum.store import write_json_atomic
+
+    kept = None
+    if path.exists():
+        try:
+            stamp = json.loads(path.read_text())["timings"]["finished"]
+        except (OSError, ValueError, KeyError, TypeError):
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(path.stat().st_mtime))
+        kept = path.with_name(f"results.{re.sub(r'[^0-9T]', '', stamp)[:15]}.json")
+        n = 1
+        while kept.exists():
+            n += 1
+            kept = kept.with_name(f"results.{re.sub(r'[^0-9T]', '', stamp)[:15]}-{n}.json")
+        path.rename(kept)
+    write_json_atomic(path, results)
+    return kept
+
+
+def _print_table(results: dict, rouge_types) -> None:
+    """The scores as a table on stdout (the run's result; logs go to stderr)."""
     from rich.table import Table
 
     table = Table(title=f"{results['dataset']['name']} ({results['examples']} examples) - {results['model']['name']}")
@@ -275,16 +302,16 @@ def _print_table(results: dict, console, rouge_types) -> None:
         m = results["metrics"][name]
         table.add_row(name, f"{m['mean']:.2f}", f"[{m['low']:.2f}, {m['high']:.2f}]")
     table.add_row("gen. length", f"{results['mean_prediction_tokens']:.1f} tok", "")
-    console.print(table)
+    stdout_console().print(table)
 
 
-def print_comparison(results: dict, other_path: str, console) -> None:
+def print_comparison(results: dict, other_path: str) -> None:
     from rich.table import Table
 
     try:
         other = json.loads(Path(other_path).read_text())
         other_metrics = other["metrics"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise LongsumError(f"cannot read --compare file {other_path}: {err}") from None
     table = Table(title=f"this run vs {other_path}")
     for column in ("metric", "this", "other", "difference"):
@@ -293,4 +320,4 @@ def print_comparison(results: dict, other_path: str, console) -> None:
         theirs = other_metrics.get(name, {}).get("mean")
         diff = "" if theirs is None else f"{mine['mean'] - theirs:+.2f}"
         table.add_row(name, f"{mine['mean']:.2f}", "-" if theirs is None else f"{theirs:.2f}", diff)
-    console.print(table)
+    stdout_console().print(table)

@@ -21,28 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from longsum.errors import ModelLoadError
+from longsum.registry import DEVICE_TYPES, DTYPE_ALIASES, DTYPES, FAMILIES, STOCK_SEQ2SEQ
+from longsum.registry import MODEL_ALIASES as REGISTRY_ALIASES
+from longsum.registry import TASKS as REGISTRY_TASKS
 
-TASKS = ("seq2seq", "classification", "masked_lm", "base")
-
-# Short names for common checkpoints (what users type on the command line).
-MODEL_ALIASES = {
-    "bart-base": "facebook/bart-base",
-    "bart-large": "facebook/bart-large",
-    "bart-large-cnn": "facebook/bart-large-cnn",
-    "distilbart-cnn-12-6": "sshleifer/distilbart-cnn-12-6",
-    "pegasus-large": "google/pegasus-large",
-    "mbart-large-cc25": "facebook/mbart-large-cc25",
-    "t5-base": "google-t5/t5-base",
-    "flan-t5-base": "google/flan-t5-base",
-    "roberta-base": "FacebookAI/roberta-base",
-    "bert-base-uncased": "google-bert/bert-base-uncased",
-    "longt5-tglobal-base": "google/long-t5-tglobal-base",
-    "longt5-local-base": "google/long-t5-local-base",
-    "led-base": "allenai/led-base-16384",
-    "pegasus-x-base": "google/pegasus-x-base",
-    "lsg-bart-base-4096-pubmed": "ccdv/lsg-bart-base-4096-pubmed",
-    "lsg-bart-base-16384-pubmed": "ccdv/lsg-bart-base-16384-pubmed",
-}
+# Tasks, aliases and families live in `longsum.registry` (read by the CLI, convert and the README too).
+TASKS = tuple(REGISTRY_TASKS)
+MODEL_ALIASES = {name: alias.hub_id for name, alias in REGISTRY_ALIASES.items()}
 
 # Files fetched from the Hub: configs, tokenizers, weights. Never Python files.
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
@@ -93,9 +78,13 @@ def _fetch_from_hub(repo_id: str, revision: str | None) -> Path:
 
 def read_config(folder: Path) -> dict[str, Any]:
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} is not a model config (a JSON object was expected, "
+                             f"found a {type(config).__name__})")  # fmt: skip
+    return config
 
 
 def is_lsg_config(config: dict[str, Any]) -> bool:
@@ -106,45 +95,59 @@ def is_lsg_config(config: dict[str, Any]) -> bool:
 
 
 def resolve_device(device: str = "auto") -> str:
+    """`auto` is CUDA when present, else CPU; any other device is checked (one-line errors)."""
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-_DTYPES = {
-    "fp32": "float32",
-    "float32": "float32",
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-}
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICE_TYPES or (index and not index.isdigit()):
+        raise ModelLoadError(f"unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: no CUDA device here (torch {torch.__version__}); use --device cpu "
+                                 f"or auto")  # fmt: skip
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"--device {device}: no Apple GPU (MPS) here; use --device cpu or auto")
+    return str(device)
 
 
 def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
     """`auto` is bf16 on CUDA devices that support it, else fp32."""
     import torch
 
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype == "auto":
         if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(set(_DTYPES)))}")
-    return getattr(torch, _DTYPES[dtype])
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A note on stderr, once per process (a command reads a checkpoint's config more than once)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        from longsum.console import note
+
+        note(message)
 
 
 def _model_class(config_dict: dict[str, Any], task: str):
     """(class, config) for an LSG checkpoint, or (Auto class, None) for a stock one."""
     model_type = str(config_dict.get("model_type", ""))
     if is_lsg_config(config_dict):
-        from longsum.lsg import LSG_FAMILIES, lsg_family
+        from longsum.lsg import LSG_DEFAULTS, LSG_FAMILIES, lsg_family
+        from longsum.lsg.common import needs_original_windows
 
         family = lsg_family(model_type)
         if family is None:
@@ -154,14 +157,23 @@ def _model_class(config_dict: dict[str, Any], task: str):
         if task not in family:
             raise ModelLoadError(f"LSG-{model_type} has no '{task}' head; available: {', '.join(family)}")
         clean = {k: v for k, v in config_dict.items() if k not in ("model_type", "auto_map", "transformers_version")}
+        # Checkpoints of the original code (stock model_type) were trained with its sparse windows, which
+        # differ from docs/lsg.md's for some settings: reproduce them unless the config says which to use.
+        # longsum's own (lsg_* model_type) keep what their config says (by default the intended ones).
+        if not model_type.startswith("lsg_") and "sparse_windows" not in clean and needs_original_windows(clean):
+            clean["sparse_windows"] = "original"
+            keys = ("block_size", "sparse_block_size", "sparsity_factor")
+            shape = "/".join(str(clean.get(key, LSG_DEFAULTS[key])) for key in keys)
+            _say_once(
+                f"LSG checkpoint from the original code with block/sparse block/sparsity {shape}: reproducing the"
+                " original's sparse windows (sparse_windows=original), which differ from docs/lsg.md's for these"
+                " settings"
+            )
         return family[task], family["config"].from_dict(clean)
 
-    from transformers import AutoModel, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    import transformers
 
-    auto = {"seq2seq": AutoModelForSeq2SeqLM, "classification": AutoModelForSequenceClassification, "base": AutoModel}[
-        task
-    ]
-    return auto, None
+    return getattr(transformers, REGISTRY_TASKS[task]), None
 
 
 def _check_supported(auto, config, task: str) -> None:
@@ -173,20 +185,7 @@ def _check_supported(auto, config, task: str) -> None:
         raise ModelLoadError(f"unsupported architecture '{config.model_type}' for task '{task}'{hint}")
 
 
-_KNOWN_SEQ2SEQ = {
-    "bart",
-    "mbart",
-    "pegasus",
-    "t5",
-    "mt5",
-    "longt5",
-    "led",
-    "pegasus_x",
-    "bigbird_pegasus",
-    "lsg_bart",
-    "lsg_mbart",
-    "lsg_pegasus",
-}
+_KNOWN_SEQ2SEQ = {*STOCK_SEQ2SEQ, *(f"lsg_{m}" for m, f in FAMILIES.items() if "seq2seq" in f.tasks)}
 
 
 _TOKENIZER_FILES = (
@@ -341,12 +340,31 @@ def load_model(
     if not is_lsg_config(read_config(folder)):
         kwargs["trust_remote_code"] = False
     tokenizer = load_tokenizer(folder)
-    try:
-        model = cls.from_pretrained(folder, config=config, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(f"cannot load weights from {folder}: {_first_line(err)}") from None
+    model = load_weights(cls, folder, config=config, **kwargs)
     model.to(device).eval()
     return model, tokenizer
+
+
+def load_weights(cls, folder: Path, **kwargs):
+    """`cls.from_pretrained(folder, **kwargs)` with one-line errors for what goes wrong with weights.
+
+    `.bin` files are read with weights-only loading (transformers' default on torch >= 2.6): a
+    pickle that would run code is refused, never executed.
+    """
+    import pickle
+
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"refused to load the .bin weights in {folder}: they are not plain tensors (weights-only "
+                             f"loading refused a pickle that could run code); use safetensors weights") from None  # fmt: skip
+    except OSError as err:
+        raise ModelLoadError(f"cannot load weights from {folder}: {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001  safetensors' own error type: a cut or corrupt file
+        if type(err).__name__ != "SafetensorError" and "safetensors" not in type(err).__module__:
+            raise
+        raise ModelLoadError(f"the weights in {folder} are incomplete or corrupt ({_first_line(err)}): an interrupted "
+                             f"download or copy? Fetch or copy them again") from None  # fmt: skip
 
 
 def _first_line(err: BaseException) -> str:

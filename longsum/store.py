@@ -218,6 +218,8 @@ class ResultStore:
         self._status: dict[Key, bool] = {}  # key -> its newest record is a failure
         self._replaced = 0  # records replaced by a newer one of the same key (found or written)
         self._lock: OutputLock | None = None
+        self._created = False  # this run created the file (removed again if it ends without a record)
+        self._written = 0
         self.streaming = str(path) == "-" or (Path(path).exists() and not Path(path).is_file())
         self.path = None if str(path) == "-" else Path(path)
         if self.streaming:  # stdout, /dev/null, a FIFO: nothing to resume or lock
@@ -283,6 +285,7 @@ class ResultStore:
     def _start_fresh(self, info: dict) -> None:
         from longsum.provenance import now
 
+        self._created = not self.path.exists()
         write_json_atomic(self.sidecar, {"format": FORMAT, "format_version": FORMAT_VERSION,
                                          "identity": self.identity, **info, "created": now()})  # fmt: skip
         with open(self.path, "w"):
@@ -316,6 +319,7 @@ class ResultStore:
         except OSError as err:
             name = "stdout" if self.path is None else self.path
             raise LongsumError(f"cannot write to {name}: {err.strerror or err}") from None
+        self._written += 1
         if not self.streaming:
             key = record_key(record)
             self._replaced += key in self._status
@@ -325,13 +329,22 @@ class ResultStore:
         """Finish the run: compact if records were replaced (or `drop(record)` says so), unlock."""
         if self.streaming:
             if self._file is not sys.stdout:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError:  # a write already failed and said so (a full disk, /dev/full)
+                    pass
             return
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            if self._replaced or (drop is not None and any(self._status.values())):
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+            except OSError as err:
+                raise LongsumError(f"cannot write to {self.path}: {err.strerror or err}") from None
+            if self._created and not self._written:  # the run failed before its first record: leave no trace
+                self.path.unlink(missing_ok=True)
+                self.sidecar.unlink(missing_ok=True)
+            elif self._replaced or (drop is not None and any(self._status.values())):
                 compact(self.path, drop)
         finally:
             if self._lock is not None:

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from longsum.console import stderr_console
+from longsum.console import alert, log, note
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
 from longsum.inputs import DEFAULT_GLOB, Document, InputPlan, iter_documents, plan_inputs
@@ -61,7 +61,6 @@ def run(cfg: SummarizeConfig) -> int:
     from longsum.generation import plan_settings
     from longsum.models import fingerprint, locate
 
-    console = stderr_console()
     plan = plan_inputs(cfg.inputs, cfg.glob)  # a missing path, or nothing at all to read: error now
     _check_output_is_not_an_input(cfg.output, plan)
     dist = distributed.init()
@@ -73,9 +72,9 @@ def run(cfg: SummarizeConfig) -> int:
     results = distributed.open_results(cfg.output, identity, dist, info=info, overwrite=cfg.overwrite)
     if dist.main:
         for warning in plan.warnings:
-            console.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+            note(f"warning: {warning}")
         if results.repaired:
-            console.print(f"repaired a torn last line in {cfg.output} (interrupted run)", markup=False)
+            log(f"repaired a torn last line in {cfg.output} (interrupted run)")
 
     counts: Counter = Counter()
     seen: set = set()  # keys of this run's documents
@@ -103,7 +102,7 @@ def run(cfg: SummarizeConfig) -> int:
             counts["tokens"] += result.input_tokens
             counts["long"] += bool(result.truncated or result.chunks > 1)
             if counts["long"] == 1 and (result.truncated or result.chunks > 1):
-                _note_long(console, cfg.generation.long_input, settings["max_source_length"])
+                _note_long(cfg.generation.long_input, settings["max_source_length"])
         if doc.encoding not in (None, "utf-8", "utf-8-sig"):
             record["encoding"] = doc.encoding
         results.write(record)
@@ -131,9 +130,9 @@ def run(cfg: SummarizeConfig) -> int:
                 yield doc, doc.text
 
     finished = False
-    progress = _Progress(console)
+    progress = _Progress()
     try:
-        model, tokenizer = _load(cfg, device, settings, console, dist)
+        model, tokenizer = _load(cfg, device, settings, dist)
         from longsum.generation import Summarizer
 
         summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
@@ -141,7 +140,7 @@ def run(cfg: SummarizeConfig) -> int:
             summarizer.summarize(pending(), emit)
         finished = True
     except _FailFast as err:
-        console.print(f"[red]stopped at the first failure (--fail-fast):[/red] {err}", highlight=False)
+        alert(f"stopped at the first failure (--fail-fast): {err}")
     finally:
         sources = {str(path) for kind, path in plan.items if kind == "records"}
 
@@ -159,28 +158,27 @@ def run(cfg: SummarizeConfig) -> int:
     elapsed = max(time.perf_counter() - start, 1e-9)
     if dist.main:
         retried = f", retried {counts['retried']} that had failed" if counts["retried"] else ""
-        console.print(
+        log(
             f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}{retried} in "
             f"{elapsed:.1f}s: {counts['done'] / elapsed:.2f} docs/s, {counts['tokens'] / elapsed:,.0f} tokens/s"
-            + (f" (this process; {dist.world} processes)" if dist.world > 1 else ""), markup=False
+            + (f" (this process; {dist.world} processes)" if dist.world > 1 else "")
         )  # fmt: skip
         if plan.unmatched:
-            console.print(f"[yellow]no file matched '{cfg.glob}' in {', '.join(plan.unmatched)} (exit code 1)",
-                          highlight=False)  # fmt: skip
+            note(f"no file matched '{cfg.glob}' in {', '.join(plan.unmatched)} (exit code 1)")
         if not seen:
-            console.print("[red]no documents in the inputs[/red]")
+            alert("no documents in the inputs")
     if counts["failed"] or plan.unmatched or not seen:
         return 1
     return 0
 
 
-def _note_long(console, mode: str, max_len: int) -> None:
+def _note_long(mode: str, max_len: int) -> None:
     action = ("split into chunks and summarized whole (map-reduce)" if mode == "chunk" else
               "truncated (use --long-input chunk to summarize them whole)")  # fmt: skip
-    console.print(f"[yellow]documents longer than {max_len} tokens are {action}; the records say which[/yellow]")
+    note(f"documents longer than {max_len} tokens are {action}; the records say which")
 
 
-def _load(cfg: SummarizeConfig, device: str, settings: dict, console, dist):
+def _load(cfg: SummarizeConfig, device: str, settings: dict, dist):
     from longsum.generation import keep_freed_memory
     from longsum.models import load_model
 
@@ -189,15 +187,19 @@ def _load(cfg: SummarizeConfig, device: str, settings: dict, console, dist):
         keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
     if dist.main:
         shown = ", ".join(f"{k}={v}" for k, v in {**settings, "batch_size": cfg.generation.batch_size}.items())
-        console.print(f"model {cfg.model} on {model.device}; {shown}", markup=False, highlight=False)
+        log(f"model {cfg.model} on {model.device}; {shown}")
     return model, tokenizer
 
 
 class _Progress:
     """A live count on a terminal (the total is unknown: inputs are streamed); nothing otherwise."""
 
-    def __init__(self, console):
+    def __init__(self):
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        from longsum.console import stderr_console
+
+        console = stderr_console()
 
         self._progress = Progress(SpinnerColumn(), TextColumn("summarized {task.completed}"), TimeElapsedColumn(),
                                   TextColumn("{task.fields[rate]}"), console=console,

@@ -10,82 +10,122 @@ messages, and the effective configuration saved beside the final model.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from longsum.console import stderr_console
+from longsum.console import log, note
 from longsum.errors import LongsumError
+from longsum.settings import check, coerce, flag, from_mapping, setting
+
+DATA, LENGTHS, OPTIM, MEMORY, EVAL = ("Model and data", "Lengths and batches", "Optimization",
+                                     "Precision and memory", "Evaluation, checkpoints and logs")  # fmt: skip
 
 
 @dataclass
 class TrainConfig:
-    model: str
-    dataset: str
-    output_dir: str
-    eval_dataset: str | None = None
-    text_column: str | None = None
-    summary_column: str | None = None
-    dataset_config: str | None = None
-    train_split: str = "train"
-    eval_split: str = "validation"
-    limit: int | None = None
-    max_source_length: int | None = None
-    max_target_length: int = 512
-    per_device_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 8e-5
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.1
-    num_train_epochs: float = 3.0
-    max_steps: int = -1
-    weight_decay: float = 0.0
-    bf16: bool = False
-    fp16: bool = False
-    gradient_checkpointing: bool = False
-    eval_steps: int | None = None
-    eval_limit: int = 100
-    eval_num_beams: int = 1
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    logging_steps: int = 10
-    resume: str | None = None  # "auto" (last checkpoint in output_dir) or a checkpoint path
-    seed: int = 42
-    report_to: str = "none"
-    deepspeed: str | None = None
-    fsdp: str | None = None
-    training_args: dict = field(default_factory=dict)  # any other Seq2SeqTrainingArguments, from --config
+    """Every `longsum train` setting: its type, default, help text, panel and bounds (`longsum.settings`).
+
+    The command line, `--config` files and these checks are all built from this one definition.
+    """
+
+    model: str | None = setting(None, "Model to fine-tune (path, Hub id or alias).", DATA, flags=("--model", "-m"))
+    dataset: str | None = setting(None, "Alias (pubmed, arxiv, govreport), Hub id, or JSONL/CSV/parquet file.", DATA)
+    output_dir: str | None = setting(None, "Checkpoints, log, curves and the final model.", DATA,
+                                     flags=("--output-dir", "-o"))  # fmt: skip
+    eval_dataset: str | None = setting(None, "Evaluation data (default: --dataset's validation split; a local "
+                                             "file holds out 10%).", DATA)  # fmt: skip
+    text_column: str | None = setting(None, "Column with the document.", DATA)
+    summary_column: str | None = setting(None, "Column with the reference summary.", DATA)
+    dataset_config: str | None = setting(None, "Hub dataset configuration (default: the alias's).", DATA)
+    train_split: str = setting("train", "Training split.", DATA)
+    eval_split: str = setting("validation", "Evaluation split.", DATA)
+    limit: int | None = setting(None, "Use only N training examples (seeded subset).", DATA, low=1)
+    max_source_length: int | None = setting(None, "Input tokens (default: the model's length).", LENGTHS, low=1)
+    max_target_length: int = setting(512, "Summary tokens.", LENGTHS, low=1)
+    per_device_batch_size: int = setting(1, "Batch size per device.", LENGTHS, low=1)
+    gradient_accumulation_steps: int = setting(1, "Steps accumulated per update.", LENGTHS, low=1)
+    learning_rate: float = setting(8e-5, "Peak learning rate.", OPTIM, low=0, strict=True)
+    lr_scheduler_type: str = setting("linear", "Scheduler (linear, cosine, constant_with_warmup...).", OPTIM)
+    warmup_ratio: float = setting(0.1, "Fraction of the steps spent warming up, in [0, 1).", OPTIM, low=0, high=0.999)
+    num_train_epochs: float = setting(3.0, "Epochs (ignored when --max-steps is set).", OPTIM, low=0, strict=True)
+    max_steps: int = setting(-1, "Total optimizer steps, overriding epochs (-1: use epochs).", OPTIM, low=-1)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", OPTIM, low=0)
+    seed: int = setting(42, "Random seed.", OPTIM)
+    bf16: bool = setting(False, "bf16 mixed precision.", MEMORY)
+    fp16: bool = setting(False, "fp16 mixed precision.", MEMORY)
+    gradient_checkpointing: bool = setting(False, "Trade compute for memory.", MEMORY)
+    deepspeed: str | None = setting(None, "DeepSpeed config file (passed to the Trainer).", MEMORY)
+    fsdp: str | None = setting(None, "FSDP options (passed to the Trainer), e.g. 'full_shard auto_wrap'.", MEMORY)
+    eval_steps: int | None = setting(None, "Evaluate ROUGE every N steps (keeps the best by rougeLsum).", EVAL, low=1)
+    eval_limit: int = setting(100, "Evaluation examples.", EVAL, low=1)
+    eval_num_beams: int = setting(1, "Beams when generating for evaluation.", EVAL, low=1)
+    save_steps: int = setting(500, "Checkpoint every N steps.", EVAL, low=1)
+    save_total_limit: int | None = setting(2, "Checkpoints kept.", EVAL, low=1)
+    logging_steps: int = setting(10, "Log every N steps.", EVAL, low=1)
+    resume: str | None = setting(None, "Continue: alone = the newest complete checkpoint, or a checkpoint path.",
+                                 EVAL)  # fmt: skip
+    report_to: str = setting("none", "none, tensorboard, wandb... (passed to the Trainer).", EVAL)
+    # Any other Seq2SeqTrainingArguments field, from --config only.
+    training_args: dict = setting({}, "Seq2SeqTrainingArguments fields.", cli=False)
+
+    def __post_init__(self) -> None:
+        check(self)
+        missing = [flag(k) for k in ("model", "dataset", "output_dir") if not getattr(self, k)]
+        if missing:
+            raise LongsumError(f"missing {', '.join(missing)} (on the command line or in --config)")
+        if self.max_steps == 0:
+            raise LongsumError("--max-steps must be >= 1, or -1 to train for --num-train-epochs")
+        if self.bf16 and self.fp16:
+            raise LongsumError("choose one of --bf16 and --fp16")
 
 
 def load_config_file(path: str) -> dict:
-    """Keys of a YAML/JSON config; TrainConfig fields, or extra Seq2SeqTrainingArguments."""
+    """Settings from a YAML/JSON file: TrainConfig fields (converted to their types), and other
+    Seq2SeqTrainingArguments fields under `training_args`. Unknown keys and bad values: one line."""
+    import typing
+
     from transformers import Seq2SeqTrainingArguments
 
+    where = f"--config {path}"
     try:
         text = Path(path).read_text()
+    except OSError as err:
+        raise LongsumError(f"cannot read {where}: {err.strerror or err}") from None
+    try:
         data = json.loads(text) if path.endswith(".json") else _yaml(text)
-    except (OSError, ValueError) as err:
-        raise LongsumError(f"cannot read --config {path}: {err}") from None
+    except Exception as err:  # noqa: BLE001  json/yaml syntax errors of every kind
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LongsumError(f"{where} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first}") from None
     if not isinstance(data, dict):
-        raise LongsumError(f"--config {path} must hold a mapping of option names to values")
+        raise LongsumError(f"{where} must hold a mapping of option names to values")
     ours = {f.name for f in dataclasses.fields(TrainConfig)} - {"training_args"}
-    theirs = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments)}
-    config, extra = {}, {}
+    theirs = typing.get_type_hints(Seq2SeqTrainingArguments)
+    config = from_mapping(TrainConfig, {k: v for k, v in data.items() if str(k).replace("-", "_") in ours}, where)
+    extra = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name in ours:
-            config[name] = value
-        elif name in theirs:
-            extra[name] = value
-        else:
-            raise LongsumError(f"unknown key '{key}' in --config {path} (not a longsum train option nor a "
+            continue
+        if name not in theirs:
+            raise LongsumError(f"unknown key '{key}' in {where} (not a longsum train option nor a "
                                f"Seq2SeqTrainingArguments field)")  # fmt: skip
+        simple = theirs[name] in (int, float, bool, str) or _optional_simple(theirs[name])
+        extra[name] = coerce(theirs[name], value, str(key), where) if simple else value
     if extra:
         config["training_args"] = extra
     return config
+
+
+def _optional_simple(tp) -> bool:
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return len(args) == 1 and args[0] in (int, float, bool, str) and len(typing.get_args(tp)) == 2
 
 
 def _yaml(text: str):
@@ -104,7 +144,7 @@ def _is_local(name: str) -> bool:
     return Path(name).suffix.lower() in LOCAL_SUFFIXES or Path(name).exists()
 
 
-def _datasets(cfg: TrainConfig, console):
+def _datasets(cfg: TrainConfig):
     """(train EvalData, eval EvalData or None). A local file without --eval-dataset gives up a
     seeded held-out part for evaluation (a file has no validation split; its rows are not trained on)."""
     from longsum.data import load_examples
@@ -126,18 +166,17 @@ def _datasets(cfg: TrainConfig, console):
     import random
 
     eval_positions = set(random.Random(cfg.seed).sample(range(n), held))
-    console.print(f"no --eval-dataset: holding out {held} of {n} examples of {cfg.dataset} for evaluation "
-                  f"(seed {cfg.seed}); they are not trained on", markup=False, highlight=False)  # fmt: skip
+    note(f"no --eval-dataset: holding out {held} of {n} examples of {cfg.dataset} for evaluation "
+         f"(seed {cfg.seed}); they are not trained on")  # fmt: skip
     return (train.subset([k for k in range(n) if k not in eval_positions]),
             train.subset(sorted(eval_positions)))  # fmt: skip
 
 
-def _tokenized(cfg: TrainConfig, data, split: str, tokenizer, max_source: int, console):
+def _tokenized(cfg: TrainConfig, data, split: str, tokenizer, max_source: int):
     """A tokenized `datasets.Dataset` (cached on disk per source, selection and lengths)."""
     view, dropped = data.training_view()
     if dropped:
-        console.print(f"[yellow]left out {dropped} example(s) of {cfg.dataset} [{split}] without a document or a "
-                      f"reference")  # fmt: skip
+        note(f"left out {dropped} example(s) of {cfg.dataset} [{split}] without a document or a reference")
     if len(view) == 0:
         raise LongsumError(f"no usable examples in {data.source.get('hub_id') or data.source.get('path')} [{split}]")
     from array import array
@@ -167,21 +206,19 @@ def run(cfg: TrainConfig) -> Path:
     from longsum.generation import model_max_source_length
     from longsum.models import load_model
 
-    console = stderr_console()
-    if cfg.bf16 and cfg.fp16:
-        raise LongsumError("choose one of --bf16 and --fp16")
     if cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
         raise LongsumError(f"--save-steps ({cfg.save_steps}) must be a multiple of --eval-steps ({cfg.eval_steps}) "
                            f"to keep the best checkpoint by rougeLsum")  # fmt: skip
     out = Path(cfg.output_dir)
-    resume = _resume_point(cfg, out, console)
+    _check_output_dir(out)
+    resume = _resume_point(cfg, out)
 
     model, tokenizer = load_model(cfg.model, device="cpu", dtype="fp32")
     model.train()
     max_source = cfg.max_source_length or model_max_source_length(model.config, tokenizer)
-    train_data, eval_data = _datasets(cfg, console)
-    train_set = _tokenized(cfg, train_data, cfg.train_split, tokenizer, max_source, console)
-    eval_set = None if eval_data is None else _tokenized(cfg, eval_data, "eval", tokenizer, max_source, console)
+    train_data, eval_data = _datasets(cfg)
+    train_set = _tokenized(cfg, train_data, cfg.train_split, tokenizer, max_source)
+    eval_set = None if eval_data is None else _tokenized(cfg, eval_data, "eval", tokenizer, max_source)
 
     block = getattr(model.config, "block_size", None) if hasattr(model.config, "sparsity_type") else None
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=block)
@@ -198,7 +235,7 @@ def run(cfg: TrainConfig) -> Path:
         weight_decay=cfg.weight_decay,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
@@ -212,6 +249,7 @@ def run(cfg: TrainConfig) -> Path:
         generation_num_beams=cfg.eval_num_beams,
         logging_steps=cfg.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must be seen, not hidden
+        disable_tqdm=True,  # progress is longsum's own line per logging step, on stderr
         seed=cfg.seed,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Without CUDA, DDP runs on CPU processes (gloo); accelerate needs to be told.
@@ -236,15 +274,25 @@ def run(cfg: TrainConfig) -> Path:
         compute_metrics=_rouge_metrics(tokenizer) if eval_set is not None else None,
         callbacks=[guard],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
     if trainer.is_world_process_zero():
-        console.print(f"training {cfg.model} on {len(train_set)} examples "
-                      f"({'resuming from ' + str(resume) if resume else 'from the start'})")  # fmt: skip
+        log(f"training {cfg.model} on {len(train_set)} examples "
+            f"({'resuming from ' + str(resume) if resume else 'from the start'})")  # fmt: skip
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.OutOfMemoryError:
         raise LongsumError("out of memory: lower --per-device-batch-size (raise --gradient-accumulation-steps to "
                            "keep the effective batch), add --gradient-checkpointing, or lower "
                            "--max-source-length") from None  # fmt: skip
+    except OSError as err:  # a checkpoint or log that cannot be written (disk full, permissions)
+        if err.errno == errno.ENOSPC:
+            raise LongsumError(f"disk full while training into {out}: free some space (or lower --save-total-limit), "
+                               f"then continue with --resume") from None  # fmt: skip
+        raise LongsumError(
+            f"cannot write into {out}: {err.strerror or err}; fix it, then continue with --resume"
+        ) from None
     if guard.bad_loss is not None:
         step, value = guard.bad_loss
         precision = "--bf16 instead of --fp16" if cfg.fp16 else ("fp32 (drop --bf16)" if cfg.bf16 else "a lower "
@@ -259,8 +307,23 @@ def run(cfg: TrainConfig) -> Path:
         effective = {"longsum": asdict(cfg), "training_arguments": json.loads(args.to_json_string())}
         (out / "train_config.json").write_text(json.dumps(effective, indent=2, default=str))
         plot_curves(log_path, out / "train_curves.png")
-        console.print(f"final model: {final} (log {log_path}, curves {out / 'train_curves.png'})")
+        log(f"final model: {final} (log {log_path}, curves {out / 'train_curves.png'})")
     return final
+
+
+def _check_output_dir(out: Path) -> None:
+    """A writable folder, checked before minutes of loading and tokenizing."""
+    if out.exists() and not out.is_dir():
+        raise LongsumError(f"--output-dir {out} is a file; choose a folder")
+    probe = out / f".longsum-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise LongsumError(
+            f"cannot write to --output-dir {out}: {err.strerror or err}; choose another folder"
+        ) from None
 
 
 def _complete(checkpoint: Path) -> bool:
@@ -273,7 +336,7 @@ def _complete(checkpoint: Path) -> bool:
     return any(checkpoint.glob("*.safetensors")) or any(checkpoint.glob("pytorch_model*.bin"))
 
 
-def last_complete_checkpoint(out: Path, console=None) -> Path | None:
+def last_complete_checkpoint(out: Path, report: bool = False) -> Path | None:
     """The newest complete `checkpoint-N` in `out`; newer incomplete ones (a kill during a save)
     are skipped with a note, and left on disk."""
     import re
@@ -286,20 +349,20 @@ def last_complete_checkpoint(out: Path, console=None) -> Path | None:
     for _, path in sorted(found, reverse=True):
         if _complete(path):
             return path
-        if console is not None:
-            console.print(f"[yellow]skipping {path}: incomplete (interrupted while being saved)", highlight=False)
+        if report:
+            note(f"skipping {path}: incomplete (interrupted while being saved)")
     return None
 
 
-def _resume_point(cfg: TrainConfig, out: Path, console) -> Path | None:
+def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     if cfg.resume is None:
         if last_complete_checkpoint(out):
-            console.print(f"[yellow]{out} already has checkpoints; pass --resume to continue from the last one")
+            note(f"{out} already has checkpoints; pass --resume to continue from the last one")
         return None
     if cfg.resume == "auto":
-        last = last_complete_checkpoint(out, console)
+        last = last_complete_checkpoint(out, report=True)
         if last is None:
-            console.print(f"no complete checkpoint in {out} yet: starting from the beginning", markup=False)
+            log(f"no complete checkpoint in {out} yet: starting from the beginning")
         return last
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file():
@@ -330,12 +393,16 @@ def _rouge_metrics(tokenizer):
 
 
 def _make_guard(path: Path):
-    """A callback that writes the JSONL log (main process) and stops at the first non-finite loss."""
+    """A callback that writes the JSONL log and a progress line on stderr (main process), and
+    stops at the first non-finite loss."""
+    import time
+
     from transformers import TrainerCallback
 
     class Guard(TrainerCallback):
         def __init__(self):
             self.bad_loss = None
+            self.start = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -343,6 +410,7 @@ def _make_guard(path: Path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "a") as f:
                     f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+                log(_progress_line(state, logs, time.perf_counter() - self.start))
             loss = logs.get("loss")
             if loss is not None and not math.isfinite(loss):
                 self.bad_loss = (state.global_step, loss)
@@ -351,11 +419,28 @@ def _make_guard(path: Path):
     return Guard()
 
 
+def _progress_line(state, logs: dict, seconds: float) -> str:
+    """`step 20/60  loss 3.214  lr 4.0e-05  12s` (or the eval scores, or the run's summary)."""
+    step = f"step {state.global_step}/{state.max_steps}"
+    if "loss" in logs:
+        return f"{step}  loss {logs['loss']:.4g}  lr {logs.get('learning_rate', 0):.2g}  {seconds:.0f}s"
+    scores = {k.removeprefix("eval_"): v for k, v in logs.items() if k.startswith("eval_rouge")}
+    if scores:
+        return f"{step}  eval " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items())
+    if "train_runtime" in logs:
+        return f"{step}  done in {float(logs['train_runtime']):.0f}s, mean loss {float(logs.get('train_loss', 0)):.4g}"
+    return f"{step}  " + "  ".join(f"{k} {v}" for k, v in logs.items())
+
+
 def plot_curves(log_path: Path, png: Path) -> None:
     """Training loss and (when evaluated) ROUGE against steps."""
     if not log_path.exists():
         return
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional extra: the run itself is done, say so and go on
+        note(f"no {png.name}: plotting needs matplotlib (pip install matplotlib); the log is in {log_path}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

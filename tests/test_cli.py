@@ -47,3 +47,60 @@ def test_errors_are_one_line_without_traceback():
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
     assert "Traceback" not in out.stderr
+
+
+def longsum(*args, cwd=None) -> subprocess.CompletedProcess:
+    """A real `longsum` process, with none of the quiet settings in-process runs left in os.environ."""
+    import os
+
+    from longsum.console import _QUIET_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in _QUIET_ENV}
+    return subprocess.run([sys.executable, "-m", "longsum", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+
+
+def test_user_text_is_printed_as_written_never_as_markup(tmp_path, tiny_model_dir):
+    import json
+
+    src = tmp_path / "r.jsonl"
+    src.write_text(json.dumps({"id": "odd [/] id [bold]", "text": ""}) + "\n")
+    out = longsum("summarize", src, "-m", tiny_model_dir, "-o", tmp_path / "o.jsonl", "--fail-fast")
+    assert out.returncode == 1 and "MarkupError" not in out.stderr
+    assert "stopped at the first failure (--fail-fast): odd [/] id [bold]: empty document" in out.stderr
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": "A long text. " * 5, "summary": "Short."}) + "\n" for _ in range(2)))
+    out = longsum("eval", data, "-m", tiny_model_dir, "--output-dir", tmp_path / "ev", "--split", "[test]")
+    assert out.returncode == 0, out.stderr
+    assert f"{data} [[test]]: 2 examples" in out.stderr  # the split name, brackets and all
+
+
+def test_a_normal_run_prints_only_longsums_lines_and_v_shows_the_libraries(tmp_path, tiny_model_dir):
+    doc = tmp_path / "d.txt"
+    doc.write_text("A short document about rivers. " * 10)
+    out = longsum("summarize", doc, "-m", tiny_model_dir, "-o", tmp_path / "o.jsonl")
+    assert out.returncode == 0 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert "\r" not in out.stderr and "Loading weights" not in out.stderr and "Warning" not in out.stderr
+    assert lines[0].startswith("model ") and lines[-1].startswith("done 1, skipped 0, failed 0")
+    verbose = longsum("-v", "summarize", doc, "-m", tiny_model_dir, "-o", tmp_path / "o2.jsonl")
+    assert verbose.returncode == 0 and "Loading weights" in verbose.stderr
+
+
+def test_eval_prints_scores_on_stdout_and_keeps_earlier_results(tmp_path, tiny_model_dir):
+    import json
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"Text number {i}. " * 8, "summary": "Short."}) + "\n" for i in range(3))
+    )
+    run = ["eval", data, "-m", tiny_model_dir, "--output-dir", tmp_path / "ev"]
+    first = longsum(*run)
+    assert first.returncode == 0, first.stderr
+    assert "rougeLsum" in first.stdout and "rougeLsum" not in first.stderr  # the result on stdout, logs on stderr
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["schema"] == "longsum-eval-results" and results["schema_version"] == 1
+    second = longsum(*run)  # resumed: nothing to generate, scored again
+    assert second.returncode == 0 and "the earlier results.json is kept as" in second.stderr
+    kept = [p.name for p in (tmp_path / "ev").glob("results.*.json")]
+    assert len(kept) == 1 and json.loads((tmp_path / "ev" / kept[0]).read_text()) == results

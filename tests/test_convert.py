@@ -174,9 +174,18 @@ def test_t5_to_longt5(tmp_path, tokenizer, target):
         (["./no/such/folder"], "local path './no/such/folder' does not exist"),
         (["{src}", "{out}", "--max-length", "5000"], "not a multiple of the block size 128; use 4992 or 5120"),
         (["{src}", "{existing}"], "exists; pass --overwrite"),
-        (["{src}", "{out}", "--sparsity-type", "dense"], "unknown sparsity_type 'dense'"),
+        (
+            ["{src}", "{out}", "--sparsity-type", "dense"],
+            "Invalid value for '--sparsity-type': Value error, 'dense' is not one of 'norm', 'pooling'",
+        ),
+        (["{src}", "{out}", "--to", "longt5-locl"], "'longt5-locl' is not one of 'longt5-local', 'longt5-tglobal'"),
+        (
+            ["{src}", "{thesis}", "--overwrite"],
+            "--overwrite replaces model folders only; {thesis} is not one (it holds thesis.tex)",
+        ),
+        (["{src}", "{file}"], "output {file} is a file; choose a folder name"),
         (["{src}", "{out}", "--block-size", "100", "--sparsity-factor", "8"], "divisible by sparsity_factor"),
-        (["{src}", "{out}", "--num-global-tokens", "600"], "between 1 and 512"),
+        (["{src}", "{out}", "--num-global-tokens", "600"], "--num-global-tokens must be <= 512, got 600"),
         (["{unsupported}"], "cannot convert architecture 'gpt2'"),
         (["{src}", "{out}", "--to", "longt5-local"], "--to longt5-local converts T5 checkpoints"),
     ],
@@ -186,17 +195,55 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, bart_source, tokeniz
 
     source, _ = bart_source
     (tmp_path / "existing").mkdir()
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "thesis.tex").write_text("\\section{Three years of work}")
+    (tmp_path / "thesis" / "config.json").write_text("{}")
+    (tmp_path / "afile").write_text("not a folder")
     gpt = tmp_path / "gpt2"
     if "{unsupported}" in args:
         save(GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)), tokenizer, gpt)
     subs = {"{src}": str(source), "{out}": str(tmp_path / "out"), "{existing}": str(tmp_path / "existing"),
-            "{unsupported}": str(gpt)}  # fmt: skip
+            "{unsupported}": str(gpt), "{thesis}": str(tmp_path / "thesis"), "{file}": str(tmp_path / "afile")}  # fmt: skip
     args = [subs.get(a, a) for a in args]
+    for name, value in subs.items():
+        message = message.replace(name, value)
     proc = subprocess.run([sys.executable, "-m", "longsum", "convert", *args], capture_output=True, text=True,
                           cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+    assert (tmp_path / "thesis" / "thesis.tex").read_text() == "\\section{Three years of work}"
+
+
+def test_option_typos_are_refused_before_anything_heavy_is_imported(tmp_path):
+    code = ("import sys; sys.argv = ['longsum', 'convert', 'bart-base', '--sparsity-type', 'dense'];"
+            "from longsum.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.split() == ["2", "False", "False"], out.stderr
+    for bad in (["--num-global-tokens", "0"], ["--block-size", "-4"], ["--dtype", "fp8"]):
+        code2 = code.replace("'--sparsity-type', 'dense'", ", ".join(repr(a) for a in bad))
+        out = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, cwd=tmp_path)
+        assert out.stdout.split() == ["2", "False", "False"] and out.stderr.startswith("error: "), (bad, out.stderr)
+
+
+def test_every_lsg_setting_of_the_original_converter_is_an_option(tmp_path, bart_source):
+    """--adaptive/--no-adaptive, --pool-with-global/--no-pool-with-global, --lsh-num-pre-rounds and
+    the model card's command (which writes --no-mask-first-token) all parse and reach the config."""
+    source, _ = bart_source
+    out = tmp_path / "out"
+    result = convert(source, out, "--max-length", 2048, "--no-adaptive", "--no-pool-with-global",
+                     "--lsh-num-pre-rounds", 2, "--sparsity-type", "lsh", "--no-mask-first-token")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["adaptive"], config["pool_with_global"], config["lsh_num_pre_rounds"]) == (False, False, 2)
+    assert config["mask_first_token"] is False and config["sparsity_type"] == "lsh"
+    command = next(line for line in (out / "README.md").read_text().splitlines() if line.startswith("Command:"))
+    args = command.removeprefix("Command: `longsum convert ").rstrip("`").split()
+    assert "--no-mask-first-token" in args and "--no-adaptive" in args
+    again = convert(*args[:1], tmp_path / "again", *args[2:])  # the card's command, as written, works
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == config
 
 
 def test_mask_id_outside_vocabulary_falls_back_to_random_globals(tmp_path, bart_source):

@@ -70,13 +70,15 @@ def test_longsum_checkpoint_round_trip_and_plain_transformers(tmp_path, tiny_lsg
         torch.testing.assert_close(plain(input_ids=ids, decoder_input_ids=dec).logits, want, atol=1e-6, rtol=0)
 
 
-def test_import_longsum_registers_auto_classes_lazily(tmp_path):
-    """`import longsum` alone does not import torch/transformers, yet registers once they load."""
+def test_import_longsum_has_no_side_effects_and_register_is_explicit(tmp_path):
+    """`import longsum` imports neither torch nor transformers, and a later `import transformers`
+    stays as fast as without longsum (no import hook); `longsum.register()` registers the LSG types."""
     import subprocess
 
     code = (
         "import sys, longsum; assert 'torch' not in sys.modules and 'transformers' not in sys.modules;"
-        "from transformers import AutoConfig; print(AutoConfig.for_model('lsg_bart').__class__.__name__)"
+        "import transformers; from transformers import AutoConfig; assert 'longsum.lsg' not in sys.modules;"
+        "longsum.register(); print(AutoConfig.for_model('lsg_bart').__class__.__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "LSGBartConfig"
@@ -228,3 +230,34 @@ def test_cuda_bf16_load_and_generate():
     with torch.no_grad():
         out = model.generate(inputs["input_ids_long"].cuda(), max_new_tokens=4)
     assert out.shape[0] == 1
+
+
+def test_the_registry_and_the_lsg_classes_agree():
+    """One table (longsum.registry) drives load_model, convert and the CLI: the classes match it."""
+    from longsum.lsg import LSG_FAMILIES
+    from longsum.registry import FAMILIES, TASKS
+
+    assert set(LSG_FAMILIES) == set(FAMILIES)
+    for model_type, family in FAMILIES.items():
+        assert set(LSG_FAMILIES[model_type]) - {"config"} == set(family.tasks)
+        assert set(family.tasks) <= set(TASKS)
+
+
+def test_every_advertised_task_loads_a_stock_encoder(tmp_path, tokenizer):
+    """`task="masked_lm"` on a stock BERT used to end in a KeyError although TASKS listed it."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from longsum.registry import TASKS
+
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    _save_stock(tmp_path, config, BertForMaskedLM, tokenizer)
+    for task in TASKS:
+        if task == "seq2seq":
+            with pytest.raises(ModelLoadError, match="unsupported architecture 'bert' for task 'seq2seq'"):
+                load_model(tmp_path, task=task, device="cpu")
+            continue
+        model, _ = load_model(tmp_path, task=task, device="cpu")
+        assert model.config.model_type == "bert"
+    masked, _ = load_model(tmp_path, task="masked_lm", device="cpu")
+    assert type(masked).__name__ == "BertForMaskedLM"

@@ -137,7 +137,7 @@ def test_fail_fast_stops_at_first_failure(tmp_path, model_dir):
         (["{doc}", "--num-beams", "0"], "--num-beams must be >= 1, got 0"),
         (["{doc}", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
         (["{doc}", "-m", "/no/such/model"], "local path '/no/such/model' does not exist"),
-        (["{doc}", "--long-input", "squash"], "--long-input must be one of truncate, chunk"),
+        (["{doc}", "--long-input", "squash"], "Invalid value for '--long-input': Value error, 'squash' is not one"),
     ],
 )
 def test_one_line_errors_before_any_work(tmp_path, model_dir, args, message):

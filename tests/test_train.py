@@ -150,16 +150,15 @@ def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path, model_dir,
 
 
 def test_eval_steps_on_a_local_file_hold_out_rows_instead_of_reusing_training_rows(tmp_path, data):
-    from longsum.console import stderr_console
     from longsum.train import _datasets
 
     cfg = TrainConfig(model="unused", dataset=str(data), output_dir=str(tmp_path), eval_steps=2, eval_limit=100)
-    train, held = _datasets(cfg, stderr_console())
+    train, held = _datasets(cfg)
     train_ids, held_ids = {ex.id for ex in train.examples()}, {ex.id for ex in held.examples()}
     assert len(train_ids) + len(held_ids) == 25 and not train_ids & held_ids
     assert len(held_ids) == 2  # 10% of the file
-    again_train, again_held = _datasets(cfg, stderr_console())
+    again_train, again_held = _datasets(cfg)
     assert {ex.id for ex in again_held.examples()} == held_ids  # seeded: the same rows every time
     with_eval = TrainConfig(model="unused", dataset=str(data), eval_dataset=str(data), output_dir=str(tmp_path),
                             eval_steps=2)  # fmt: skip
-    assert len(_datasets(with_eval, stderr_console())[0]) == 25  # an explicit eval set: nothing held out
+    assert len(_datasets(with_eval)[0]) == 25  # an explicit eval set: nothing held out

@@ -8,13 +8,8 @@ transformers' Auto classes, so longsum's own checkpoints load with
 
 from __future__ import annotations
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForMaskedLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-)
+import transformers
+from transformers import AutoConfig
 
 from longsum.lsg.attention import SPARSE_SELECTORS, SPARSITY_TYPES, LSGSpec, lsg_attention
 from longsum.lsg.bart import (
@@ -37,9 +32,11 @@ from longsum.lsg.roberta import (
     LSGXLMRobertaForSequenceClassification,
     LSGXLMRobertaModel,
 )
+from longsum.registry import TASKS
 
-# Stock model_type -> the LSG classes for each task. Original LSG checkpoints keep the stock
-# model_type ("bart"); longsum's own use "lsg_bart", so both names map here.
+# Stock model_type -> the LSG classes for each task (the heads `longsum.registry.FAMILIES` lists;
+# a test keeps both in step). Original LSG checkpoints keep the stock model_type ("bart");
+# longsum's own use "lsg_bart", so both names map here.
 LSG_FAMILIES: dict[str, dict[str, type]] = {
     "bart": {
         "config": LSGBartConfig,
@@ -69,12 +66,7 @@ LSG_FAMILIES: dict[str, dict[str, type]] = {
         "classification": LSGXLMRobertaForSequenceClassification,
     },
 }
-_AUTO = {
-    "base": AutoModel,
-    "seq2seq": AutoModelForSeq2SeqLM,
-    "classification": AutoModelForSequenceClassification,
-    "masked_lm": AutoModelForMaskedLM,
-}
+_AUTO = {task: getattr(transformers, auto) for task, auto in TASKS.items()}  # the registry's task table
 
 
 def lsg_family(model_type: str) -> dict[str, type] | None:

@@ -1,6 +1,6 @@
 """LSG attention (local + sparse + global) as a pure function on `[b, h, n, d]` tensors.
 
-The behaviour is the contract in `shared/design/lsg.md` (the original LSG code, ccdv-ai). Notation:
+The behaviour is the contract in `docs/lsg.md` (the original LSG code, ccdv-ai). Notation:
 `G` global tokens (always the first `G` positions), `t = n - G` ordinary tokens, `bs` block size,
 `sbs` sparse block size, `f` sparsity factor, `r = bs / f` compressed positions per block,
 `tc = t / f` compressed length.
@@ -19,6 +19,13 @@ How it is computed, and why:
 
 The sparse selectors (how the compressed sequence is built) are small functions in
 `SPARSE_SELECTORS`, chosen by name.
+
+Sparse windows (`LSGSpec.sparse_windows`): "intended" reads the `sbs` compressed positions just
+left and just right of a block's local window, as docs/lsg.md says. The original code computes those
+windows with slicing offsets that only give that range when `4 * sbs > 3 * bs / f`; otherwise (and
+when `bs == f`) it reads other positions, often inside the block's own local window, or none.
+"original" reproduces its windows, for checkpoints trained by it with such settings (see
+`original_sparse_offsets`). Only the block index changes; the computation is the same.
 """
 
 from __future__ import annotations
@@ -32,8 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from longsum.errors import LSGConfigError
-
-SPARSITY_TYPES = ("norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none")
+from longsum.registry import SPARSE_WINDOWS, SPARSITY_TYPES
 
 # Elements (per keys and per values tensor) gathered at once: bounds the extra memory of a forward
 # to ~2 x 16 MiB in fp32 whatever the length; small chunks also stay in cache (faster on CPU).
@@ -42,7 +48,7 @@ GATHER_BUDGET = 1 << 22
 
 @dataclass(frozen=True)
 class LSGSpec:
-    """The LSG settings that shape attention (names and defaults as in lsg.md)."""
+    """The LSG settings that shape attention (names and defaults as in docs/lsg.md)."""
 
     block_size: int = 128
     sparse_block_size: int = 128
@@ -50,6 +56,7 @@ class LSGSpec:
     sparsity_type: str | None = "norm"
     num_global_tokens: int = 1
     lsh_num_pre_rounds: int = 1
+    sparse_windows: str = "intended"
 
     def __post_init__(self) -> None:
         if self.sparsity_type is None:
@@ -77,6 +84,16 @@ class LSGSpec:
                     f" = {chunk} tokens: it must divide block_size ({self.block_size}) and be divisible by"
                     f" sparsity_factor ({self.sparsity_factor})"
                 )
+        if self.sparse_windows not in SPARSE_WINDOWS:
+            raise LSGConfigError(
+                f"unknown sparse_windows {self.sparse_windows!r}; choose one of {', '.join(SPARSE_WINDOWS)}"
+            )
+        r = self.block_size // self.sparsity_factor
+        if self.sparse_windows == "original" and self.sparse and r % 2 and r > 1:
+            raise LSGConfigError(
+                f"sparse_windows 'original' with block_size / sparsity_factor = {r} (odd, > 1): the original code"
+                " cannot run these settings (it builds one sparse window too few); use sparse_windows 'intended'"
+            )
 
     @property
     def sparse(self) -> bool:
@@ -96,6 +113,7 @@ class LSGSpec:
             sparsity_type=config.sparsity_type,
             num_global_tokens=config.num_global_tokens,
             lsh_num_pre_rounds=config.lsh_num_pre_rounds,
+            sparse_windows=getattr(config, "sparse_windows", "intended"),  # older configs lack the key
         )
 
 
@@ -173,7 +191,7 @@ def select_bos_pooling(q, k, v, mask, spec):
     """Per group of f tokens, a mean weighted by softmax(q_bos . k / sqrt(d)) over unmasked tokens.
 
     q_bos is the query of the first ordinary token (the `<s>` token), which is what the original
-    code uses (lsg.md's "q_global0" paraphrase differs; we match the published checkpoints). Unlike
+    code uses (as docs/lsg.md says: the published checkpoints were trained so). Unlike
     the original, a group with no unmasked token is masked (the original's fp32 mean of the
     additive mask overflows and leaves such groups visible, so padding changed its outputs).
     """
@@ -252,13 +270,46 @@ def compress(q, k, v, mask, spec: LSGSpec):
 # ---------------------------------------------------------------------------------------------
 # The block pattern
 # ---------------------------------------------------------------------------------------------
+def sparse_offsets(spec: LSGSpec) -> tuple[list[int], list[int]]:
+    """Compressed positions block `i` reads left and right, relative to `i * bs/f`; at most `sbs` each."""
+    sbs, r = spec.sparse_block_size, spec.block_size // spec.sparsity_factor
+    if spec.sparse_windows == "original":
+        return original_sparse_offsets(sbs, r)
+    return intended_sparse_offsets(sbs, r)
+
+
+def intended_sparse_offsets(sbs: int, r: int) -> tuple[list[int], list[int]]:
+    """docs/lsg.md: block i's local window covers compressed positions [(i-1)*r, (i+2)*r); sbs on each side."""
+    return list(range(-r - sbs, -r)), list(range(2 * r, 2 * r + sbs))
+
+
+def original_sparse_offsets(sbs: int, r: int) -> tuple[list[int], list[int]]:
+    """The original code's sparse windows, as offsets from `i * r` (`r = bs/f` compressed per block).
+
+    The original pads the compressed sequence on both sides, cuts it into overlapping windows of
+    `6*sbs` rows (one per block, each `r` further on) and takes two runs of rows from each window
+    with Python slice bounds computed from `sbs` and `r`. Those bounds can be negative (counted from
+    the window's end) or cross each other (an empty run), so the rows are taken by slicing a range
+    the same way. With even `r` this is the intended range exactly when `4*sbs > 3*r`; for `r == 1`
+    the right run starts 2 positions early. (Odd `r > 1`: the original fails; LSGSpec refuses it.)
+    """
+    span, odd = 6 * sbs, r % 2  # window length; odd r shifts the bounds by one
+    first = (span - r) // 2 + odd  # window i starts at compressed position i*r - first (left padding)
+    edge = (span - 3 * r) // 2 + odd  # where the left run ends, and (from the window's end) the right run starts
+    rows = range(span)
+    left = rows[edge - sbs : edge]
+    right = rows[-(edge + odd) : -(edge + odd) + sbs]  # an end bound of 0 makes this run empty
+    return [row - first for row in left], [row - first for row in right]
+
+
 @lru_cache(maxsize=64)
 def block_index(t: int, spec: LSGSpec, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Which bank rows each block reads: index and validity, both [n_blocks, K].
 
     The bank is `[G globals | t tokens | t/f compressed]`. Slot order per block: globals,
     `sbs` compressed keys left of the window, `sbs` right of it, then the 3 local blocks.
-    Out-of-range slots point at row 0 and are marked invalid.
+    Out-of-range slots point at row 0 and are marked invalid; so are the unused sparse slots when
+    `spec.sparse_windows` is "original" and the original reads fewer than `sbs` keys on a side.
     """
     # Cached across calls: build normal tensors even when first called under inference_mode, or a
     # later training step could not save them for backward.
@@ -273,11 +324,13 @@ def _block_index(t: int, spec: LSGSpec, device: str) -> tuple[torch.Tensor, torc
 
     parts = [(torch.arange(G).expand(n_blocks, G), torch.ones(n_blocks, G, dtype=torch.bool))]
     if spec.sparse:
-        j = torch.arange(sbs).view(1, -1)
-        for start in ((block - 1) * r - sbs, (block + 2) * r):  # compressed positions
-            pos = start + j
-            valid = (pos >= 0) & (pos < tc)
-            parts.append((G + t + pos, valid))
+        for offsets in sparse_offsets(spec):  # left, then right: up to sbs slots each
+            offset = torch.zeros(1, sbs, dtype=torch.long)
+            used = torch.zeros(1, sbs, dtype=torch.bool)
+            offset[0, : len(offsets)] = torch.tensor(offsets, dtype=torch.long)
+            used[0, : len(offsets)] = True
+            pos = block * r + offset  # [n_blocks, sbs] compressed positions
+            parts.append((G + t + pos, used & (pos >= 0) & (pos < tc)))
     pos = (block - 1) * bs + torch.arange(3 * bs).view(1, -1)  # local token positions
     parts.append((G + pos, (pos >= 0) & (pos < t)))
 

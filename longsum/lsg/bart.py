@@ -5,7 +5,13 @@ from __future__ import annotations
 from transformers import BartConfig
 from transformers.models.bart import modeling_bart as bart
 
-from longsum.lsg.common import LSGAttentionMixin, LSGConfigMixin, LSGEncoderMixin, LSGSeq2SeqModelMixin
+from longsum.lsg.common import (
+    LSGAttentionMixin,
+    LSGConfigMixin,
+    LSGEncoderMixin,
+    LSGGenerationMixin,
+    LSGSeq2SeqModelMixin,
+)
 
 
 class LSGBartConfig(LSGConfigMixin, BartConfig):
@@ -47,7 +53,7 @@ class LSGBartModel(LSGSeq2SeqModelMixin, bart.BartModel):
         self.post_init()
 
 
-class LSGBartForConditionalGeneration(bart.BartForConditionalGeneration):
+class LSGBartForConditionalGeneration(LSGGenerationMixin, bart.BartForConditionalGeneration):
     config_class = LSGBartConfig
 
     def __init__(self, config):

@@ -7,12 +7,16 @@ transformers classes one level deep. Only three things change from the stock mod
 * encoder self-attention is `lsg_attention` (`LSGAttentionMixin`);
 * the encoder embedding step prepends global tokens, pads to whole blocks and trims the output
   (`LSGEncoderMixin`), and the seq2seq model gives the decoder a cross-attention mask that matches
-  (`LSGSeq2SeqModelMixin`).
+  (`LSGSeq2SeqModelMixin`);
+* a call without `attention_mask` masks the padding of `input_ids` (`LSGSeq2SeqModelMixin` for
+  `forward`, `LSGGenerationMixin` for `generate`), as the original models did under transformers 4.
 
 The decoder is the stock one (SDPA).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -22,27 +26,12 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from longsum.errors import InputTooLongError
-from longsum.lsg.attention import LSGSpec, lsg_attention
-
-# Config keys and defaults exactly as in lsg.md, so config.json files interoperate both ways.
-LSG_DEFAULTS = {
-    "block_size": 128,
-    "sparse_block_size": 128,
-    "sparsity_factor": 2,
-    "sparsity_type": "norm",
-    "num_global_tokens": 1,
-    "adaptive": True,
-    "mask_first_token": False,
-    "pass_global_tokens_to_decoder": True,
-    "pool_with_global": True,
-    "lsh_num_pre_rounds": 1,
-    "base_model_prefix": "lsg",
-}
-MAX_GLOBAL_TOKENS = 512  # rows of `global_embeddings`
+from longsum.lsg.attention import LSGSpec, intended_sparse_offsets, lsg_attention, original_sparse_offsets
+from longsum.registry import LSG_DEFAULTS, MAX_GLOBAL_TOKENS  # noqa: F401  (re-exported)
 
 
 class LSGConfigMixin:
-    """Adds the LSG keys (with lsg.md defaults) to a stock config and validates them."""
+    """Adds the LSG keys (with docs/lsg.md defaults) to a stock config and validates them."""
 
     def __post_init__(self, **kwargs):
         for key, default in LSG_DEFAULTS.items():
@@ -54,6 +43,29 @@ class LSGConfigMixin:
         if self.mask_first_token and not self.pool_with_global:
             self.pool_with_global = True  # as the original: token 0 is hidden, so it is pooled from global 0
         LSGSpec.from_config(self)  # raises LSGConfigError on a bad setting
+
+
+def needs_original_windows(config) -> bool:
+    """Whether the original LSG code reads other sparse windows than docs/lsg.md's with these settings.
+
+    With `r = block_size / sparsity_factor`, that is when sparse attention is on and either `r` is
+    even with `4 * sparse_block_size <= 3 * r` (e.g. 128/32/2, 64/16/2: blocks read compressed keys
+    from inside their own local window, one side only, or none), or `r == 1` (block_size ==
+    sparsity_factor: the right window starts 2 positions early). Odd `r > 1` gives False: the
+    original cannot run it, so no checkpoint was trained with it. `config`: a config or its dict;
+    missing keys take the LSG defaults.
+    """
+    if isinstance(config, Mapping):
+        settings = {key: config.get(key, default) for key, default in LSG_DEFAULTS.items()}
+    else:
+        settings = {key: getattr(config, key, default) for key, default in LSG_DEFAULTS.items()}
+    bs, sbs, f = settings["block_size"], settings["sparse_block_size"], settings["sparsity_factor"]
+    if not sbs or settings["sparsity_type"] in (None, "none") or f < 1 or bs % f:
+        return False  # no sparse keys (or settings longsum refuses anyway)
+    r = bs // f
+    if r % 2 and r > 1:
+        return False
+    return original_sparse_offsets(sbs, r) != intended_sparse_offsets(sbs, r)
 
 
 class LSGAttentionMixin:
@@ -138,10 +150,32 @@ class LSGEncoderMixin:
         return BaseModelOutput(last_hidden_state=hidden)
 
 
+def padding_mask(input_ids, pad_token_id, eos_token_id=None) -> torch.Tensor | None:
+    """`input_ids != pad_token_id` ([b, t] long), or None when padding cannot be told apart.
+
+    None without integer ids (e.g. `inputs_embeds`), without a pad id, or when the pad id is also
+    the end-of-text id: the same rule as transformers 4's `generate`, under which the original LSG
+    checkpoints were used.
+    """
+    if input_ids is None or input_ids.dim() != 2 or input_ids.is_floating_point() or pad_token_id is None:
+        return None
+    eos = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if pad_token_id in eos:
+        return None
+    return input_ids.ne(pad_token_id).long()
+
+
 class LSGSeq2SeqModelMixin:
-    """Runs the LSG encoder, then the stock forward with the matching cross-attention mask."""
+    """Runs the LSG encoder, then the stock forward with the matching cross-attention mask.
+
+    Without `attention_mask`, the mask is built from `input_ids != pad_token_id` (see
+    `padding_mask`): transformers 5 no longer builds one for encoder-decoder models, and without it
+    padded rows would attend to their padding and `mask_first_token` would not reach the decoder.
+    """
 
     def forward(self, input_ids=None, attention_mask=None, encoder_outputs=None, inputs_embeds=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = padding_mask(input_ids, self.config.pad_token_id, self.config.eos_token_id)
         if encoder_outputs is None:
             encoder_kwargs = {k: v for k, v in kwargs.items() if k in ("output_attentions", "output_hidden_states")}
             encoder_outputs = self.encoder(
@@ -154,6 +188,24 @@ class LSGSeq2SeqModelMixin:
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
+
+
+class LSGGenerationMixin:
+    """`generate()` without `attention_mask` masks the padding of the input ids.
+
+    `generate` runs the encoder through `get_encoder()` and then calls `forward` with the encoder
+    outputs but no input ids, so the mask cannot be built inside the model: it is built here, once,
+    and `generate` passes it to the encoder and to every decoding step (cross-attention). The
+    caller's tensors are not modified.
+    """
+
+    def generate(self, inputs=None, *args, **kwargs):
+        if kwargs.get("attention_mask") is None:
+            ids = inputs if inputs is not None else kwargs.get("input_ids")
+            mask = padding_mask(ids, self.config.pad_token_id, self.config.eos_token_id)
+            if mask is not None:
+                kwargs["attention_mask"] = mask
+        return super().generate(inputs, *args, **kwargs)
 
 
 def check_length(t: int, limit: int, block_size: int) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 from transformers import MBartConfig
 from transformers.models.mbart import modeling_mbart as mbart
 
-from longsum.lsg.common import LSGAttentionMixin, LSGConfigMixin, LSGEncoderMixin, LSGSeq2SeqModelMixin
+from longsum.lsg.common import (
+    LSGAttentionMixin,
+    LSGConfigMixin,
+    LSGEncoderMixin,
+    LSGGenerationMixin,
+    LSGSeq2SeqModelMixin,
+)
 
 
 class LSGMBartConfig(LSGConfigMixin, MBartConfig):
@@ -46,7 +52,7 @@ class LSGMBartModel(LSGSeq2SeqModelMixin, mbart.MBartModel):
         self.post_init()
 
 
-class LSGMBartForConditionalGeneration(mbart.MBartForConditionalGeneration):
+class LSGMBartForConditionalGeneration(LSGGenerationMixin, mbart.MBartForConditionalGeneration):
     config_class = LSGMBartConfig
 
     def __init__(self, config):

@@ -5,7 +5,13 @@ from __future__ import annotations
 from transformers import PegasusConfig
 from transformers.models.pegasus import modeling_pegasus as pegasus
 
-from longsum.lsg.common import LSGAttentionMixin, LSGConfigMixin, LSGEncoderMixin, LSGSeq2SeqModelMixin
+from longsum.lsg.common import (
+    LSGAttentionMixin,
+    LSGConfigMixin,
+    LSGEncoderMixin,
+    LSGGenerationMixin,
+    LSGSeq2SeqModelMixin,
+)
 
 
 class LSGPegasusConfig(LSGConfigMixin, PegasusConfig):
@@ -46,7 +52,7 @@ class LSGPegasusModel(LSGSeq2SeqModelMixin, pegasus.PegasusModel):
         self.post_init()
 
 
-class LSGPegasusForConditionalGeneration(pegasus.PegasusForConditionalGeneration):
+class LSGPegasusForConditionalGeneration(LSGGenerationMixin, pegasus.PegasusForConditionalGeneration):
     config_class = LSGPegasusConfig
 
     def __init__(self, config):

@@ -1,6 +1,6 @@
 """LSG attention against references written independently of the library, in float64.
 
-The naive reference follows lsg.md literally: it builds the compressed sequence with loops, then
+The naive reference follows docs/lsg.md literally: it builds the compressed sequence with loops, then
 for every query lists its keys (globals, the sparse ranges, the local window) and runs an
 explicit softmax. The library must match it to float64 precision.
 """
@@ -70,7 +70,7 @@ def naive_compress(q0, k, v, m, spec, head):
 
 
 def naive_lsg(q, k, v, mask, spec, compressed=None):
-    """lsg.md, literally. compressed (optional): (k_c, v_c, m_c) to use instead of naive_compress."""
+    """docs/lsg.md, literally. compressed (optional): (k_c, v_c, m_c) to use instead of naive_compress."""
     b, h, n, d = q.shape
     G, bs, sbs, f = spec.num_global_tokens, spec.block_size, spec.sparse_block_size, spec.sparsity_factor
     t = n - G
