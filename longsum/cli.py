@@ -15,7 +15,7 @@ import typer
 from longsum import __version__
 from longsum.console import note, quiet_libraries, stderr_console
 from longsum.errors import LongsumError
-from longsum.registry import DTYPES, LONG_INPUT_MODES, LONGT5_TARGETS, SPARSITY_TYPES, aliases, convertible
+from longsum.registry import DTYPES, LONGT5_TARGETS, SPARSITY_TYPES, aliases, convertible
 
 app = typer.Typer(
     name="longsum",
@@ -144,25 +144,8 @@ def convert(
 
 
 # Options shared by the commands that generate (summarize, eval): same names, same meaning.
-# Defaults that depend on the model or preset are written "(default: ...)": Rich would eat "[...]".
-LongInput = Literal[LONG_INPUT_MODES]
+# The generation options themselves come from `GenerationOptions` (`_with_generation`).
 RunDtype = Literal[("auto", *DTYPES)]
-NUM_BEAMS = typer.Option(None, "--num-beams", help="Beam size (default: the preset's, the model's, else 4).")
-MAX_NEW_TOKENS = typer.Option(
-    None, "--max-new-tokens", help="Longest summary in tokens (default: the preset's, the model's, else 256)."
-)
-MIN_NEW_TOKENS = typer.Option(
-    None, "--min-new-tokens", help="Shortest summary in tokens (default: the preset's, the model's, else 0)."
-)
-LENGTH_PENALTY = typer.Option(
-    None, "--length-penalty", help="Beam length penalty (default: the preset's, the model's, else 1.0)."
-)
-NO_REPEAT_NGRAM = typer.Option(
-    None, "--no-repeat-ngram-size", help="Block repeated n-grams of this size; 0 = off (default: the model's, else 3)."
-)
-BATCH_SIZE = typer.Option(4, "--batch-size", help="Documents per batch (halved on CUDA out-of-memory).")
-MAX_SOURCE_LENGTH = typer.Option(None, "--max-source-length", help="Input tokens kept (default: the model's length).")
-LONG_INPUT = typer.Option("truncate", "--long-input", help="Documents longer than the model: cut, or map-reduce.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1, mps.")
 DTYPE = typer.Option("auto", "--dtype", help="auto: bf16 on CUDA that supports it, else fp32.")
 MODEL = typer.Option(
@@ -170,12 +153,17 @@ MODEL = typer.Option(
 )
 
 
-def _generation(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size, batch_size,
-                max_source_length, long_input):  # fmt: skip
-    from longsum.generation import GenerationOptions
+def _with_generation(command):
+    """Give `command` (which takes `**generation`) the options of `GenerationOptions`, where each is
+    defined once with its type, default, bounds and help."""
+    import inspect
 
-    return GenerationOptions(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
-                             batch_size, max_source_length, long_input)  # fmt: skip
+    from longsum.generation import GenerationOptions
+    from longsum.settings import cli_parameters
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature([*own, *cli_parameters(GenerationOptions)])
+    return command
 
 
 SUMMARIZE_EPILOG = """Examples:
@@ -204,18 +192,11 @@ works offline)."""
 
 
 @app.command(epilog=SUMMARIZE_EPILOG)
+@_with_generation
 def summarize(
     inputs: list[str] = typer.Argument(..., help="Text/Markdown/PDF files, folders, '-' for stdin, JSONL/CSV/parquet."),
     output: str = typer.Option("summaries.jsonl", "--output", "-o", help="The JSONL output file ('-': stdout)."),
     model: str = MODEL,
-    num_beams: int = NUM_BEAMS,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    min_new_tokens: int = MIN_NEW_TOKENS,
-    length_penalty: float = LENGTH_PENALTY,
-    no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
-    batch_size: int = BATCH_SIZE,
-    max_source_length: int = MAX_SOURCE_LENGTH,
-    long_input: LongInput = LONG_INPUT,
     device: str = DEVICE,
     dtype: RunDtype = DTYPE,
     glob: str = typer.Option("*.txt,*.md", help="File patterns inside folders (comma-separated, any case)."),
@@ -225,12 +206,13 @@ def summarize(
         False, "--overwrite", help="Start over (an output longsum wrote) instead of resuming."
     ),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first document that fails."),
+    **generation,
 ) -> None:
     """Summarize documents into JSONL, one line per document, resumable."""
+    from longsum.generation import GenerationOptions
     from longsum.summarize import SummarizeConfig, run
 
-    options = _generation(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
-                          batch_size, max_source_length, long_input)  # fmt: skip
+    options = GenerationOptions(**generation)
     config = SummarizeConfig(
         inputs=inputs, output=output, model=model, device=device, dtype=dtype, generation=options, glob=glob,
         text_field=text_field, id_field=id_field, overwrite=overwrite, fail_fast=fail_fast,
@@ -255,6 +237,7 @@ mean over examples with a seeded bootstrap 95% interval. Hub datasets need the H
 
 
 @app.command("eval", epilog=EVAL_EPILOG)
+@_with_generation
 def eval_(
     dataset: str = typer.Argument(None, help="Alias (pubmed, arxiv, govreport), Hub id, or JSONL/CSV/parquet file."),
     model: str = MODEL,
@@ -268,19 +251,12 @@ def eval_(
     output_dir: str = typer.Option(
         None, "--output-dir", "-o", help="Where results go (default: eval-DATASET-SPLIT-MODEL)."
     ),
-    num_beams: int = NUM_BEAMS,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    min_new_tokens: int = MIN_NEW_TOKENS,
-    length_penalty: float = LENGTH_PENALTY,
-    no_repeat_ngram_size: int = NO_REPEAT_NGRAM,
-    batch_size: int = BATCH_SIZE,
-    max_source_length: int = MAX_SOURCE_LENGTH,
-    long_input: LongInput = LONG_INPUT,
     device: str = DEVICE,
     dtype: RunDtype = DTYPE,
     compare: str = typer.Option(None, help="Another results.json to compare with."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier predictions in the output dir."),
     list_aliases: bool = typer.Option(False, "--list", help="Show the dataset aliases and their presets."),
+    **generation,
 ) -> None:
     """Score a model with ROUGE on a summarization dataset (resumable, with provenance)."""
     if list_aliases:
@@ -293,9 +269,9 @@ def eval_(
     if dataset is None:
         raise LongsumError("name a dataset (pubmed, arxiv, govreport, a Hub id or a file); see longsum eval --list")
     from longsum.evaluation import EvalConfig, run
+    from longsum.generation import GenerationOptions
 
-    options = _generation(num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
-                          batch_size, max_source_length, long_input)  # fmt: skip
+    options = GenerationOptions(**generation)
     config = EvalConfig(
         dataset=dataset, model=model, split=split, limit=limit, seed=seed, text_column=text_column,
         summary_column=summary_column, config=dataset_config, revision=revision, output_dir=output_dir,

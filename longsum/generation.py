@@ -17,17 +17,18 @@ bounded by a window of documents, never by the corpus or a document's size:
 
 from __future__ import annotations
 
-import math
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
-from longsum.errors import LongsumError
 from longsum.inputs import DocumentError, StringText, Text
+from longsum.registry import LONG_INPUT_MODES
+from longsum.settings import check, setting
 from longsum.text import sentence_windows
 
-LONG_INPUT_MODES = ("truncate", "chunk")
+GENERATION = "Generation"  # the help panel of these options
 # Used when neither the command line nor the model's generation_config sets a value.
 GENERATION_DEFAULTS = {"num_beams": 4, "max_new_tokens": 256, "min_new_tokens": 0, "length_penalty": 1.0,
                        "no_repeat_ngram_size": 3}  # fmt: skip
@@ -40,28 +41,27 @@ WINDOW_CHARS = 32 << 20
 
 @dataclass
 class GenerationOptions:
-    """Generation settings; None means "the model's generation_config, else our default"."""
+    """Generation settings of `summarize` and `eval`, defined once (`longsum.settings`): both
+    commands' options are built from these fields. None means "the preset's, else the model's
+    generation_config, else our default" (`resolve_generation_kwargs`)."""
 
-    num_beams: int | None = None
-    max_new_tokens: int | None = None
-    min_new_tokens: int | None = None
-    length_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    batch_size: int = 4
-    max_source_length: int | None = None
-    long_input: str = "truncate"
+    num_beams: int | None = setting(None, "Beam size (default: the preset's, the model's, else 4).", GENERATION, low=1)
+    max_new_tokens: int | None = setting(None, "Longest summary in tokens (default: the preset's, the model's, "
+                                               "else 256).", GENERATION, low=1)  # fmt: skip
+    min_new_tokens: int | None = setting(None, "Shortest summary in tokens (default: the preset's, the model's, "
+                                               "else 0).", GENERATION, low=0)  # fmt: skip
+    length_penalty: float | None = setting(None, "Beam length penalty (default: the preset's, the model's, else "
+                                                 "1.0).", GENERATION)  # fmt: skip
+    no_repeat_ngram_size: int | None = setting(None, "Block repeated n-grams of this size; 0 = off (default: the "
+                                                     "model's, else 3).", GENERATION, low=0)  # fmt: skip
+    batch_size: int = setting(4, "Documents per batch (halved on CUDA out-of-memory).", GENERATION, low=1)
+    max_source_length: int | None = setting(None, "Input tokens kept (default: the model's length).", GENERATION,
+                                            low=1)  # fmt: skip
+    long_input: Literal[LONG_INPUT_MODES] = setting("truncate", "Documents longer than the model: cut them, or "
+                                                    "summarize them whole (map-reduce).", GENERATION)  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.long_input not in LONG_INPUT_MODES:
-            raise LongsumError(f"--long-input must be one of {', '.join(LONG_INPUT_MODES)}, got '{self.long_input}'")
-        at_least = {"batch_size": 1, "num_beams": 1, "max_new_tokens": 1, "max_source_length": 1,
-                    "min_new_tokens": 0, "no_repeat_ngram_size": 0}  # fmt: skip
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise LongsumError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-        if self.length_penalty is not None and not math.isfinite(self.length_penalty):
-            raise LongsumError(f"--length-penalty must be a finite number, got {self.length_penalty}")
+        check(self)
 
 
 @dataclass

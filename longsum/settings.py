@@ -53,10 +53,11 @@ def _optional(tp) -> tuple[Any, bool]:
 def coerce(tp, value: Any, name: str, where: str) -> Any:
     """`value` converted to type `tp`, or a one-line error naming `name` and `where` it came from."""
     inner, nullable = _optional(tp)
+    prefix = f"{where}: " if where else ""
     if value is None:
         if nullable:
             return None
-        raise LongsumError(f"{where}: {name} cannot be empty")
+        raise LongsumError(f"{prefix}{name} cannot be empty")
     expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
         inner, getattr(inner, "__name__", str(inner))
     )
@@ -92,7 +93,7 @@ def coerce(tp, value: Any, name: str, where: str) -> Any:
         return value
     except (TypeError, ValueError) as err:
         want = str(err) if str(err).startswith(("one of", "an ", "a ", "true")) else expected
-        raise LongsumError(f"{where}: {name} must be {want}, got {value!r}") from None
+        raise LongsumError(f"{prefix}{name} must be {want}, got {value!r}") from None
 
 
 def check(obj) -> None:
@@ -103,7 +104,7 @@ def check(obj) -> None:
         meta = f.metadata
         if not meta:
             continue
-        value = coerce(hints[f.name], value, flag(f.name), "invalid setting")
+        value = coerce(hints[f.name], value, flag(f.name), "")
         setattr(obj, f.name, value)
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue

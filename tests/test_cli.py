@@ -104,3 +104,34 @@ def test_eval_prints_scores_on_stdout_and_keeps_earlier_results(tmp_path, tiny_m
     assert second.returncode == 0 and "the earlier results.json is kept as" in second.stderr
     kept = [p.name for p in (tmp_path / "ev").glob("results.*.json")]
     assert len(kept) == 1 and json.loads((tmp_path / "ev" / kept[0]).read_text()) == results
+
+
+def test_readme_and_help_texts_list_what_the_registry_holds():
+    """Aliases and families are written once (longsum.registry); the README and --help show them all."""
+    from pathlib import Path
+
+    from longsum.registry import MODEL_ALIASES, aliases, convertible
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, alias in MODEL_ALIASES.items():
+        assert f"| `{name}` | `{alias.hub_id}` |" in readme, name
+    help_text = plain_help("convert")
+    assert convertible() in help_text
+    assert ", ".join(aliases("source")) in help_text
+
+
+def plain_help(*command: str) -> str:
+    """A command's --help as one line of words (Rich wraps text inside its boxes)."""
+    return " ".join(runner.invoke(app, [*command, "--help"]).output.replace("│", " ").split())
+
+
+def test_help_shows_defaults_and_choices():
+    """Rich used to eat "[default ...]" written in help texts ("Beam size ."); choices are listed."""
+    summarize = plain_help("summarize")
+    assert "Beam size (default: the preset's, the model's, else 4)." in summarize
+    assert "<truncate|chunk>" in summarize and "<auto|fp32|bf16|fp16>" in summarize
+    convert = plain_help("convert")
+    assert "[default: 4096]" in convert and "<norm|pooling|ls" in convert
+    train = runner.invoke(app, ["train", "--help"], terminal_width=300).output
+    for panel in ("Model and data", "Optimization", "Precision and memory"):
+        assert panel in train

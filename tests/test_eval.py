@@ -49,11 +49,6 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
         assert m["low"] <= m["mean"] <= m["high"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
 @pytest.fixture
 def dataset(tmp_path):
     path = tmp_path / "data.jsonl"
@@ -68,9 +63,9 @@ def evaluate(*args):
     return runner.invoke(app, ["eval", *map(str, args)], catch_exceptions=False)
 
 
-def test_local_dataset_results_and_predictions(tmp_path, model_dir, dataset):
+def test_local_dataset_results_and_predictions(tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "run"
-    result = evaluate(dataset, "-m", model_dir, "--text-column", "document", "--output-dir", out, "--limit", 5)
+    result = evaluate(dataset, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", out, "--limit", 5)
     assert result.exit_code == 0, result.output
     predictions = read_records(out / "predictions.jsonl")
     assert len(predictions) == 5 and len({p["id"] for p in predictions}) == 5
@@ -91,7 +86,7 @@ def test_local_dataset_results_and_predictions(tmp_path, model_dir, dataset):
     assert "rougeLsum" in result.output
 
 
-def test_limit_is_a_seeded_subset(tmp_path, model_dir, dataset):
+def test_limit_is_a_seeded_subset(tmp_path, tiny_model_dir, dataset):
     from longsum.data import load_examples
 
     a, b, c = (list(load_examples(str(dataset), text_column="document", limit=3, seed=seed).examples())
@@ -100,9 +95,9 @@ def test_limit_is_a_seeded_subset(tmp_path, model_dir, dataset):
     assert [ex.id for ex in a] == sorted(ex.id for ex in a)  # in dataset order
 
 
-def test_resume_generates_only_the_missing_examples(tmp_path, model_dir, dataset):
+def test_resume_generates_only_the_missing_examples(tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "run"
-    args = [dataset, "-m", model_dir, "--text-column", "document", "--output-dir", out]
+    args = [dataset, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", out]
     assert evaluate(*args).exit_code == 0
     lines = (out / "predictions.jsonl").read_text().splitlines()
     (out / "predictions.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # interrupted mid-line
@@ -113,9 +108,9 @@ def test_resume_generates_only_the_missing_examples(tmp_path, model_dir, dataset
     assert sorted(ids) == [f"ex{i}" for i in range(8)]
 
 
-def test_changed_configuration_is_refused(tmp_path, model_dir, dataset):
+def test_changed_configuration_is_refused(tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "run"
-    args = [dataset, "-m", model_dir, "--text-column", "document", "--output-dir", out, "--limit", 2]
+    args = [dataset, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", out, "--limit", 2]
     assert evaluate(*args).exit_code == 0
     proc = subprocess.run([sys.executable, "-m", "longsum", "eval", *map(str, args), "--num-beams", "3"],
                           capture_output=True, text=True)  # fmt: skip
@@ -123,9 +118,9 @@ def test_changed_configuration_is_refused(tmp_path, model_dir, dataset):
     assert len(proc.stderr.splitlines()) == 1
 
 
-def test_compare_prints_differences(tmp_path, model_dir, dataset):
+def test_compare_prints_differences(tmp_path, tiny_model_dir, dataset):
     a, b = tmp_path / "a", tmp_path / "b"
-    base = [dataset, "-m", model_dir, "--text-column", "document", "--limit", 3]
+    base = [dataset, "-m", tiny_model_dir, "--text-column", "document", "--limit", 3]
     assert evaluate(*base, "--output-dir", a).exit_code == 0
     result = evaluate(*base, "--output-dir", b, "--compare", a / "results.json", "--num-beams", 2)
     assert result.exit_code == 0 and "difference" in result.output and "+0.00" in result.output
@@ -159,10 +154,10 @@ def test_one_line_errors(tmp_path, dataset, args, message):
 
 
 @pytest.mark.slow
-def test_two_processes_gather_before_scoring(tmp_path, model_dir, dataset):
+def test_two_processes_gather_before_scoring(tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
-           "-m", "longsum", "eval", str(dataset), "-m", str(model_dir), "--text-column", "document",
+           "-m", "longsum", "eval", str(dataset), "-m", str(tiny_model_dir), "--text-column", "document",
            "--output-dir", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -170,7 +165,7 @@ def test_two_processes_gather_before_scoring(tmp_path, model_dir, dataset):
     assert json.loads((out / "results.json").read_text())["examples"] == 8
 
 
-def test_examples_without_reference_or_document_are_left_out_and_reported(tmp_path, model_dir):
+def test_examples_without_reference_or_document_are_left_out_and_reported(tmp_path, tiny_model_dir):
     path = tmp_path / "data.jsonl"
     rows = [{"id": f"ok{i}", "document": CORPUS[i], "summary": CORPUS[i + 1]} for i in range(3)]
     rows += [{"id": "blank", "document": CORPUS[0], "summary": "  "}, {"id": "null", "document": CORPUS[1],
@@ -178,7 +173,7 @@ def test_examples_without_reference_or_document_are_left_out_and_reported(tmp_pa
              "summary": "s"}]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{torn json\n")
     out = tmp_path / "run"
-    result = evaluate(path, "-m", model_dir, "--text-column", "document", "--output-dir", out)
+    result = evaluate(path, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", out)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["examples"] == 3
@@ -189,19 +184,19 @@ def test_examples_without_reference_or_document_are_left_out_and_reported(tmp_pa
     assert "left out of the scores" in result.output and "3 empty or missing reference" in result.output
 
 
-def test_no_example_with_a_reference_fails(tmp_path, model_dir):
+def test_no_example_with_a_reference_fails(tmp_path, tiny_model_dir):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"document": CORPUS[i], "summary": ""}) + "\n" for i in range(3)))
-    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", str(path), "-m", str(model_dir), "--text-column",
+    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", str(path), "-m", str(tiny_model_dir), "--text-column",
                            "document", "--output-dir", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.startswith("error: no example of") and "3 empty or missing ref" in \
         proc.stderr  # fmt: skip
 
 
-def test_changed_weights_are_refused_on_resume(tmp_path, model_dir, dataset):
+def test_changed_weights_are_refused_on_resume(tmp_path, tiny_model_dir, dataset):
     from tests.test_summarize import copy_model, perturb_weights
 
-    model = copy_model(model_dir, tmp_path / "model")
+    model = copy_model(tiny_model_dir, tmp_path / "model")
     out = tmp_path / "run"
     args = [dataset, "-m", model, "--text-column", "document", "--output-dir", out, "--limit", 2]
     assert evaluate(*args).exit_code == 0

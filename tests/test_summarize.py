@@ -25,11 +25,6 @@ def document(n_sentences: int, seed: int = 0) -> str:
     return "".join(SENTENCES[(seed + i) % len(SENTENCES)] for i in range(n_sentences))
 
 
-@pytest.fixture(scope="session")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
 def summarize(*args, input: str | None = None):
     result = runner.invoke(app, ["summarize", *map(str, args)], input=input, catch_exceptions=False)
     return result
@@ -39,7 +34,7 @@ def records(path: Path) -> list[dict]:
     return read_records(path)
 
 
-def test_files_folder_and_ids(tmp_path, model_dir):
+def test_files_folder_and_ids(tmp_path, tiny_model_dir):
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)
     (docs / "a.txt").write_text(document(3))
@@ -48,25 +43,25 @@ def test_files_folder_and_ids(tmp_path, model_dir):
     single = tmp_path / "c.txt"
     single.write_text(document(5, seed=2))
     out = tmp_path / "out.jsonl"
-    result = summarize(docs, single, "-m", model_dir, "-o", out, "--batch-size", 2)
+    result = summarize(docs, single, "-m", tiny_model_dir, "-o", out, "--batch-size", 2)
     assert result.exit_code == 0, result.output
     got = records(out)
     assert sorted(r["id"] for r in got) == sorted([str(docs / "a.txt"), str(docs / "sub" / "b.md"), str(single)])
     for r in got:
         assert set(r) == {"id", "path", "summary", "model", "input_tokens", "truncated", "seconds"}
         assert r["path"] == str(Path(r["id"]).resolve())
-        assert isinstance(r["summary"], str) and r["input_tokens"] > 0 and r["model"] == str(model_dir)
+        assert isinstance(r["summary"], str) and r["input_tokens"] > 0 and r["model"] == str(tiny_model_dir)
     assert "done 3, skipped 0, failed 0" in result.output
 
 
-def test_stdin_to_stdout(model_dir):
-    result = summarize("-", "-m", model_dir, "-o", "-", input=document(4))
+def test_stdin_to_stdout(tiny_model_dir):
+    result = summarize("-", "-m", tiny_model_dir, "-o", "-", input=document(4))
     assert result.exit_code == 0
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and lines[0]["id"].startswith("stdin:") and "summary" in lines[0]
 
 
-def test_jsonl_csv_records_fields_and_errors(tmp_path, model_dir):
+def test_jsonl_csv_records_fields_and_errors(tmp_path, tiny_model_dir):
     src = tmp_path / "records.jsonl"
     src.write_text(
         "\n".join([
@@ -81,7 +76,7 @@ def test_jsonl_csv_records_fields_and_errors(tmp_path, model_dir):
     with open(csv_file, "w", newline="") as f:
         csv.writer(f).writerows([["doc", "content"], ["c1", document(2)]])
     out = tmp_path / "out.jsonl"
-    result = summarize(src, "-m", model_dir, "-o", out)
+    result = summarize(src, "-m", tiny_model_dir, "-o", out)
     assert result.exit_code == 1  # some documents failed
     by_id = {r["id"]: r for r in records(out)}
     assert {r["source"] for r in by_id.values()} == {str(src)}
@@ -89,11 +84,11 @@ def test_jsonl_csv_records_fields_and_errors(tmp_path, model_dir):
     assert "no text field" in by_id["x3"]["error"] and "--text-field" in by_id["x3"]["error"]
     assert "invalid JSON" in by_id["records.jsonl:4"]["error"]
     assert by_id["x5"]["error"] == "empty document"
-    result = summarize(csv_file, "-m", model_dir, "-o", out, "--text-field", "content", "--id-field", "doc")
+    result = summarize(csv_file, "-m", tiny_model_dir, "-o", out, "--text-field", "content", "--id-field", "doc")
     assert result.exit_code == 0 and "summary" in {r["id"]: r for r in records(out)}["c1"]
 
 
-def test_bad_files_get_error_records_and_others_go_on(tmp_path, model_dir):
+def test_bad_files_get_error_records_and_others_go_on(tmp_path, tiny_model_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "good.txt").write_text(document(3))
@@ -102,7 +97,7 @@ def test_bad_files_get_error_records_and_others_go_on(tmp_path, model_dir):
     (docs / "latin1.txt").write_bytes("Le caf\xe9 cr\xe8me de la ville.".encode("latin-1"))
     (docs / "utf16.txt").write_bytes("A document saved as UTF-16 by Windows.".encode("utf-16"))
     out = tmp_path / "out.jsonl"
-    result = summarize(docs, "-m", model_dir, "-o", out)
+    result = summarize(docs, "-m", tiny_model_dir, "-o", out)
     assert result.exit_code == 1
     by_id = {Path(r["id"]).name: r for r in records(out)}
     assert "summary" in by_id["good.txt"] and "encoding" not in by_id["good.txt"]
@@ -113,11 +108,11 @@ def test_bad_files_get_error_records_and_others_go_on(tmp_path, model_dir):
     assert "failed 2" in result.output
 
 
-def test_fail_fast_stops_at_first_failure(tmp_path, model_dir):
+def test_fail_fast_stops_at_first_failure(tmp_path, tiny_model_dir):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_text(document(3))
     out = tmp_path / "out.jsonl"
-    result = summarize(tmp_path / "a.txt", tmp_path / "b.txt", "-m", model_dir, "-o", out, "--fail-fast")
+    result = summarize(tmp_path / "a.txt", tmp_path / "b.txt", "-m", tiny_model_dir, "-o", out, "--fail-fast")
     assert result.exit_code == 1
     assert [r["id"] for r in records(out)] == [str(tmp_path / "a.txt")]
 
@@ -140,13 +135,18 @@ def test_fail_fast_stops_at_first_failure(tmp_path, model_dir):
         (["{doc}", "--long-input", "squash"], "Invalid value for '--long-input': Value error, 'squash' is not one"),
     ],
 )
-def test_one_line_errors_before_any_work(tmp_path, model_dir, args, message):
+def test_one_line_errors_before_any_work(tmp_path, tiny_model_dir, args, message):
     doc = tmp_path / "d.txt"
     doc.write_text(document(2))
     (tmp_path / "empty").mkdir()
     notes = tmp_path / "notes.txt"
     notes.write_text("my own notes\nlast line, no newline")
-    names = {"{doc}": str(doc), "{model}": str(model_dir), "{empty}": str(tmp_path / "empty"), "{notes}": str(notes)}
+    names = {
+        "{doc}": str(doc),
+        "{model}": str(tiny_model_dir),
+        "{empty}": str(tmp_path / "empty"),
+        "{notes}": str(notes),
+    }
     for name, value in names.items():
         args = [a.replace(name, value) for a in args]
         message = message.replace(name, value)
@@ -163,16 +163,16 @@ def test_one_line_errors_before_any_work(tmp_path, model_dir, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.txt", "empty", "notes.txt"]  # no lock, no sidecar
 
 
-def test_chunking_a_document_longer_than_the_model(tmp_path, model_dir):
+def test_chunking_a_document_longer_than_the_model(tmp_path, tiny_model_dir):
     long_doc = tmp_path / "long.txt"
     long_doc.write_text(document(60))  # ~1,000 tokens for a 256-position model
     out = tmp_path / "out.jsonl"
-    result = summarize(long_doc, "-m", model_dir, "-o", out, "--long-input", "chunk")
+    result = summarize(long_doc, "-m", tiny_model_dir, "-o", out, "--long-input", "chunk")
     assert result.exit_code == 0
     (r,) = records(out)
     assert r["chunks"] >= 4 and r["input_tokens"] > 256 and isinstance(r["summary"], str)
     assert "documents longer than 256 tokens are split into chunks" in result.output
-    result = summarize(long_doc, "-m", model_dir, "-o", out, "--overwrite")
+    result = summarize(long_doc, "-m", tiny_model_dir, "-o", out, "--overwrite")
     (r,) = records(out)
     assert r["truncated"] is True and "are truncated (use --long-input chunk" in result.output
     assert r["input_tokens"] == 256
@@ -190,13 +190,13 @@ def test_sentence_windows_fit_and_overlap(tokenizer):
     assert text.startswith(windows[0]) and text.rstrip().endswith(windows[-1].rstrip())
 
 
-def test_resume_after_kill_each_document_once(tmp_path, model_dir):
+def test_resume_after_kill_each_document_once(tmp_path, tiny_model_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(12):
         (docs / f"d{i:02}.txt").write_text(document(8, seed=i))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "longsum", "summarize", str(docs), "-m", str(model_dir), "-o", str(out),
+    cmd = [sys.executable, "-m", "longsum", "summarize", str(docs), "-m", str(tiny_model_dir), "-o", str(out),
            "--batch-size", "1", "--num-beams", "4", "--max-new-tokens", "24", "--min-new-tokens", "24"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -216,14 +216,14 @@ def test_resume_after_kill_each_document_once(tmp_path, model_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_one_output(tmp_path, model_dir):
+def test_two_processes_one_output(tmp_path, tiny_model_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(7):
         (docs / f"d{i}.txt").write_text(document(5, seed=i))
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "longsum", "summarize", str(docs), "-m", str(model_dir), "-o", str(out)]  # fmt: skip
+           "-m", "longsum", "summarize", str(docs), "-m", str(tiny_model_dir), "-o", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -256,13 +256,13 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_colliding_and_duplicate_ids_give_one_record_per_document(tmp_path, model_dir):
+def test_colliding_and_duplicate_ids_give_one_record_per_document(tmp_path, tiny_model_dir):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": i, "text": document(2, i)} for i in range(1, 6)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "text": document(2, i + 1)} for i in range(1, 6)])
     c = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": document(2)}, {"id": "a", "text": document(3)},
                                            {"id": 7, "text": document(2)}, {"id": "7", "text": document(3)}])  # fmt: skip
     out = tmp_path / "out.jsonl"
-    result = summarize(a, b, c, "-m", model_dir, "-o", out)
+    result = summarize(a, b, c, "-m", tiny_model_dir, "-o", out)
     assert result.exit_code == 1  # the true duplicates failed
     got = records(out)
     assert len(got) == 14 and len({(r["source"], r["id"]) for r in got}) == 14
@@ -270,30 +270,30 @@ def test_colliding_and_duplicate_ids_give_one_record_per_document(tmp_path, mode
     errors = {r["id"]: r["error"] for r in got if "error" in r}
     assert set(errors) == {"c.jsonl:2", "c.jsonl:4"} and all(e.startswith("duplicate id") for e in errors.values())
     assert "done 12, skipped 0, failed 2" in result.output
-    result = summarize(a, b, c, "-m", model_dir, "-o", out)  # a rerun: nothing new, duplicates still reported
+    result = summarize(a, b, c, "-m", tiny_model_dir, "-o", out)  # a rerun: nothing new, duplicates still reported
     assert result.exit_code == 1 and "done 0, skipped 12, failed 2, retried 2" in result.output
     assert len(records(out)) == 14
 
 
-def test_failed_documents_are_retried_after_the_fix_and_replaced(tmp_path, model_dir):
+def test_failed_documents_are_retried_after_the_fix_and_replaced(tmp_path, tiny_model_dir):
     src = write_jsonl(tmp_path / "r.jsonl", [{"id": "x1", "body": document(2)}, {"id": "x2", "body": document(3)},
                                              "{broken json"])  # fmt: skip
     out = tmp_path / "out.jsonl"
-    assert summarize(src, "-m", model_dir, "-o", out).exit_code == 1
+    assert summarize(src, "-m", tiny_model_dir, "-o", out).exit_code == 1
     assert sum("error" in r for r in records(out)) == 3
     write_jsonl(src, [{"id": "x1", "body": document(2)}, {"id": "x2", "body": document(3)},
                       {"id": "x3", "body": document(4)}])  # the user fixes the broken line  # fmt: skip
-    result = summarize(src, "-m", model_dir, "-o", out, "--text-field", "body")  # as the error message advised
+    result = summarize(src, "-m", tiny_model_dir, "-o", out, "--text-field", "body")  # as the error message advised
     assert result.exit_code == 0, result.output
     assert "retried 2 that had failed" in result.output
     got = records(out)
     assert sorted(r["id"] for r in got) == ["x1", "x2", "x3"] and all("summary" in r for r in got)
 
 
-def copy_model(model_dir, dst):
+def copy_model(tiny_model_dir, dst):
     import shutil
 
-    shutil.copytree(model_dir, dst)
+    shutil.copytree(tiny_model_dir, dst)
     return dst
 
 
@@ -306,8 +306,8 @@ def perturb_weights(folder):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_a_rerun_with_other_weights_or_settings_is_refused(tmp_path, model_dir):
-    model = copy_model(model_dir, tmp_path / "model")
+def test_a_rerun_with_other_weights_or_settings_is_refused(tmp_path, tiny_model_dir):
+    model = copy_model(tiny_model_dir, tmp_path / "model")
     doc = tmp_path / "d.txt"
     doc.write_text(document(3))
     out = tmp_path / "out.jsonl"
@@ -323,13 +323,13 @@ def test_a_rerun_with_other_weights_or_settings_is_refused(tmp_path, model_dir):
     assert out.read_bytes() == before
 
 
-def test_concurrent_runs_into_one_output_are_refused(tmp_path, model_dir):
+def test_concurrent_runs_into_one_output_are_refused(tmp_path, tiny_model_dir):
     fifo = tmp_path / "corpus.jsonl"  # the first run waits on its input, holding the output
     os.mkfifo(fifo)
     other = tmp_path / "other.txt"
     other.write_text(document(3))
     out = tmp_path / "out.jsonl"
-    first = subprocess.Popen([sys.executable, "-m", "longsum", "summarize", str(fifo), "-m", str(model_dir), "-o",
+    first = subprocess.Popen([sys.executable, "-m", "longsum", "summarize", str(fifo), "-m", str(tiny_model_dir), "-o",
                               str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     with open(fifo, "w") as f:
         f.write(json.dumps({"id": "r0", "text": document(2)}) + "\n")
@@ -337,7 +337,7 @@ def test_concurrent_runs_into_one_output_are_refused(tmp_path, model_dir):
         deadline = time.time() + 120
         while time.time() < deadline and not (tmp_path / "out.jsonl.lock").exists():
             time.sleep(0.05)
-        code, err = run_cli(other, "-m", model_dir, "-o", out)
+        code, err = run_cli(other, "-m", tiny_model_dir, "-o", out)
         assert first.poll() is None, "the first run should still be writing"
         assert code == 2
         assert err == f"error: another longsum run (pid {first.pid}) is writing {out}; wait for it to finish or " \
@@ -346,26 +346,26 @@ def test_concurrent_runs_into_one_output_are_refused(tmp_path, model_dir):
     assert first.wait(timeout=120) == 0, first.stderr.read()
     assert sorted(r["id"] for r in records(out)) == ["r0", "r1"]
     assert not (tmp_path / "out.jsonl.lock").exists()
-    assert run_cli(other, "-m", model_dir, "-o", out)[0] == 0  # free once the first run ended
+    assert run_cli(other, "-m", tiny_model_dir, "-o", out)[0] == 0  # free once the first run ended
     assert len(records(out)) == 3
 
 
-def test_two_piped_documents_are_two_documents(tmp_path, model_dir):
+def test_two_piped_documents_are_two_documents(tmp_path, tiny_model_dir):
     out = tmp_path / "out.jsonl"
-    assert run_cli("-", "-m", model_dir, "-o", out, input=document(3))[0] == 0
-    assert run_cli("-", "-m", model_dir, "-o", out, input=document(4, seed=2))[0] == 0
-    code, err = run_cli("-", "-m", model_dir, "-o", out, input=document(3))
+    assert run_cli("-", "-m", tiny_model_dir, "-o", out, input=document(3))[0] == 0
+    assert run_cli("-", "-m", tiny_model_dir, "-o", out, input=document(4, seed=2))[0] == 0
+    code, err = run_cli("-", "-m", tiny_model_dir, "-o", out, input=document(3))
     assert code == 0 and "skipped 1" in err
     ids = [r["id"] for r in records(out)]
     assert len(ids) == 2 and len(set(ids)) == 2 and all(i.startswith("stdin:") for i in ids)
 
 
-def test_a_folder_without_matches_next_to_good_input_warns_and_fails(tmp_path, model_dir):
+def test_a_folder_without_matches_next_to_good_input_warns_and_fails(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "LOUD.TXT").write_text(document(2))
     out = tmp_path / "out.jsonl"
-    result = summarize(tmp_path / "empty", tmp_path / "docs", "-m", model_dir, "-o", out)
+    result = summarize(tmp_path / "empty", tmp_path / "docs", "-m", tiny_model_dir, "-o", out)
     assert result.exit_code == 1
     assert f"no file in {tmp_path / 'empty'} matches" in result.output
     assert [r["id"] for r in records(out)] == [str(tmp_path / "docs" / "LOUD.TXT")]
@@ -379,7 +379,7 @@ def peak_rss_mib(cmd: list[str]) -> tuple[int, float]:
     return int(out[0]), int(out[1]) / 1024
 
 
-def test_memory_stays_bounded_with_a_20mb_document(tmp_path, model_dir):
+def test_memory_stays_bounded_with_a_20mb_document(tmp_path, tiny_model_dir):
     big = tmp_path / "big.txt"
     with open(big, "w") as f:
         for i in range(20_000):
@@ -388,7 +388,7 @@ def test_memory_stays_bounded_with_a_20mb_document(tmp_path, model_dir):
     small.write_text(document(3))
     out = tmp_path / "out.jsonl"
     code, peak = peak_rss_mib([sys.executable, "-m", "longsum", "summarize", str(big), str(small), "-m",
-                               str(model_dir), "-o", str(out)])  # fmt: skip
+                               str(tiny_model_dir), "-o", str(out)])  # fmt: skip
     assert code == 0
     got = {Path(r["id"]).name: r for r in records(out)}
     assert got["big.txt"]["truncated"] is True and got["big.txt"]["input_tokens"] == 256
@@ -396,12 +396,12 @@ def test_memory_stays_bounded_with_a_20mb_document(tmp_path, model_dir):
     assert peak < 1024, f"peak RSS {peak:.0f} MiB"  # whole-text tokenization took ~9 GiB here
 
 
-def test_records_are_summarized_while_the_input_is_still_being_written(tmp_path, model_dir):
+def test_records_are_summarized_while_the_input_is_still_being_written(tmp_path, tiny_model_dir):
     """The first records come out before the input ends: nothing waits for the whole corpus."""
     fifo = tmp_path / "corpus.jsonl"
     os.mkfifo(fifo)
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "longsum", "summarize", str(fifo), "-m", str(model_dir), "-o",
+    proc = subprocess.Popen([sys.executable, "-m", "longsum", "summarize", str(fifo), "-m", str(tiny_model_dir), "-o",
                              str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     with open(fifo, "w") as f:
         for i in range(300):  # more than one window of documents
@@ -417,15 +417,15 @@ def test_records_are_summarized_while_the_input_is_still_being_written(tmp_path,
     assert sorted(r["id"] for r in records(out)) == sorted(f"r{i}" for i in range(320))
 
 
-def test_a_rerun_naming_the_inputs_differently_skips_what_is_done(tmp_path, model_dir, monkeypatch):
+def test_a_rerun_naming_the_inputs_differently_skips_what_is_done(tmp_path, tiny_model_dir, monkeypatch):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     write_jsonl(corpus / "r.jsonl", [{"id": i, "text": document(2, i)} for i in range(3)])
     (corpus / "a.txt").write_text(document(3))
     out = tmp_path / "out.jsonl"
     monkeypatch.chdir(tmp_path)
-    assert summarize("corpus/r.jsonl", "corpus", "-m", model_dir, "-o", out).exit_code == 0
-    result = summarize(corpus / "r.jsonl", corpus / "a.txt", "-m", model_dir, "-o", out)  # absolute paths now
+    assert summarize("corpus/r.jsonl", "corpus", "-m", tiny_model_dir, "-o", out).exit_code == 0
+    result = summarize(corpus / "r.jsonl", corpus / "a.txt", "-m", tiny_model_dir, "-o", out)  # absolute paths now
     assert result.exit_code == 0 and "done 0, skipped 4" in result.output
     got = records(out)
     assert len(got) == 4 and {r["path"] for r in got} == {str(corpus / "r.jsonl"), str(corpus / "a.txt")}

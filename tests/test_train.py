@@ -18,11 +18,6 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".spl
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir):
-    return tiny_model_dir
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The summary is the first sentence: learnable by copying."""
     rng = random.Random(0)
@@ -41,11 +36,11 @@ def losses(out):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_tiny_model_learns_and_saves_everything(tmp_path, model_dir, data):
+def test_tiny_model_learns_and_saves_everything(tmp_path, tiny_model_dir, data):
     from longsum import load_model
 
     out = tmp_path / "run"
-    final = run(TrainConfig(model=str(model_dir), dataset=str(data), output_dir=str(out), max_steps=60,
+    final = run(TrainConfig(model=str(tiny_model_dir), dataset=str(data), output_dir=str(out), max_steps=60,
                             learning_rate=5e-3, per_device_batch_size=4, logging_steps=5, save_steps=30,
                             max_target_length=16, warmup_ratio=0.05))  # fmt: skip
     seen = losses(out)
@@ -58,9 +53,9 @@ def test_tiny_model_learns_and_saves_everything(tmp_path, model_dir, data):
     assert (out / "checkpoint-60" / "trainer_state.json").exists()
 
 
-def test_lsg_gradient_checkpointing_and_rouge_eval(tmp_path, model_dir, data):
+def test_lsg_gradient_checkpointing_and_rouge_eval(tmp_path, tiny_model_dir, data):
     out = tmp_path / "run"
-    run(TrainConfig(model=str(model_dir), dataset=str(data), eval_dataset=str(data), output_dir=str(out),
+    run(TrainConfig(model=str(tiny_model_dir), dataset=str(data), eval_dataset=str(data), output_dir=str(out),
                     max_steps=4, per_device_batch_size=2, gradient_checkpointing=True, eval_steps=2, save_steps=2,
                     eval_limit=4, logging_steps=1, max_target_length=8, max_source_length=128))  # fmt: skip
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -83,16 +78,16 @@ def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown key 'learnin_rate'")
 
 
-def test_nan_loss_stops_with_advice(tmp_path, model_dir, data):
+def test_nan_loss_stops_with_advice(tmp_path, tiny_model_dir, data):
     with pytest.raises(LongsumError, match="loss became nan at step .*lower --learning-rate"):
-        run(TrainConfig(model=str(model_dir), dataset=str(data), output_dir=str(tmp_path / "run"), max_steps=20,
+        run(TrainConfig(model=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "run"), max_steps=20,
                         learning_rate=1e9, warmup_ratio=0.0, logging_steps=1, save_steps=100,
                         max_target_length=8, training_args={"max_grad_norm": 0.0}))  # fmt: skip
 
 
-def test_kill_then_resume_continues_from_the_last_checkpoint(tmp_path, model_dir, data):
+def test_kill_then_resume_continues_from_the_last_checkpoint(tmp_path, tiny_model_dir, data):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "longsum", "train", "--model", str(model_dir), "--dataset", str(data),
+    cmd = [sys.executable, "-m", "longsum", "train", "--model", str(tiny_model_dir), "--dataset", str(data),
            "--output-dir", str(out), "--max-steps", "60", "--save-steps", "5", "--logging-steps", "1",
            "--max-target-length", "8", "--save-total-limit", "3"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,16 +106,16 @@ def test_kill_then_resume_continues_from_the_last_checkpoint(tmp_path, model_dir
     assert state["global_step"] == 60 and (out / "final" / "model.safetensors").exists()
 
 
-def test_resume_path_must_be_a_checkpoint(tmp_path, model_dir, data):
+def test_resume_path_must_be_a_checkpoint(tmp_path, tiny_model_dir, data):
     with pytest.raises(LongsumError, match="not a checkpoint folder"):
-        run(TrainConfig(model=str(model_dir), dataset=str(data), output_dir=str(tmp_path), resume=str(tmp_path)))
+        run(TrainConfig(model=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path), resume=str(tmp_path)))
 
 
 @pytest.mark.slow
-def test_two_process_ddp(tmp_path, model_dir, data):
+def test_two_process_ddp(tmp_path, tiny_model_dir, data):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29557",
-           "-m", "longsum", "train", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
+           "-m", "longsum", "train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(out),
            "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1", "--max-target-length", "8"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -129,9 +124,9 @@ def test_two_process_ddp(tmp_path, model_dir, data):
     assert len([line for line in (out / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]) == 4
 
 
-def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path, model_dir, data, capsys):
+def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path, tiny_model_dir, data, capsys):
     out = tmp_path / "run"
-    base = dict(model=str(model_dir), dataset=str(data), output_dir=str(out), save_steps=2, logging_steps=1,
+    base = dict(model=str(tiny_model_dir), dataset=str(data), output_dir=str(out), save_steps=2, logging_steps=1,
                 max_target_length=8, save_total_limit=None)  # fmt: skip
     run(TrainConfig(**base, max_steps=4))
     broken = out / "checkpoint-6"  # what a kill during the save of step 6 leaves: weights cut short, no state
