@@ -355,7 +355,10 @@ def main() -> None:
     """The console script: every failure a user can cause ends in one `error:` line and exit code 2."""
     import signal
 
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    try:  # typer >= 0.26 vendors click
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

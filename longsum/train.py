@@ -235,7 +235,7 @@ def run(cfg: TrainConfig) -> Path:
         weight_decay=cfg.weight_decay,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        **_checkpointing_argument(Seq2SeqTrainingArguments, cfg.gradient_checkpointing),
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
@@ -309,6 +309,13 @@ def run(cfg: TrainConfig) -> Path:
         plot_curves(log_path, out / "train_curves.png")
         log(f"final model: {final} (log {log_path}, curves {out / 'train_curves.png'})")
     return final
+
+
+def _checkpointing_argument(arguments_class, enabled: bool) -> dict:
+    """transformers 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name
+    warns); earlier 5.x releases only know the old one. Pass the one this transformers has."""
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
 def _check_output_dir(out: Path) -> None:

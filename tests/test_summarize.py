@@ -343,7 +343,8 @@ def test_concurrent_runs_into_one_output_are_refused(tmp_path, tiny_model_dir):
         assert err == f"error: another longsum run (pid {first.pid}) is writing {out}; wait for it to finish or " \
                       f"choose another output\n"  # fmt: skip
         f.write(json.dumps({"id": "r1", "text": document(3)}) + "\n")
-    assert first.wait(timeout=120) == 0, first.stderr.read()
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
     assert sorted(r["id"] for r in records(out)) == ["r0", "r1"]
     assert not (tmp_path / "out.jsonl.lock").exists()
     assert run_cli(other, "-m", tiny_model_dir, "-o", out)[0] == 0  # free once the first run ended
@@ -413,7 +414,8 @@ def test_records_are_summarized_while_the_input_is_still_being_written(tmp_path,
         assert len(out.read_text().splitlines()) >= 10, "no record while the input was still open"
         for i in range(300, 320):
             f.write(json.dumps({"id": f"r{i}", "text": document(2, seed=i)}) + "\n")
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
     assert sorted(r["id"] for r in records(out)) == sorted(f"r{i}" for i in range(320))
 
 

@@ -18,7 +18,8 @@ How it is computed, and why:
 * Blocks are processed a chunk at a time so the gathered keys/values stay a bounded size.
 
 The sparse selectors (how the compressed sequence is built) are small functions in
-`SPARSE_SELECTORS`, chosen by name.
+`SPARSE_SELECTORS`, chosen by name. The kernels (how the whole pattern is computed) are functions in
+`LSG_KERNELS`, chosen once per attention module from the config by `select_kernel`.
 
 Sparse windows (`LSGSpec.sparse_windows`): "intended" reads the `sbs` compressed positions just
 left and just right of a block's local window, as docs/lsg.md says. The original code computes those
@@ -410,3 +411,54 @@ def lsg_attention(
         o_blk = _sdpa(q_blk, k_blk, v_blk, m_blk, dropout_p).view(b, h, c * bs, d)
         out[:, G + i * bs : G + (i + c) * bs] = o_blk.transpose(1, 2)  # [b, c*bs, h, d]
     return out[:, :n].transpose(1, 2)  # [b, h, n, d]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: (q, k, v, mask, spec, dropout_p) -> out, the signature of `lsg_attention`
+#   q, k, v: [b, h, n, d] (globals first); mask: [b, n] bool or None; returns [b, h, n, d]
+# A module picks its kernel once, in `__init__` (`select_kernel`), and calls it in forward.
+# ---------------------------------------------------------------------------------------------
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, LSGSpec, float], torch.Tensor]
+
+LSG_KERNELS: dict[str, Kernel] = {
+    # Blocks gathered from one key bank, softmax in torch's SDPA: exact, any device and float dtype.
+    "sdpa_blocked": lsg_attention,
+}
+
+# transformers' `config._attn_implementation` -> LSG kernel. Those backends name how *dense* attention
+# is computed; none of them computes LSG's block pattern, so each maps to the LSG kernel that serves
+# it best. Today that is the blocked SDPA kernel for all of them:
+# * None / "sdpa": the same backend;
+# * "eager": eager exists to return attention weights; LSG forms none (each block's softmax runs inside
+#   SDPA, and a dense t x t map is what LSG avoids), so an eager LSG kernel would only be slower. The
+#   encoder warns when weights are asked for (`common.warn_no_attention_weights`); the stock decoder
+#   still runs eager and returns its weights;
+# * "flash_attention_2": SDPA already dispatches to its flash/memory-efficient kernels on CUDA where
+#   the mask allows; a dedicated CUDA path will get its own entry;
+# * "flex_attention": a flex (BlockMask) kernel is planned; until then the blocked SDPA kernel.
+# The device and dtype play no part yet: the kernel runs on every device and float dtype, and both are
+# only known after `__init__` (`.to()`, `from_pretrained` on meta). An unlisted value is an error.
+ATTN_IMPLEMENTATION_KERNELS: dict[str | None, str] = {
+    None: "sdpa_blocked",
+    "eager": "sdpa_blocked",
+    "sdpa": "sdpa_blocked",
+    "flash_attention_2": "sdpa_blocked",
+    "flex_attention": "sdpa_blocked",
+}
+
+
+def kernel_name(attn_implementation: str | None) -> str:
+    """The LSG kernel for a `config._attn_implementation` value (a one-line LSGConfigError if it has none)."""
+    try:
+        return ATTN_IMPLEMENTATION_KERNELS[attn_implementation]
+    except (KeyError, TypeError):  # TypeError: an unhashable value (a per-sub-config dict)
+        known = ", ".join(repr(k) for k in ATTN_IMPLEMENTATION_KERNELS if k is not None)
+        raise LSGConfigError(
+            f"LSG encoder attention has no kernel for attn_implementation {attn_implementation!r}; use one of {known}"
+            " (all run LSG's blocked SDPA kernel)"
+        ) from None
+
+
+def select_kernel(config) -> Kernel:
+    """The kernel an LSG attention module built from `config` uses (chosen once, in its `__init__`)."""
+    return LSG_KERNELS[kernel_name(getattr(config, "_attn_implementation", None))]

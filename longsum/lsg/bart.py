@@ -11,6 +11,7 @@ from longsum.lsg.common import (
     LSGEncoderMixin,
     LSGGenerationMixin,
     LSGSeq2SeqModelMixin,
+    build_once,
 )
 
 
@@ -47,6 +48,7 @@ class LSGBartEncoder(LSGEncoderMixin, bart.BartEncoder):
 class LSGBartModel(LSGSeq2SeqModelMixin, bart.BartModel):
     config_class = LSGBartConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.encoder = LSGBartEncoder(config)
@@ -56,6 +58,7 @@ class LSGBartModel(LSGSeq2SeqModelMixin, bart.BartModel):
 class LSGBartForConditionalGeneration(LSGGenerationMixin, bart.BartForConditionalGeneration):
     config_class = LSGBartConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.model = LSGBartModel(config)
@@ -65,6 +68,7 @@ class LSGBartForConditionalGeneration(LSGGenerationMixin, bart.BartForConditiona
 class LSGBartForSequenceClassification(bart.BartForSequenceClassification):
     config_class = LSGBartConfig
 
+    @build_once
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         self.model = LSGBartModel(config)

@@ -7,8 +7,9 @@ does it, so that converted checkpoints (ccdv/lsg-bert-*) give the same numbers:
   embeddings **prepended**; the globals get no position and no token type, only the same
   LayerNorm and dropout. The parameter is `embeddings.global_embeddings.weight` (`[512, hidden]`,
   first `G` rows used), i.e. `bert.embeddings.global_embeddings.weight` in the task models.
-* Self-attention: `lsg_attention` on the stock `query` / `key` / `value` projections (names
-  unchanged, so stock weights load); the mask it gets is the 2-D boolean key mask over `G + t`.
+* Self-attention: the shared LSG attention forward (`common.LSGSelfAttention`) on the stock
+  `query` / `key` / `value` projections (names unchanged, so stock weights load); the mask it gets
+  is the 2-D boolean key mask over `G + t`. The stock `BertSelfOutput` applies the output projection.
 * Model forward: the input is padded to whole blocks when `t > 2 * block_size`; `mask_first_token`
   hides token 0 as a key. The output drops the globals and the padding (`last_hidden_state` is
   `[b, t, hidden]`); with `pool_with_global` token 0's output is first replaced by global 0's, so
@@ -29,8 +30,15 @@ from transformers.models.bert import modeling_bert as bert
 from transformers.utils.output_capturing import capture_outputs
 
 from longsum.errors import LSGConfigError
-from longsum.lsg.attention import LSGSpec, lsg_attention
-from longsum.lsg.common import MAX_GLOBAL_TOKENS, LSGConfigMixin, check_length, key_mask
+from longsum.lsg.common import (
+    MAX_GLOBAL_TOKENS,
+    LSGConfigMixin,
+    LSGSelfAttention,
+    build_once,
+    check_length,
+    key_mask,
+    warn_no_attention_weights,
+)
 
 
 class LSGEmbeddingsMixin:
@@ -61,25 +69,17 @@ class LSGEmbeddingsMixin:
         return torch.cat([glob, tokens], dim=1)  # [b, G + t, d]
 
 
-class LSGSelfAttentionMixin:
-    """Encoder self-attention through `lsg_attention` with the stock `query` / `key` / `value`."""
+class LSGSelfAttentionMixin(LSGSelfAttention):
+    """LSG self-attention on the BERT-like stock self-attention (BERT, RoBERTa, XLM-RoBERTa)."""
 
-    def __init__(self, config, is_causal=False, layer_idx=None):
-        super().__init__(config, is_causal=is_causal, layer_idx=layer_idx)
-        self.lsg_spec = LSGSpec.from_config(config)
+    def project(self, hidden_states):
+        return self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """hidden_states [b, n, hidden]; attention_mask [b, n] bool key mask (globals first)."""
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"LSG self-attention expects a 2-D key mask, got shape {tuple(attention_mask.shape)}")
-        b, n, _ = hidden_states.shape
-        shape = (b, n, -1, self.attention_head_size)
-        q = self.query(hidden_states).view(shape).transpose(1, 2)  # [b, h, n, d]
-        k = self.key(hidden_states).view(shape).transpose(1, 2)
-        v = self.value(hidden_states).view(shape).transpose(1, 2)
-        dropout = self.dropout.p if self.training else 0.0
-        out = lsg_attention(q, k, v, attention_mask, self.lsg_spec, dropout_p=dropout)  # [b, h, n, d]
-        return out.transpose(1, 2).reshape(b, n, -1), None  # no attention weights are formed
+    def output(self, context):
+        return context  # the stock BertSelfOutput (dense + dropout + LayerNorm) runs after this module
+
+    def attention_dropout(self) -> float:
+        return self.dropout.p  # an nn.Dropout in the stock BERT-like attention
 
 
 class LSGEncoderModelMixin:
@@ -92,6 +92,7 @@ class LSGEncoderModelMixin:
     embeddings_class: type[nn.Module]
     self_attention_class: type[nn.Module]
 
+    @build_once
     def __init__(self, config, add_pooling_layer=True):
         if config.is_decoder or config.add_cross_attention:
             raise LSGConfigError(
@@ -128,6 +129,7 @@ class LSGEncoderModelMixin:
         if encoder_hidden_states is not None or past_key_values is not None:
             raise ValueError("LSG encoders have no cross-attention and no cache")
         config = self.config
+        warn_no_attention_weights(config, kwargs)
         G, bs = config.num_global_tokens, config.block_size
         b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         check_length(t, self.max_tokens(), bs)
@@ -135,8 +137,6 @@ class LSGEncoderModelMixin:
         hidden = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )  # [b, G + t, d]
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
         mask, pad = key_mask(attention_mask, b, t, config, hidden.device)  # [b, G + t + pad]
         hidden = F.pad(hidden, (0, 0, 0, pad))
 
@@ -173,6 +173,7 @@ class LSGBertModel(LSGEncoderModelMixin, bert.BertModel):
 class LSGBertForMaskedLM(bert.BertForMaskedLM):
     config_class = LSGBertConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.bert = LSGBertModel(config, add_pooling_layer=False)
@@ -182,6 +183,7 @@ class LSGBertForMaskedLM(bert.BertForMaskedLM):
 class LSGBertForSequenceClassification(bert.BertForSequenceClassification):
     config_class = LSGBertConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.bert = LSGBertModel(config)

@@ -1,32 +1,39 @@
-"""What every LSG encoder-decoder shares, written once as mixins.
+"""What every LSG model shares, written once as mixins and helpers.
 
 A family file (`bart.py`, `mbart.py`, `pegasus.py`) combines these mixins with the stock
-transformers classes one level deep. Only three things change from the stock model:
+transformers classes one level deep. Only these things change from the stock model:
 
 * the config carries the LSG keys (`LSGConfigMixin`);
-* encoder self-attention is `lsg_attention` (`LSGAttentionMixin`);
+* encoder self-attention runs an LSG kernel on the stock projections (`LSGSelfAttention`, the one
+  attention forward of every family; `LSGAttentionMixin` names the BART-like projections, and
+  `bert.LSGSelfAttentionMixin` the BERT-like ones);
 * the encoder embedding step prepends global tokens, pads to whole blocks and trims the output
   (`LSGEncoderMixin`), and the seq2seq model gives the decoder a cross-attention mask that matches
   (`LSGSeq2SeqModelMixin`);
 * a call without `attention_mask` masks the padding of `input_ids` (`LSGSeq2SeqModelMixin` for
   `forward`, `LSGGenerationMixin` for `generate`), as the original models did under transformers 4.
 
-The decoder is the stock one (SDPA).
+The decoder is the stock one. The encoder-only families (`bert.py`, `roberta.py`) share the config
+mixin, the attention forward, `build_once`, `key_mask`, `check_length` and
+`warn_no_attention_weights`.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from longsum.errors import InputTooLongError
-from longsum.lsg.attention import LSGSpec, intended_sparse_offsets, lsg_attention, original_sparse_offsets
+from longsum.lsg.attention import LSGSpec, intended_sparse_offsets, original_sparse_offsets, select_kernel
 from longsum.registry import LSG_DEFAULTS, MAX_GLOBAL_TOKENS  # noqa: F401  (re-exported)
 
 
@@ -68,24 +75,131 @@ def needs_original_windows(config) -> bool:
     return original_sparse_offsets(sbs, r) != intended_sparse_offsets(sbs, r)
 
 
-class LSGAttentionMixin:
-    """Encoder self-attention through `lsg_attention`; the projections are the stock ones."""
+def build_once(init):
+    """Decorator for an LSG model's `__init__`: every part is allocated and initialised once.
+
+    The stock `__init__`s build their children before the LSG classes replace them
+    (`BartForConditionalGeneration` builds a stock `BartModel`, which builds a stock encoder, whose
+    layers build stock self-attention...): built for real, a bart-base-sized LSG model allocated and
+    initialised its encoder three times, its decoder twice and a vocabulary-sized embedding seven
+    times. Under this decorator the `__init__` runs on the meta device (no memory, no init: replaced
+    parts cost a few Python objects), then the finished model gets real storage once (`to_empty`)
+    and is initialised once by transformers' `init_weights` (each module's `_init_weights`, then the
+    weight tying; tied copies are not drawn): what `from_pretrained` does, which builds on meta too.
+    Nested LSG models and `from_pretrained` (already on meta) leave the materialising to the
+    outermost call. Under DeepSpeed ZeRO-3, whose `zero.Init` partitions parameters as they are
+    created (`from_pretrained` then builds off meta), the `__init__` runs as it is.
+    """
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        device = torch.get_default_device()
+        if device.type == "meta" or is_deepspeed_zero3_enabled():
+            return init(self, *args, **kwargs)
+        with torch.device("meta"):
+            init(self, *args, **kwargs)
+        self.to_empty(device=device)  # ties do not survive this: tied copies get storage of their own
+        for key in self.all_tied_weights_keys:  # those copies are replaced by their source when init_weights
+            self.get_parameter(key)._is_hf_initialized = True  # ties: skip drawing them (as from_pretrained does)
+        self.init_weights()
+
+    return wrapper
+
+
+def check_key_mask(attention_mask: torch.Tensor | None, hidden_states: torch.Tensor) -> None:
+    """LSG attention takes a boolean key mask `[b, n]` (True = visible), as `key_mask` builds it.
+
+    A stock encoder forward passes 4-D or additive float masks instead; `lsg_attention` would
+    misread those (an additive mask's 0 means visible, its `.bool()` means masked), so refuse them.
+    """
+    if attention_mask is None:
+        return
+    if attention_mask.dtype != torch.bool or attention_mask.shape != hidden_states.shape[:2]:
+        raise ValueError(
+            f"LSG self-attention expects a boolean key mask [batch, tokens] = {list(hidden_states.shape[:2])},"
+            f" got {attention_mask.dtype} {list(attention_mask.shape)}"
+        )
+
+
+class LSGSelfAttention:
+    """Encoder self-attention through an LSG kernel on the stock projections: one forward for all families.
+
+    Mixed in front of a stock attention class, whose `__init__` builds the projections under their
+    stock names (so stock checkpoints load). What differs between the two hierarchies is only what
+    differs between the stock classes, and each hierarchy states it in three small methods:
+
+    * `project(x)`: the stock q / k / v linear layers (`q_proj`... in BART-like models, `query`... in
+      BERT-like ones);
+    * `output(x)`: the stock output projection where the attention module applies it (`out_proj`);
+      BERT's is applied outside, by `BertSelfOutput` (dense + dropout + LayerNorm on the residual);
+    * `attention_dropout()`: the stock attention-dropout probability (a float attribute in BART, an
+      `nn.Dropout` in BERT), read at each call so that changing it on a built model takes effect.
+
+    The kernel is chosen once, here, from `config._attn_implementation` (`attention.select_kernel`).
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lsg_spec = LSGSpec.from_config(self.config)
+        self.lsg_kernel = select_kernel(self.config)
+        # The encoder's heads: BART-like configs map `num_attention_heads` to `encoder_attention_heads`.
+        self.lsg_heads = self.config.num_attention_heads
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def output(self, context: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_dropout(self) -> float:
+        raise NotImplementedError
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        """hidden_states [b, n, d_model]; attention_mask [b, n] bool (globals first)."""
+        """hidden_states [b, n, d_model]; attention_mask [b, n] bool key mask (globals first)."""
+        check_key_mask(attention_mask, hidden_states)
         b, n, _ = hidden_states.shape
-        shape = (b, n, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [b, h, n, d]
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-        out = lsg_attention(q, k, v, attention_mask, self.lsg_spec, dropout_p=dropout)  # [b, h, n, d]
+        q, k, v = self.project(hidden_states)  # [b, n, h*d] each
+        q, k, v = (x.view(b, n, self.lsg_heads, -1).transpose(1, 2) for x in (q, k, v))  # [b, h, n, d]
+        dropout = self.attention_dropout() if self.training else 0.0
+        out = self.lsg_kernel(q, k, v, attention_mask, self.lsg_spec, dropout)  # [b, h, n, d]
         out = out.transpose(1, 2).reshape(b, n, -1)  # [b, n, h*d]
-        return self.out_proj(out), None
+        return self.output(out), None  # no attention weights are formed (see warn_no_attention_weights)
+
+
+class LSGAttentionMixin(LSGSelfAttention):
+    """LSG self-attention on the BART-like stock attention (BART, mBART, Pegasus)."""
+
+    def project(self, hidden_states):
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+    def output(self, context):
+        return self.out_proj(context)
+
+    def attention_dropout(self) -> float:
+        return self.dropout  # a float in the stock BART-like attention
+
+
+_WARNED: set[str] = set()
+
+NO_ATTENTION_WEIGHTS = (
+    "LSG encoder attention forms no attention weights (each block's softmax runs inside SDPA), so the LSG encoder"
+    " returns no attentions (an empty tuple); a decoder's self- and cross-attentions are still returned"
+    " (with attn_implementation='eager')"
+)
+
+
+def warn_no_attention_weights(config, kwargs: Mapping) -> None:
+    """Warn once per process when a caller asks an LSG encoder for attention weights.
+
+    A warning, not an error: `output_attentions=True` (on the model, on `generate`, or in the config)
+    also asks the decoder for its self- and cross-attentions, which are still returned. The request
+    is read as transformers' `capture_outputs` reads it: the call's value, else the config's.
+    """
+    if not kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+        return
+    if "attentions" not in _WARNED:
+        _WARNED.add("attentions")
+        warnings.warn(NO_ATTENTION_WEIGHTS, UserWarning, stacklevel=2)
 
 
 class LSGEncoderMixin:
@@ -98,6 +212,7 @@ class LSGEncoderMixin:
 
     layer_class: type[nn.Module]
 
+    @build_once
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.layers = nn.ModuleList([self.layer_class(config, layer_idx=i) for i in range(config.encoder_layers)])
@@ -122,6 +237,7 @@ class LSGEncoderMixin:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         config = self.config
+        warn_no_attention_weights(config, kwargs)
         G, bs = config.num_global_tokens, config.block_size
         b, t = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         check_length(t, config.max_position_embeddings, bs)
@@ -226,6 +342,8 @@ def key_mask(attention_mask, b: int, t: int, config, device) -> tuple[torch.Tens
     every layer, with the same result); short inputs use full attention and need none.
     """
     G, bs = config.num_global_tokens, config.block_size
+    if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
+        raise ValueError(f"attention_mask must be [batch, tokens] = [{b}, {t}], got shape {list(attention_mask.shape)}")
     mask = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask
     pad = -t % bs if t > 2 * bs else 0
     mask = F.pad(F.pad(mask.to(device).bool(), (G, 0), value=True), (0, pad), value=False)  # [b, G + t + pad]

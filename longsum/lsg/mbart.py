@@ -11,6 +11,7 @@ from longsum.lsg.common import (
     LSGEncoderMixin,
     LSGGenerationMixin,
     LSGSeq2SeqModelMixin,
+    build_once,
 )
 
 
@@ -46,6 +47,7 @@ class LSGMBartEncoder(LSGEncoderMixin, mbart.MBartEncoder):
 class LSGMBartModel(LSGSeq2SeqModelMixin, mbart.MBartModel):
     config_class = LSGMBartConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.encoder = LSGMBartEncoder(config)
@@ -55,6 +57,7 @@ class LSGMBartModel(LSGSeq2SeqModelMixin, mbart.MBartModel):
 class LSGMBartForConditionalGeneration(LSGGenerationMixin, mbart.MBartForConditionalGeneration):
     config_class = LSGMBartConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.model = LSGMBartModel(config)

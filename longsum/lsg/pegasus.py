@@ -11,6 +11,7 @@ from longsum.lsg.common import (
     LSGEncoderMixin,
     LSGGenerationMixin,
     LSGSeq2SeqModelMixin,
+    build_once,
 )
 
 
@@ -46,6 +47,7 @@ class LSGPegasusEncoder(LSGEncoderMixin, pegasus.PegasusEncoder):
 class LSGPegasusModel(LSGSeq2SeqModelMixin, pegasus.PegasusModel):
     config_class = LSGPegasusConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.encoder = LSGPegasusEncoder(config)
@@ -55,6 +57,7 @@ class LSGPegasusModel(LSGSeq2SeqModelMixin, pegasus.PegasusModel):
 class LSGPegasusForConditionalGeneration(LSGGenerationMixin, pegasus.PegasusForConditionalGeneration):
     config_class = LSGPegasusConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.model = LSGPegasusModel(config)

@@ -13,7 +13,7 @@ from transformers.models.roberta import modeling_roberta as roberta
 from transformers.models.xlm_roberta import modeling_xlm_roberta as xlmr
 
 from longsum.lsg.bert import LSGEmbeddingsMixin, LSGEncoderModelMixin, LSGSelfAttentionMixin
-from longsum.lsg.common import LSGConfigMixin
+from longsum.lsg.common import LSGConfigMixin, build_once
 
 
 class _RobertaPositionsMixin:
@@ -46,6 +46,7 @@ class LSGRobertaModel(_RobertaPositionsMixin, LSGEncoderModelMixin, roberta.Robe
 class LSGRobertaForMaskedLM(roberta.RobertaForMaskedLM):
     config_class = LSGRobertaConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.roberta = LSGRobertaModel(config, add_pooling_layer=False)
@@ -55,6 +56,7 @@ class LSGRobertaForMaskedLM(roberta.RobertaForMaskedLM):
 class LSGRobertaForSequenceClassification(roberta.RobertaForSequenceClassification):
     config_class = LSGRobertaConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.roberta = LSGRobertaModel(config, add_pooling_layer=False)
@@ -85,6 +87,7 @@ class LSGXLMRobertaModel(_RobertaPositionsMixin, LSGEncoderModelMixin, xlmr.XLMR
 class LSGXLMRobertaForMaskedLM(xlmr.XLMRobertaForMaskedLM):
     config_class = LSGXLMRobertaConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.roberta = LSGXLMRobertaModel(config, add_pooling_layer=False)
@@ -94,6 +97,7 @@ class LSGXLMRobertaForMaskedLM(xlmr.XLMRobertaForMaskedLM):
 class LSGXLMRobertaForSequenceClassification(xlmr.XLMRobertaForSequenceClassification):
     config_class = LSGXLMRobertaConfig
 
+    @build_once
     def __init__(self, config):
         super().__init__(config)
         self.roberta = LSGXLMRobertaModel(config, add_pooling_layer=False)
