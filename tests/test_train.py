@@ -101,6 +101,8 @@ def test_kill_then_resume_continues_from_the_last_checkpoint(tmp_path, tiny_mode
     done = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists())
     result = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == ""  # no loss dicts on stdout; progress is longsum's own lines on stderr
+    assert "it/s" not in result.stderr and "Warning" not in result.stderr and "step 60/60  loss" in result.stderr
     assert f"resuming from {out / f'checkpoint-{done}'}" in result.stderr.replace("\n", "")
     state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
     assert state["global_step"] == 60 and (out / "final" / "model.safetensors").exists()
