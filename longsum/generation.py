@@ -109,23 +109,6 @@ def keep_freed_memory() -> bool:
                 and libc.mallopt(m_top_pad, 1 << 28))  # fmt: skip
 
 
-def beam_cache():
-    """An encoder-decoder cache whose beam reordering leaves the cross-attention part alone.
-
-    Beam search reorders the cache at every step, but beams only move within their own document,
-    and all beams of a document hold the same cross-attention keys/values (its encoder output):
-    reordering them is an identity that copies [batch*beams, heads, source_len, d] per layer per
-    step. Skipping it is exact and saves most of the decoding memory traffic on long inputs.
-    """
-    from transformers import DynamicCache, EncoderDecoderCache
-
-    class SelfOnlyReorderCache(EncoderDecoderCache):
-        def reorder_cache(self, beam_idx):
-            self.self_attention_cache.reorder_cache(beam_idx)
-
-    return SelfOnlyReorderCache(DynamicCache(), DynamicCache())
-
-
 def model_max_source_length(config, tokenizer) -> int:
     """The longest input the model accepts, from its config (positions) or its tokenizer."""
     for name in ("max_encoder_position_embeddings", "max_position_embeddings"):
@@ -189,7 +172,8 @@ def plan_settings(model_name: str, options: GenerationOptions, dtype: str, devic
 
 
 class Summarizer:
-    """Summaries for many documents with one model; see the module docstring.
+    """Summaries for many documents with one model; see the module docstring. Batches decode with
+    `longsum.decoding.generate` (stock generate's ids, keys/values shared between beams).
 
     `settings` (from `resolve_settings`) may be passed when already resolved; by default they
     are resolved from the model's config and generation config.
@@ -374,9 +358,10 @@ class Summarizer:
     def _generate(self, batch_ids: list[list[int]]) -> list[str]:
         import torch
 
+        from longsum.decoding import generate
+
         batch = {"input_ids": [ids.tolist() for ids in batch_ids]}
         inputs = self.tokenizer.pad(batch, return_tensors="pt").to(self.model.device)
-        cache = beam_cache() if self.model.config.is_encoder_decoder and self.generate_kwargs["num_beams"] > 1 else None
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **self.generate_kwargs, **({"past_key_values": cache} if cache else {}))
+            out = generate(self.model, inputs["input_ids"], inputs["attention_mask"], **self.generate_kwargs)
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

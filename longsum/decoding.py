@@ -1,0 +1,295 @@
+"""Fast decoding for encoder-decoder models: transformers' `generate()` with its costs on long inputs removed.
+
+`generate(model, input_ids, attention_mask, **kwargs)` returns exactly the token ids of
+`model.generate(input_ids, attention_mask=..., **kwargs)` (same beam search, logits processors and
+stopping rules: it *is* `model.generate`), with three changes around it:
+
+1. **Cross-attention keys/values once per document.** Stock beam search copies the encoder output
+   `num_beams` times (`repeat_interleave`), projects each copy to keys/values at the first step
+   (`num_beams` x the work) and keeps `num_beams` copies in the cache, reordered at every step. Here
+   the encoder runs once per document, the decoder is run once on the unexpanded batch to fill the
+   cross-attention cache (keys/values `[b, h, s, d]`, one per document), and generate() then gets a
+   zero-width stand-in for the encoder output (`[b, s, 0]`: it only fixes the source length and
+   dtype of the masks, since every cross-attention layer reads the filled cache). The beams'
+   queries `[b*k, h, t, d]` meet the shared keys in `shared_kv_attention`, an attention function
+   registered with transformers' attention interface that regroups them as `[b, h, k*t, d]`
+   (each query row is independent, so this is the same attention). Memory for cross-attention
+   no longer grows with `num_beams`, and the cache reordering leaves it alone (`BeamCache`).
+2. **Vectorized n-gram blocking** (`NoRepeatNGram`): the same bans as `no_repeat_ngram_size`,
+   computed with tensor ops instead of a Python loop over hypotheses and n-grams (transformers'
+   own processor was such a loop up to 5.x releases we support).
+3. The encoder output is dropped once the cross-attention cache holds what the decoder needs.
+
+Families whose attention calls go through transformers' attention interface share keys/values
+that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus);
+LED's decoder attention predates the interface, so its cross-attention modules run as
+`SharedKVLEDDecoderAttention` (a one-level subclass) while decoding. Any other model decodes
+with the stock layout and the fast n-gram blocker, with the same ids; `sharing(model)` says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import BaseModelOutput
+
+# Stock attention implementation -> ours (the same computation, plus shared keys/values).
+SHARED_IMPLEMENTATIONS = {"sdpa": "longsum_sdpa", "eager": "longsum_eager"}
+# Model families whose decoder attention goes through the attention interface (checked in tests).
+SHARED_KV_MODEL_TYPES = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "pegasus_x", "bigbird_pegasus",
+                         "led", "lsg_bart", "lsg_mbart", "lsg_pegasus")  # fmt: skip
+# Generation settings under which the fast n-gram blocker's place in the processor list (last
+# rather than first) could change a score: then the stock blocker is used.
+ORDER_SENSITIVE = ("remove_invalid_values", "renormalize_logits")
+
+
+class BeamCache(EncoderDecoderCache):
+    """An encoder-decoder cache whose beam reordering leaves the cross-attention part alone.
+
+    Beams only move within their own document and all of a document's beams attend to the same
+    encoder output, so reordering the cross-attention keys/values is an identity (a copy of
+    `[b*k, h, s, d]` per layer per step with stock caches; nothing at all when they are shared).
+    """
+
+    def __init__(self, self_attention_cache=None, cross_attention_cache=None):
+        super().__init__(DynamicCache() if self_attention_cache is None else self_attention_cache,
+                         DynamicCache() if cross_attention_cache is None else cross_attention_cache)  # fmt: skip
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
+# -- shared keys/values in the attention interface -------------------------------------------------
+def _group(x: torch.Tensor | None, b: int, k: int) -> torch.Tensor | None:
+    """A mask or bias `[B, h', t, s]` (B in 1, b, b*k) for grouped queries: `[B', h', k*t, s]`."""
+    if x is None or x.dim() != 4:
+        return x
+    n, h, t, s = x.shape
+    if n == b * k:  # one row per beam: beam-major within each document
+        return x.view(b, k, h, t, s).transpose(1, 2).reshape(b, h, k * t, s)
+    return x.unsqueeze(2).expand(n, h, k, t, s).reshape(n, h, k * t, s)  # shared by the beams
+
+
+def shared_kv_attention(base):
+    """Wrap an attention function so that `k` beams' queries can use their document's keys once.
+
+    Called like any attention-interface function with query `[b*k, h, t, d]` and key/value
+    `[b, h, s, d]` (a cross-attention cache filled once per document); equal batches go straight
+    to `base`. Returns `base`'s (output `[b*k, t, h, d]`, weights `[b*k, h, t, s]` or None).
+    """
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[0] == key.shape[0]:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        b, (bk, h, t, d) = key.shape[0], query.shape
+        k = bk // b
+        q = query.view(b, k, h, t, d).transpose(1, 2).reshape(b, h, k * t, d)  # [b, h, k*t, d]
+        if "position_bias" in kwargs:  # T5 family: zeros for cross-attention, plus the mask
+            kwargs["position_bias"] = _group(kwargs["position_bias"], b, k)
+        kwargs["is_causal"] = False  # cross-attention; k*t query rows must not be read as causal
+        out, weights = base(module, q, key, value, _group(attention_mask, b, k), **kwargs)
+        out = out.reshape(b, k, t, h, d).reshape(bk, t, h, d)  # [b, k*t, h, d] -> [b*k, t, h, d]
+        if weights is not None:  # [b, h, k*t, s] -> [b*k, h, t, s]
+            weights = weights.view(b, h, k, t, -1).transpose(1, 2).reshape(bk, h, t, -1)
+        return out, weights
+
+    return attention
+
+
+def _scaled_query_eager(module, query, key, value, attention_mask, **kwargs):
+    """LED's attention math on `[b, h, t, d]` (the query arrives scaled): (q k^T + mask) softmax v."""
+    weights = torch.matmul(query, key.transpose(2, 3))
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = weights.softmax(-1)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+@functools.cache
+def _led_attention_class():
+    from transformers.models.led.modeling_led import LEDDecoderAttention
+
+    class SharedKVLEDDecoderAttention(LEDDecoderAttention):
+        """LED's decoder attention, with cross-attention over a cache filled once per document."""
+
+        def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
+                    output_attentions=False):  # fmt: skip
+            cache = past_key_values
+            shared = (key_value_states is not None and isinstance(cache, EncoderDecoderCache)
+                      and cache.is_updated.get(self.layer_idx))  # fmt: skip
+            if shared:
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                shared = layer.keys.shape[0] != hidden_states.shape[0]
+            if not shared:
+                return super().forward(hidden_states, key_value_states, past_key_values, attention_mask,
+                                       output_attentions)  # fmt: skip
+            bk, t, _ = hidden_states.shape
+            query = (self.q_proj(hidden_states) * self.scaling).view(bk, t, self.num_heads, self.head_dim)
+            out, weights = _LED_ATTENTION(self, query.transpose(1, 2), layer.keys, layer.values, attention_mask)
+            out = self.out_proj(out.reshape(bk, t, self.embed_dim))  # [b*k, t, h, d] -> [b*k, t, h*d]
+            return out, weights if output_attentions else None, past_key_values
+
+    return SharedKVLEDDecoderAttention
+
+
+_LED_ATTENTION = shared_kv_attention(_scaled_query_eager)
+
+
+def _family_eager(module, *args, **kwargs):
+    """The eager attention of the module's own modeling file (each defines `eager_attention_forward`)."""
+    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register `longsum_sdpa` / `longsum_eager` with transformers' attention and mask interfaces."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for stock, ours in SHARED_IMPLEMENTATIONS.items():
+        AttentionInterface.register(
+            ours, shared_kv_attention(sdpa_attention_forward if stock == "sdpa" else _family_eager)
+        )
+        AttentionMaskInterface.register(ours, ALL_MASK_ATTENTION_FUNCTIONS[stock])
+    _REGISTERED = True
+
+
+def sharing(model) -> str | None:
+    """Why `model` cannot share cross-attention keys/values between beams (None: it can)."""
+    config = model.config
+    if not config.is_encoder_decoder:
+        return "not an encoder-decoder model"
+    if config.model_type not in SHARED_KV_MODEL_TYPES:
+        return f"{config.model_type}'s decoder attention does not use the attention interface"
+    implementation = config._attn_implementation
+    if implementation not in SHARED_IMPLEMENTATIONS and implementation not in SHARED_IMPLEMENTATIONS.values():
+        return f"attention implementation {implementation!r} (shared keys/values need sdpa or eager)"
+    return None
+
+
+def _configs(model) -> Iterator:
+    seen = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in seen:
+            seen.add(id(config))
+            yield config
+
+
+@contextmanager
+def shared_attention(model):
+    """Run `model`'s attention through the shared-keys/values functions, restoring it after."""
+    register()
+    saved = [(config, config._attn_implementation) for config in _configs(model)]
+    swapped = []
+    if model.config.model_type == "led":
+        shared_class = _led_attention_class()
+        swapped = [m for m in model.modules() if type(m) is shared_class.__base__ and m.layer_idx is not None]
+    try:
+        for config, implementation in saved:
+            config._attn_implementation = SHARED_IMPLEMENTATIONS.get(implementation, implementation)
+        for module in swapped:
+            module.__class__ = shared_class
+        yield
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation = implementation
+        for module in swapped:
+            module.__class__ = shared_class.__base__
+
+
+# -- n-gram blocking -------------------------------------------------------------------------------
+class NoRepeatNGram(LogitsProcessor):
+    """Ban every token that would complete an n-gram already in the hypothesis (`no_repeat_ngram_size`).
+
+    A token is banned after the last n-1 tokens when some earlier window of n tokens starts with
+    those n-1 tokens: all windows `[H, L-n+1, n]` are compared with the suffix `[H, n-1]` at once,
+    and each matching window bans its last token. Stock generate runs the n-gram processor before
+    the forcing ones (forced BOS at the first step, forced EOS at the last), which overwrite every
+    score; this one is appended after them, so it stands aside at those steps (`forced_steps`).
+    """
+
+    def __init__(self, n: int, forced_steps: tuple[int, ...] = ()):
+        if n <= 0:
+            raise ValueError(f"no_repeat_ngram_size must be positive, got {n}")
+        self.n, self.forced_steps = n, forced_steps
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        length, n = input_ids.shape[1], self.n
+        if length < n or length in self.forced_steps:
+            return scores
+        windows = input_ids.unfold(1, n, 1)  # [H, L-n+1, n]
+        suffix = input_ids[:, length - n + 1 :]  # [H, n-1]
+        hits = (windows[:, :, :-1] == suffix.unsqueeze(1)).all(-1)  # [H, L-n+1]
+        vocab = scores.shape[-1]
+        # Windows that do not match (and ids past the scores) ban a spare column, dropped after.
+        banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        banned.scatter_(1, torch.where(hits, windows[:, :, -1].clamp(max=vocab), vocab), True)
+        return scores.masked_fill(banned[:, :vocab], -float("inf"))
+
+
+def _ngram_processor(model, kwargs: dict) -> NoRepeatNGram | None:
+    """Our n-gram blocker in place of the stock one, where it gives the same scores (kwargs is updated)."""
+    config = model.generation_config
+
+    def get(name):
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    n, max_new = get("no_repeat_ngram_size"), get("max_new_tokens")
+    if not n or max_new is None or any(get(name) for name in ORDER_SENSITIVE) or "decoder_input_ids" in kwargs:
+        return None
+    forced = ()  # decoder lengths at which a forcing processor overwrites the scores
+    if get("forced_bos_token_id") is not None:
+        forced += (1,)
+    if get("forced_eos_token_id") is not None:
+        forced += (max_new,)  # length max_length - 1, max_length = 1 + max_new_tokens
+    kwargs["no_repeat_ngram_size"] = 0
+    return NoRepeatNGram(n, forced)
+
+
+# -- generate ----------------------------------------------------------------------------------------
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """`model.generate(input_ids, attention_mask=attention_mask, **kwargs)`, the same ids, faster.
+
+    input_ids/attention_mask: `[b, s]` (right-padded batch). Returns `[b * num_return_sequences, L]`
+    like `model.generate`. See the module docstring for what changes.
+    """
+    kwargs = dict(kwargs)
+    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+    if (ngram := _ngram_processor(model, kwargs)) is not None:
+        processors.append(ngram)
+    beams = kwargs.get("num_beams", model.generation_config.num_beams) or 1
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    extras = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]  # e.g. LED's global mask
+    if beams == 1 or extras or sharing(model) is not None:
+        cache = {"past_key_values": BeamCache()} if beams > 1 else {}
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
+                              **cache, **kwargs)  # fmt: skip
+    with shared_attention(model):
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        hidden = encoder_outputs.last_hidden_state  # [b, s, d]
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        # One decoder step on the unexpanded batch fills every layer's cross-attention cache
+        # ([b, h, s, d] keys and values); its token and self-attention state are discarded.
+        start = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device)
+        model(encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=start,
+              past_key_values=cache, use_cache=True)  # fmt: skip
+        shared = BeamCache(cross_attention_cache=cache.cross_attention_cache)
+        for layer in range(len(cache.cross_attention_cache)):
+            shared.is_updated[layer] = True
+        stand_in = BaseModelOutput(last_hidden_state=hidden.new_empty(*hidden.shape[:2], 0))  # [b, s, 0]
+        del encoder_outputs, hidden, cache
+        return model.generate(encoder_outputs=stand_in, attention_mask=attention_mask, past_key_values=shared,
+                              logits_processor=processors, **kwargs)  # fmt: skip

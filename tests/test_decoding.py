@@ -1,0 +1,166 @@
+"""longsum.decoding.generate gives exactly stock `model.generate`'s ids, for every encoder-decoder family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from transformers import NoRepeatNGramLogitsProcessor
+
+from longsum import decoding
+
+DIMS = dict(vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+T5_DIMS = dict(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+
+
+def _lsg(name):
+    from longsum import lsg
+
+    config = getattr(lsg, f"LSG{name}Config")(**DIMS, max_position_embeddings=128, block_size=8, sparse_block_size=8)
+    return getattr(lsg, f"LSG{name}ForConditionalGeneration")(config)
+
+
+FAMILIES = {
+    "bart": lambda: tf.BartForConditionalGeneration(tf.BartConfig(**DIMS, max_position_embeddings=128,
+                                                                  forced_eos_token_id=2)),
+    "mbart": lambda: tf.MBartForConditionalGeneration(tf.MBartConfig(**DIMS, max_position_embeddings=128,
+                                                                     forced_bos_token_id=7)),
+    "pegasus": lambda: tf.PegasusForConditionalGeneration(tf.PegasusConfig(**DIMS, max_position_embeddings=128)),
+    "lsg_bart": lambda: _lsg("Bart"),
+    "lsg_mbart": lambda: _lsg("MBart"),
+    "lsg_pegasus": lambda: _lsg("Pegasus"),
+    "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(**T5_DIMS)),
+    "longt5_local": lambda: tf.LongT5ForConditionalGeneration(tf.LongT5Config(**T5_DIMS, local_radius=4,
+                                                                             encoder_attention_type="local")),
+    "longt5_tglobal": lambda: tf.LongT5ForConditionalGeneration(
+        tf.LongT5Config(**T5_DIMS, local_radius=4, global_block_size=4, encoder_attention_type="transient-global")),
+    "led": lambda: tf.LEDForConditionalGeneration(tf.LEDConfig(**DIMS, attention_window=8,
+                                                               max_encoder_position_embeddings=128,
+                                                               max_decoder_position_embeddings=64)),
+    "pegasus_x": lambda: tf.PegasusXForConditionalGeneration(tf.PegasusXConfig(
+        **DIMS, max_position_embeddings=128, num_global_tokens=4, block_size=8)),
+    "bigbird_pegasus": lambda: tf.BigBirdPegasusForConditionalGeneration(tf.BigBirdPegasusConfig(
+        **DIMS, max_position_embeddings=128, attention_type="block_sparse", block_size=4, num_random_blocks=2)),
+}  # fmt: skip
+
+
+def build(family: str, seed: int = 0):
+    """A tiny model whose outputs depend on its input (default inits give near-constant outputs)."""
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:  # weight matrices and embeddings
+                p.normal_(0.0, 0.4)
+    return model
+
+
+def batch(model, lengths=(57, 40, 23), seed: int = 0):
+    """A right-padded batch of documents of different lengths."""
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(5, config.vocab_size, (n,), generator=g)
+        ids[row, n - 1] = config.eos_token_id
+        mask[row, :n] = 1
+    return ids, mask
+
+
+def both(model, ids, mask, **kwargs):
+    with torch.inference_mode():
+        torch.manual_seed(1)  # BigBird's random blocks
+        stock = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        torch.manual_seed(1)
+        ours = decoding.generate(model, ids, mask, **kwargs)
+    return stock, ours
+
+
+SETTINGS = {
+    "greedy": dict(num_beams=1, max_new_tokens=12, no_repeat_ngram_size=3),
+    "beams4": dict(num_beams=4, max_new_tokens=12, min_new_tokens=6, no_repeat_ngram_size=3, length_penalty=2.0),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_ids_as_stock_generate(family, setting):
+    model = build(family)
+    ids, mask = batch(model)
+    stock, ours = both(model, ids, mask, **SETTINGS[setting])
+    assert stock.shape[0] == 3 and len({tuple(row) for row in stock.tolist()}) > 1  # input-dependent outputs
+    assert ours.tolist() == stock.tolist()
+    assert decoding.sharing(model) is None  # every family shares cross-attention keys/values
+    assert model.config._attn_implementation in ("sdpa", "eager")  # restored after decoding
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "led"])
+def test_same_ids_with_early_stopping_and_several_returned_sequences(family):
+    model = build(family, seed=3)
+    ids, mask = batch(model, (30, 12), seed=3)
+    kwargs = dict(num_beams=5, num_return_sequences=2, max_new_tokens=10, no_repeat_ngram_size=2, early_stopping=True)
+    stock, ours = both(model, ids, mask, **kwargs)
+    assert ours.shape[0] == 4 and ours.tolist() == stock.tolist()
+
+
+def _cross_cache(model, generate, ids, mask, **kwargs):
+    """The cross-attention cache that generate() decoded with (captured from the model's forward)."""
+    seen = {}
+
+    def spy(module, args, kw):
+        cache, decoder_ids = kw.get("past_key_values"), kw.get("decoder_input_ids")
+        if cache is not None and decoder_ids is not None and decoder_ids.shape[0] > 3:  # a step over the beams
+            seen["cross"] = cache.cross_attention_cache
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            generate(ids, mask, **kwargs)
+    finally:
+        handle.remove()
+    return seen["cross"]
+
+
+@pytest.mark.parametrize("family", ["bart", "lsg_bart", "longt5_tglobal", "led"])
+def test_cross_attention_cache_holds_one_copy_per_document(family):
+    model = build(family)
+    ids, mask = batch(model)
+    kwargs = dict(num_beams=4, max_new_tokens=5)
+    stock = _cross_cache(model, lambda i, m, **kw: model.generate(input_ids=i, attention_mask=m, **kw), ids, mask,
+                         **kwargs)  # fmt: skip
+    ours = _cross_cache(model, lambda i, m, **kw: decoding.generate(model, i, m, **kw), ids, mask, **kwargs)
+    for layer in range(model.config.decoder_layers if hasattr(model.config, "decoder_layers") else 2):
+        assert stock.layers[layer].keys.shape[0] == 12  # 3 documents x 4 beams
+        assert ours.layers[layer].keys.shape[0] == ours.layers[layer].values.shape[0] == 3
+        assert ours.layers[layer].keys.shape[1:] == stock.layers[layer].keys.shape[1:]
+
+
+def test_self_only_reorder_cache_gives_identical_beams():
+    model = build("bart", seed=5)
+    ids, mask = batch(model)
+    kwargs = dict(num_beams=4, max_new_tokens=12, min_new_tokens=12)
+    with torch.inference_mode():
+        stock = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        ours = model.generate(input_ids=ids, attention_mask=mask, past_key_values=decoding.BeamCache(), **kwargs)
+    assert torch.equal(stock, ours)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_ngram_blocker_bans_what_transformers_bans(n):
+    g = torch.Generator().manual_seed(n)
+    ours, stock = decoding.NoRepeatNGram(n), NoRepeatNGramLogitsProcessor(n)
+    for length in range(1, 24):
+        ids = torch.randint(0, 6, (8, length), generator=g)  # a small vocabulary: many repeats
+        scores = torch.randn(8, 11, generator=g)
+        assert torch.equal(ours(ids, scores.clone()), stock(ids, scores.clone())), length
+
+
+def test_ngram_blocker_stands_aside_where_a_forcing_processor_overwrites_scores():
+    ids = torch.tensor([[5, 6, 5]])
+    scores = torch.zeros(1, 10)
+    assert torch.isinf(decoding.NoRepeatNGram(2)(ids, scores.clone())[0, 6])
+    assert not torch.isinf(decoding.NoRepeatNGram(2, forced_steps=(3,))(ids, scores.clone())).any()
