@@ -1,0 +1,265 @@
+"""Decoding speed: longsum's generation path against the stock `model.generate` loop, per document.
+
+What it measures: end-to-end seconds per document (encoder + decoding, one document at a time) and the
+peak memory of the process, for a bart-base-sized model with random weights, at several input lengths and
+beam sizes, with `max_new_tokens == min_new_tokens` (every run decodes the same number of tokens) and
+`no_repeat_ngram_size=3`:
+  stock     ``model.generate(input_ids, attention_mask=..., **settings)``
+  longsum   ``longsum.decoding.generate(model, input_ids, attention_mask, **settings)`` (cross-attention
+            keys/values once per document, shared by the beams; vectorized n-gram blocking)
+  ct2       (1,024 tokens, dense BART-base, only when the optional ``ctranslate2`` package is installed)
+            the same weights converted to CTranslate2 and run with ``translate_batch`` (fp32 CPU)
+The model is LSG-BART (bart-base size: 6+6 layers, d_model 768, vocabulary 50,265; block size 128) for
+inputs longer than 1,024 tokens and dense BART-base at 1,024. Each (length, beams, method) cell runs in its
+own process (so that its peak RSS is its own), times ``--docs`` documents after a short warm-up document and
+reports the median; both methods' token ids are compared (they must be identical). Nothing is asserted.
+
+Run from the repository root (CPU: 1 thread by default, as the targets are stated):
+    python benchmarks/decode_speed.py                                   # the full grid (~30 min on 1 core)
+    python benchmarks/decode_speed.py --lengths 4096 --beams 4 --new-tokens 64
+    python benchmarks/decode_speed.py --device cuda                     # bf16 on a GPU
+Outputs: a table on stdout; decode_speed.json (cells, settings, provenance) and decode_speed.png in
+--out-dir (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from summarize_throughput import busy_cores, cpu_name, provenance  # noqa: E402
+
+BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+            decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, dropout=0.0,
+            attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+            forced_eos_token_id=2)  # fmt: skip
+DENSE_MAX = 1024  # BART-base's own length; longer inputs use LSG-BART
+
+
+def build_model(length: int, device: str, dtype):
+    import torch
+
+    torch.manual_seed(0)
+    if length <= DENSE_MAX:
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        model = BartForConditionalGeneration(BartConfig(**BASE, max_position_embeddings=DENSE_MAX))
+    else:
+        from longsum.lsg import LSGBartConfig, LSGBartForConditionalGeneration
+
+        config = LSGBartConfig(**BASE, max_position_embeddings=length, block_size=128, sparse_block_size=128)
+        model = LSGBartForConditionalGeneration(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def documents(n: int, length: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ids = torch.randint(5, BASE["vocab_size"], (1, length), generator=g)
+        ids[0, 0], ids[0, -1] = BASE["bos_token_id"], BASE["eos_token_id"]
+        yield ids
+
+
+def peak_memory(device: str) -> int:
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def run_cell(args) -> dict:
+    """One (length, beams, method) cell, in this process."""
+    import torch
+
+    from longsum import decoding
+
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    settings = dict(num_beams=args.cell_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                    no_repeat_ngram_size=3, length_penalty=1.0, do_sample=False)  # fmt: skip
+    model = build_model(args.cell_length, device, dtype)
+    if args.cell_method == "ct2":
+        return run_ct2(model, args, settings)
+    loaded = peak_memory(device)
+
+    def generate(ids, **overrides):
+        mask, kwargs = torch.ones_like(ids), {**settings, **overrides}
+        with torch.inference_mode():
+            if args.cell_method == "stock":
+                return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            return decoding.generate(model, ids, mask, **kwargs)
+
+    # First-call costs (allocator, kernels) on a short document.
+    generate(next(documents(1, 256, seed=99)).to(device), max_new_tokens=4, min_new_tokens=4)
+    seconds, outputs = [], []
+    for ids in documents(args.docs, args.cell_length):
+        ids = ids.to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = generate(ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        outputs.append(out[0].tolist())
+    return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory(device),
+                model_bytes=loaded, outputs=outputs)  # fmt: skip
+
+
+def run_ct2(model, args, settings) -> dict:
+    """The same dense BART through CTranslate2, converted once into a temporary folder.
+
+    Tokens are ids written as strings: a word-level tokenizer whose vocabulary is "0".."50264" is saved
+    with the model, so the converter's vocabulary maps each string back to the same id.
+    """
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {str(i): i for i in range(BASE["vocab_size"])}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="3")), bos_token="0",
+                                        pad_token="1", eos_token="2", unk_token="3")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, ct = Path(tmp) / "hf", Path(tmp) / "ct2"
+        model.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        config = json.loads((hf / "config.json").read_text())
+        # CTranslate2 4.8 reads these BART keys, which transformers 5 no longer writes.
+        config.update(normalize_before=False, add_final_layer_norm=False, static_position_embeddings=False)
+        (hf / "config.json").write_text(json.dumps(config))
+        TransformersConverter(str(hf)).convert(str(ct), force=True)
+        del model
+        translator = ctranslate2.Translator(str(ct), device="cpu", compute_type="float32", intra_threads=args.threads)
+        seconds, outputs = [], []
+        warm_up = [str(t) for t in next(documents(1, 256, seed=99))[0].tolist()]
+        translator.translate_batch([warm_up], beam_size=settings["num_beams"], max_decoding_length=4)
+        for ids in documents(args.docs, args.cell_length):
+            source = [str(t) for t in ids[0].tolist()]
+            start = time.perf_counter()
+            result = translator.translate_batch([source], beam_size=settings["num_beams"],
+                                                max_decoding_length=args.new_tokens,
+                                                min_decoding_length=args.new_tokens, no_repeat_ngram_size=3,
+                                                length_penalty=1.0)  # fmt: skip
+            seconds.append(time.perf_counter() - start)
+            outputs.append([int(t) for t in result[0].hypotheses[0]])
+    return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory("cpu"), outputs=None)
+
+
+def cell_in_subprocess(args, length: int, beams: int, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--cell-length", str(length), "--cell-beams", str(beams), "--cell-method", method,
+           "--device", args.device, "--docs", str(args.docs), "--new-tokens", str(args.new_tokens),
+           "--threads", str(args.threads)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        cells = [r for r in rows if r["length"] == length and "median_s" in r]
+        labels = [f"{r['method']}\nbeams {r['beams']}" for r in cells]
+        bars = ax.bar(labels, [r["median_s"] for r in cells],
+                      color=[{"stock": "C1", "longsum": "C0", "ct2": "C2"}[r["method"]] for r in cells])  # fmt: skip
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set(title=f"{length} input tokens", ylabel="seconds per document")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--beams", type=int, nargs="+", default=[1, 4, 5])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--docs", type=int, default=1, help="timed documents per cell (after a short warm-up)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--name", default="decode_speed")
+    p.add_argument("--cell-length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--cell-beams", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--cell-method", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.cell_method:  # a child process: one cell, one JSON line
+        print(json.dumps(run_cell(args)))
+        return
+
+    try:
+        import ctranslate2  # noqa: F401
+
+        peer = True
+    except ImportError:
+        peer = False
+        print("ctranslate2 is not installed: no CTranslate2 row (pip install ctranslate2)", file=sys.stderr)
+    busy = busy_cores() if args.device == "cpu" else None
+    if busy is not None and busy > 0.5:
+        print(f"warning: other processes keep {busy:.1f} cores busy; timings will be noisy", file=sys.stderr)
+    rows = []
+    header = f"{'tokens':>7} {'beams':>5} {'method':>8} {'s/doc':>8} {'peak MiB':>9} {'speed-up':>8}  same ids"
+    print(header)
+    for length in args.lengths:
+        for beams in args.beams:
+            methods = ["stock", "longsum"] + (["ct2"] if peer and length <= DENSE_MAX and args.device == "cpu" else [])
+            cells = {}
+            for method in methods:
+                cell = cell_in_subprocess(args, length, beams, method)
+                cells[method] = cell
+                row = dict(length=length, beams=beams, method=method,
+                           **{k: v for k, v in cell.items() if k != "outputs"})  # fmt: skip
+                if "median_s" in cell and "median_s" in cells["stock"]:
+                    row["speedup_vs_stock"] = cells["stock"]["median_s"] / cell["median_s"]
+                if method == "longsum" and "outputs" in cells["stock"] and "outputs" in cell:
+                    row["same_ids_as_stock"] = cells["stock"]["outputs"] == cell["outputs"]
+                rows.append(row)
+                if "error" in cell:
+                    print(f"{length:>7} {beams:>5} {method:>8}  error: {cell['error']}")
+                    continue
+                print(f"{length:>7} {beams:>5} {method:>8} {cell['median_s']:>8.2f} {cell['peak_bytes'] / 2**20:>9.0f}"
+                      f" {row.get('speedup_vs_stock', float('nan')):>7.2f}x  {row.get('same_ids_as_stock', '')}",
+                      flush=True)  # fmt: skip
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
+    result = dict(settings=dict(lengths=args.lengths, beams=args.beams, new_tokens=args.new_tokens, docs=args.docs,
+                                threads=args.threads, device=args.device, no_repeat_ngram_size=3,
+                                dtype="bfloat16" if args.device == "cuda" else "float32", model="bart-base size, "
+                                "random weights (LSG-BART above 1,024 tokens)", busy_cores_at_start=busy),
+                  rows=rows, provenance=provenance(device_name))  # fmt: skip
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, args.out_dir / f"{args.name}.png", f"Seconds per document, {args.new_tokens} new tokens, {device_name}")
+    print(f"saved {args.out_dir / (args.name + '.json')} and .png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
