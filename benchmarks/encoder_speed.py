@@ -11,8 +11,12 @@ Models (bart-base size unless noted):
   dense-sdpa          stock BartEncoder, full attention through torch SDPA
   no-attention-floor  stock BartEncoder with softmax(QK^T)V replaced by the identity (keeps the q/k/v/out
                       projections and FFNs): the floor no attention method can beat
-  longt5-local        LongT5EncoderModel, long-t5-local-base size (radius 127)
-  longt5-tglobal      LongT5EncoderModel, long-t5-tglobal-base size (global block 16)
+  longt5-local        transformers' LongT5EncoderModel, long-t5-local-base size (radius 127)
+  longt5-tglobal      transformers' LongT5EncoderModel, long-t5-tglobal-base size (global block 16)
+  longsum-longt5-local / longsum-longt5-tglobal
+                      the same models with longsum's LongT5 attention (`longsum.longt5`)
+  t5-floor            the same LongT5 encoder with attention replaced by the identity (keeps the q/k/v/o
+                      projections and the gated FFNs): the floor for the LongT5 rows
   led-base            LED encoder, led-base-16384 size (window 1024)
 
 How: every (model, length) runs in a fresh subprocess (``--worker``) so peak memory is not polluted. The
@@ -49,7 +53,11 @@ import time
 from pathlib import Path
 
 LSG, FLOOR, DENSE = "lsg-norm-128/128", "no-attention-floor", "dense-sdpa"
-MODELS = [LSG, "lsg-local-256/0", DENSE, FLOOR, "longt5-local", "longt5-tglobal", "led-base"]
+T5_FLOOR = "t5-floor"
+LONGT5 = ["longt5-local", "longt5-tglobal", "longsum-longt5-local", "longsum-longt5-tglobal", T5_FLOOR]
+MODELS = [LSG, "lsg-local-256/0", DENSE, FLOOR, *LONGT5, "led-base"]
+# LongT5 targets (issue: tglobal at 16k): speed-up vs transformers, memory rise vs transformers, time vs floor
+LONGT5_TARGETS = {"tglobal": (3.0, 1 / 3, 1.7), "local": (None, None, 1.3)}
 BART = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12)
 BART.update(decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072)
 # length -> (time target vs floor, memory target vs dense, original LSG time ratio, original LSG memory ratio)
@@ -91,12 +99,21 @@ def build(name: str, length: int):
         enc = BartEncoder(config)
         assert enc.config._attn_implementation == key, enc.config._attn_implementation
         return enc, calls
-    if name in ("longt5-local", "longt5-tglobal"):
-        kind = "local" if name == "longt5-local" else "transient-global"
+    if name in LONGT5:
+        kind = "transient-global" if name.endswith("tglobal") else "local"
         t5 = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12, vocab_size=32128)
         config = LongT5Config(**t5, encoder_attention_type=kind, local_radius=127, global_block_size=16,
                               feed_forward_proj="gated-gelu")  # fmt: skip
-        return LongT5EncoderModel(config), None
+        model = LongT5EncoderModel(config)
+        if name.startswith("longsum-"):
+            from longsum.longt5 import use_longsum_attention
+
+            use_longsum_attention(model)
+        if name == T5_FLOOR:
+            for module in model.modules():
+                if type(module).__name__ == "LongT5LocalAttention":
+                    module.__class__ = _floor_attention_class()
+        return model, None
     if name == "led-base":
         model = LEDModel(LEDConfig(**BART, attention_window=1024, max_encoder_position_embeddings=16384))
         return model.get_encoder(), None  # the decoder is freed with `model`
@@ -227,6 +244,19 @@ def run_one(name: str, length: int, args) -> dict:
         return {"model": name, "length": length, "error": f"worker exited {proc.returncode} (killed?): {tail}"}
 
 
+def _floor_attention_class():
+    from transformers.models.longt5.modeling_longt5 import LongT5LocalAttention
+
+    class FloorAttention(LongT5LocalAttention):
+        """The q/k/v/o projections of LongT5 attention with softmax(QK^T)V replaced by V."""
+
+        def forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
+            self.q(hidden_states), self.k(hidden_states)
+            return self.o(self.v(hidden_states)), position_bias
+
+    return FloorAttention
+
+
 def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     if a is None or b is None or a.get(key) is None or not b.get(key) or b[key] <= 0:
         return None
@@ -244,6 +274,35 @@ def ratios(results: list[dict], lengths: list[int]) -> list[dict]:
                          tensor_memory_vs_dense=ratio(lsg, dense, "tensor_peak_mib"), memory_target=m_tgt,
                          memory_original_lsg=m_orig))  # fmt: skip
     return rows
+
+
+def longt5_ratios(results: list[dict], lengths: list[int]) -> list[dict]:
+    """longsum's LongT5 attention against transformers' and the T5 floor, per kind and length."""
+    get = {(r["model"], r["length"]): r for r in results if "error" not in r}
+    rows = []
+    for n in lengths:
+        for kind in ("local", "tglobal"):
+            ours, theirs, floor = (
+                get.get((f"longsum-longt5-{kind}", n)),
+                get.get((f"longt5-{kind}", n)),
+                get.get((T5_FLOOR, n)),
+            )
+            if ours is None:
+                continue
+            speed = ratio(theirs, ours, "seconds")
+            memory = ratio(ours, theirs, "activation_mib")
+            rows.append(dict(length=n, kind=kind, speedup_vs_transformers=speed, memory_vs_transformers=memory,
+                             tensor_memory_vs_transformers=ratio(ours, theirs, "tensor_peak_mib"),
+                             time_vs_floor=ratio(ours, floor, "seconds"), targets=LONGT5_TARGETS[kind]))  # fmt: skip
+    return rows
+
+
+def _judge(value: float | None, target: float | None, judged: bool, low: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if target is None or not judged:
+        return f"{value:.2f}x"
+    return f"{value:.2f}x [{'PASS' if (value <= target if low else value >= target) else 'FAIL'}]"
 
 
 def fmt_ratio(value: float | None, target: float | None, original: float | None) -> str:
@@ -379,8 +438,18 @@ def main() -> None:
 
     rows = ratios(results, args.lengths)
     print_report(results, args.lengths, args.models, rows)
+    t5_rows = longt5_ratios(results, args.lengths)
+    if t5_rows:
+        print("\nLongT5: longsum's attention vs transformers' (speed-up, activation-memory ratio) and vs the T5 floor")
+        for row in t5_rows:
+            speed, memory, floor = row["targets"]
+            judged = row["length"] >= 16384  # the targets are stated at 16,384 tokens
+            print(f"  L={row['length']:<6} {row['kind']:<8} speed-up {_judge(row['speedup_vs_transformers'], speed, judged)}"
+                  f"   memory {_judge(row['memory_vs_transformers'], memory, judged, low=True)}"
+                  f" (tensor {_judge(row['tensor_memory_vs_transformers'], None, False)})"
+                  f"   vs floor {_judge(row['time_vs_floor'], floor, judged, low=True)}")  # fmt: skip
     meta = provenance(args, dtype)
-    report = {"provenance": meta, "results": results, "ratios": rows}
+    report = {"provenance": meta, "results": results, "ratios": rows, "longt5_ratios": t5_rows}
     (args.out_dir / "encoder_speed.json").write_text(json.dumps(report, indent=2))
     threads = f", {args.threads} thread(s)" if args.device == "cpu" else ""
     plot(results, args.models, args.out_dir / "encoder_speed.png", f"encoder forward, batch 1, {dtype}{threads}, "

@@ -312,6 +312,7 @@ def load_model(
     *,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    attention: str = "longsum",
 ):
     """Load a checkpoint and its tokenizer, ready for inference.
 
@@ -323,6 +324,8 @@ def load_model(
         dtype: "auto" (bf16 on CUDA that supports it, else fp32), "fp32", "bf16" or "fp16".
         revision: Hub revision (branch, tag or commit) for Hub ids.
         attn_implementation: transformers attention backend for the stock parts ("sdpa" default).
+        attention: "longsum" runs LongT5 encoders with longsum's attention (`longsum.longt5`: the
+            same numbers in bounded memory, several times faster at 16k); "stock" keeps transformers'.
 
     Returns:
         `(model, tokenizer)`, the model in eval mode on `device`.
@@ -339,8 +342,14 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if not is_lsg_config(read_config(folder)):
         kwargs["trust_remote_code"] = False
+    if attention not in ("longsum", "stock"):
+        raise ModelLoadError(f"unknown attention {attention!r}: use 'longsum' or 'stock'")
     tokenizer = load_tokenizer(folder)
     model = load_weights(cls, folder, config=config, **kwargs)
+    if attention == "longsum" and config.model_type == "longt5":
+        from longsum.longt5 import use_longsum_attention
+
+        use_longsum_attention(model)
     model.to(device).eval()
     return model, tokenizer
 

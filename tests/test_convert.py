@@ -186,6 +186,46 @@ def test_t5_to_longt5(tmp_path, tokenizer, target):
     assert not torch.allclose(got, want)  # the side keys are used
 
 
+@pytest.mark.parametrize("target", ["longt5-local", "longt5-tglobal"])
+def test_converted_longt5_loads_with_longsum_attention_and_trains(tmp_path, tokenizer, target):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from longsum import load_model, longt5
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+        )
+    )
+    source = save(t5, tokenizer, tmp_path / "t5")
+    result = convert(source, tmp_path / "long", "--to", target, "--max-length", 4096)
+    assert result.exit_code == 0, result.output
+    model, _ = load_model(tmp_path / "long", device="cpu", dtype="fp32")
+    ours = {longt5.LocalAttention, longt5.TransientGlobalAttention}
+    assert sum(type(m) in ours for m in model.modules()) == 2  # both encoder layers
+    model.train()
+    ids = random_ids(2, 300)  # longer than a local block (128 tokens): several blocks, 18 global blocks
+    labels = torch.tensor([[7, 9, 11, 13, 2]] * 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -1,0 +1,203 @@
+"""LongT5 encoder attention, exact and in bounded chunks: transformers' local and transient-global
+attention with the same parameters and the same numbers, without their full-sequence intermediates.
+
+transformers' LongT5 materializes, for the whole sequence at once and in every layer, the scores,
+the position bias plus mask and the attention weights `[b, blocks, h, block, 3*block + n/g]`, the
+transient-global side keys tiled once per block, and the global aggregates as a one-hot einsum
+`[b, n, n/g]` (at 16k tokens, base size: ~16 s and ~6.5 GB per layer on one CPU thread). Here:
+
+* Layer 0 computes what every layer shares once, compactly (`Shared`): the relative-position bias
+  `[h, block, 3*block]` (the same for every block), the local mask `[b, blocks, block, 3*block]`
+  (bool), and for transient-global the token -> global-block ids and a side-bias table indexed by
+  relative position `[h, 2G]` (G = n // global_block_size). It travels to the other layers in the
+  `position_bias` slot, as the stock tensor does.
+* Query blocks are processed in chunks (`CHUNK_BYTES` of mask each): a chunk gathers its
+  3-block keys/values (a strided view of the padded keys), appends the side keys/values, builds
+  its additive mask (bias + -1e10 where masked, exactly the stock sum) and calls SDPA with
+  `scale=1.0` (T5 does not scale scores). No tensor of the whole sequence's scores ever exists.
+* Global aggregates are sums over fixed blocks (`index_add_`), not a one-hot einsum.
+
+`LocalAttention` / `TransientGlobalAttention` inherit the stock modules one level and override
+`forward` only, so checkpoints load unchanged (`q/k/v/o`, `relative_attention_bias`,
+`global_relative_attention_bias`, `global_input_layer_norm`); `use_longsum_attention(model)`
+switches a loaded model's encoder attention modules to them (`load_model` does, unless
+`attention="stock"`). Attention weights (`output_attentions=True`) come from the stock forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.longt5 import modeling_longt5 as stock
+
+CHUNK_BYTES = 32 << 20  # the additive mask of one chunk of query blocks (its keys/values are similar)
+MASKED = -1e10  # what transformers' LongT5 (after the original) adds where attention is masked
+
+
+@dataclass
+class Shared:
+    """Computed by the first layer, reused by all (shapes: b batch, nb blocks, bl block, h heads)."""
+
+    bias: torch.Tensor  # [h, bl, 3*bl] relative-position bias (zeros for a layer without a table)
+    allowed: torch.Tensor | None  # [b, nb, bl, 3*bl] bool: padding and locality; None: all (stock: no mask)
+    block_ids: torch.Tensor | None = None  # [b, n] int: each token's global block (-1: padding)
+    segments: torch.Tensor | None = None  # [b, G] int: 1 where the global block holds tokens
+    token_mask: torch.Tensor | None = None  # [b, n] the attention mask (1 token, 0 padding)
+    side_table: torch.Tensor | None = None  # [h, 2G] side bias by relative position g - block_id + G - 1
+
+
+def _pad_blocks(x: torch.Tensor, bl: int, nb: int) -> torch.Tensor:
+    """[b, n, h, d] -> [b, (nb + 2) * bl, h, d]: zeros before, and after up to whole blocks plus one
+    block (the stock `_split_into_blocks` + `_concatenate_3_blocks` zero padding)."""
+    n = x.shape[1]
+    return F.pad(x, (0, 0, 0, 0, bl, (nb + 1) * bl - n))
+
+
+def _three_blocks(padded: torch.Tensor, i0: int, i1: int, bl: int) -> torch.Tensor:
+    """Keys/values of query blocks i0..i1: [b, C, h, 3*bl, d] (block i sees blocks i-1, i, i+1)."""
+    window = padded[:, i0 * bl : (i1 + 2) * bl]  # [b, (C + 2) * bl, h, d]
+    return window.unfold(1, 3 * bl, bl).permute(0, 1, 2, 4, 3)  # [b, C, h, d, 3bl] -> [b, C, h, 3bl, d]
+
+
+def _locality(bl: int, device) -> torch.Tensor:
+    """[bl, 3*bl] bool: query i of a block may see key j of its 3 blocks when |j - bl - i| < bl."""
+    offsets = torch.arange(3 * bl, device=device)[None, :] - bl - torch.arange(bl, device=device)[:, None]
+    return offsets.abs() < bl
+
+
+def _chunk_blocks(b: int, h: int, bl: int, keys: int, itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, b * h * bl * keys * itemsize))
+
+
+class _BlockedAttention:
+    """The shared forward: chunks of query blocks, each one SDPA call over [3 blocks | side keys]."""
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], -1, self.n_heads, self.key_value_proj_dim)  # [b, n, h, d]
+
+    def _local_bias(self, dtype) -> torch.Tensor:
+        if self.has_relative_attention_bias:
+            return self.compute_bias(self.block_len)[0, 0]  # [h, bl, 3bl]
+        return torch.zeros(self.n_heads, self.block_len, 3 * self.block_len, device=self.q.weight.device, dtype=dtype)
+
+    def _attend(self, hidden_states, shared: Shared, side_k=None, side_v=None) -> torch.Tensor:
+        """[b, n, d_model] -> attention output before `o`, [b, n, h*d]."""
+        b, n, _ = hidden_states.shape
+        bl, h = self.block_len, self.n_heads
+        nb = -(-n // bl)
+        q = self._heads(self.q(hidden_states))
+        k = _pad_blocks(self._heads(self.k(hidden_states)), bl, nb)  # [b, (nb+2)*bl, h, d]
+        v = _pad_blocks(self._heads(self.v(hidden_states)), bl, nb)
+        q = F.pad(q, (0, 0, 0, 0, 0, nb * bl - n)).view(b, nb, bl, h, -1)  # [b, nb, bl, h, d]
+        G = 0 if side_k is None else side_k.shape[1]
+        if G:
+            side_k = side_k.permute(0, 2, 1, 3).unsqueeze(1)  # [b, 1, h, G, d]
+            side_v = side_v.permute(0, 2, 1, 3).unsqueeze(1)
+        step = _chunk_blocks(b, h, bl, 3 * bl + G, 4)
+        # Interior blocks (no padding in reach) all have the same mask: the bias where |i - j| < bl.
+        locality = _locality(bl, q.device)  # [bl, 3bl]
+        interior = shared.bias.to(q.dtype) + torch.where(locality, 0.0, MASKED).to(q.dtype)  # [h, bl, 3bl]
+        dropout = self.dropout if self.training else 0.0
+        outputs = []
+        for i0 in range(0, nb, step):
+            i1 = min(nb, i0 + step)
+            C = i1 - i0
+            keys, values = _three_blocks(k, i0, i1, bl), _three_blocks(v, i0, i1, bl)  # [b, C, h, 3bl, d]
+            mask = shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl)  # [b, C, h, bl, 3bl]
+            allowed = None if shared.allowed is None else shared.allowed[:, i0:i1]  # [b, C, bl, 3bl]
+            if allowed is not None and not G and torch.equal(allowed, locality.expand_as(allowed)):
+                mask = interior.expand(b, C, h, bl, 3 * bl)  # blocks with no padding: one [h, bl, 3bl] mask
+            elif allowed is not None:
+                mask = mask + torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2)
+            if G:
+                keys = torch.cat([keys, side_k.expand(b, C, h, G, -1)], dim=3)  # [b, C, h, 3bl + G, d]
+                values = torch.cat([values, side_v.expand(b, C, h, G, -1)], dim=3)
+                mask = torch.cat([mask, self._side_bias(shared, i0 * bl, i1 * bl, n).to(q.dtype)], dim=-1)
+            query = q[:, i0:i1].permute(0, 1, 3, 2, 4)  # [b, C, h, bl, d]
+            out = F.scaled_dot_product_attention(
+                query.reshape(b * C, h, bl, -1), keys.reshape(b * C, h, 3 * bl + G, -1),
+                values.reshape(b * C, h, 3 * bl + G, -1), attn_mask=mask.reshape(b * C, h, bl, 3 * bl + G),
+                dropout_p=dropout, scale=1.0)  # fmt: skip
+            outputs.append(out.view(b, C, h, bl, -1).permute(0, 1, 3, 2, 4).reshape(b, C * bl, -1))  # [b, C*bl, h*d]
+        return torch.cat(outputs, dim=1)[:, :n]
+
+
+class LocalAttention(_BlockedAttention, stock.LongT5LocalAttention):
+    """LongT5 local attention (blocks of local_radius + 1 tokens see the previous, own and next block)."""
+
+    def forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
+        if output_attentions or (position_bias is not None and not isinstance(position_bias, Shared)):
+            return super().forward(hidden_states, mask, position_bias, output_attentions)
+        if position_bias is None:  # the first layer; `mask` is the stack's [b, 1, nb, bl, 3bl] local mask
+            position_bias = Shared(self._local_bias(hidden_states.dtype), None if mask is None else mask[:, 0] > 0)
+        return self.o(self._attend(hidden_states, position_bias)), position_bias
+
+
+class TransientGlobalAttention(_BlockedAttention, stock.LongT5TransientGlobalAttention):
+    """LongT5 transient-global attention: local attention plus side keys, one per block of
+    `global_block_size` tokens (their layer-normed sums), with their own relative bias."""
+
+    def forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
+        if output_attentions or (position_bias is not None and not isinstance(position_bias, Shared)):
+            return super().forward(hidden_states, mask, position_bias, output_attentions)
+        b, n, _ = hidden_states.shape
+        if position_bias is None:  # the first layer; `mask` is the [b, n] attention mask
+            position_bias = self._shared(mask, b, n, hidden_states)
+        shared = position_bias
+        G = shared.segments.shape[1]
+        side_k = side_v = None
+        if G:
+            ids = torch.where(shared.block_ids >= 0, shared.block_ids, G).long()  # padding -> a spare row
+            ids = ids + torch.arange(b, device=ids.device).unsqueeze(1) * (G + 1)  # [b, n] rows of [b*(G+1)]
+            sums = hidden_states.new_zeros(b * (G + 1), hidden_states.shape[-1])
+            sums.index_add_(0, ids.flatten(), hidden_states.reshape(b * n, -1))
+            aggregates = self.global_input_layer_norm(sums.view(b, G + 1, -1)[:, :G])  # [b, G, d_model]
+            side_k, side_v = self._heads(self.k(aggregates)), self._heads(self.v(aggregates))  # [b, G, h, d]
+        return self.o(self._attend(hidden_states, shared, side_k, side_v)), shared
+
+    def _shared(self, mask, b: int, n: int, hidden_states) -> Shared:
+        device = hidden_states.device
+        if mask is None:
+            mask = torch.ones(b, n, device=device)
+        block_ids, segments = stock._make_global_fixed_block_ids(mask, self.global_block_size)
+        G = segments.shape[1]
+        side_table = None
+        if G:
+            relative = torch.arange(-(G - 1), G + 1, device=device)  # every g - block_id (block_id >= -1)
+            buckets = self._relative_position_bucket(relative, bidirectional=not self.is_decoder,
+                                                     num_buckets=self.relative_attention_num_buckets,
+                                                     max_distance=self.relative_attention_max_distance)  # fmt: skip
+            side_table = self.global_relative_attention_bias(buckets).t()  # [h, 2G]
+        allowed = stock._get_local_attention_mask(mask, self.block_len, device)[:, 0] > 0  # [b, nb, bl, 3bl]
+        return Shared(self._local_bias(hidden_states.dtype), allowed, block_ids.long(), segments, mask, side_table)
+
+    def _side_bias(self, shared: Shared, start: int, stop: int, n: int) -> torch.Tensor:
+        """The side part of the mask for query positions start..stop: [b, C, h, bl, G]."""
+        b, G = shared.segments.shape
+        h, bl = self.n_heads, self.block_len
+        end = min(stop, n)
+        block_ids = shared.block_ids[:, start:end]  # [b, P]
+        relative = torch.arange(G, device=block_ids.device) - block_ids.unsqueeze(-1) + (G - 1)  # [b, P, G]
+        bias = shared.side_table[:, relative]  # [h, b, P, G]
+        visible = torch.eq(shared.token_mask[:, start:end, None], shared.segments[:, None, :])  # [b, P, G]
+        side = torch.where(visible, 0.0, MASKED).unsqueeze(0) + bias  # [h, b, P, G]
+        if end < stop:  # query rows past the sequence (dropped at the end): the stock pads them with 0
+            side = F.pad(side, (0, 0, 0, stop - end))
+        return side.view(h, b, -1, bl, G).permute(1, 2, 0, 3, 4)  # [b, C, h, bl, G]
+
+
+ATTENTION_CLASSES = {stock.LongT5LocalAttention: LocalAttention,
+                     stock.LongT5TransientGlobalAttention: TransientGlobalAttention}  # fmt: skip
+
+
+def use_longsum_attention(model) -> int:
+    """Switch a LongT5 model's encoder attention modules to longsum's (same parameters); returns how many."""
+    count = 0
+    for module in model.modules():
+        ours = ATTENTION_CLASSES.get(type(module))
+        if ours is not None:
+            module.__class__ = ours
+            count += 1
+    return count
