@@ -40,7 +40,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 # Stock attention implementation -> ours (the same computation, plus shared keys/values).
 SHARED_IMPLEMENTATIONS = {"sdpa": "longsum_sdpa", "eager": "longsum_eager"}
-# Model families whose decoder attention goes through the attention interface (checked in tests).
+# Families checked (tests/test_decoding.py) to decode with shared keys/values.
 SHARED_KV_MODEL_TYPES = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "pegasus_x", "bigbird_pegasus",
                          "led", "lsg_bart", "lsg_mbart", "lsg_pegasus")  # fmt: skip
 # Generation settings under which the fast n-gram blocker's place in the processor list (last
@@ -165,13 +165,27 @@ def register() -> None:
     _REGISTERED = True
 
 
+def _cross_attention(model):
+    """The first decoder cross-attention module (BART-style `encoder_attn`, T5-style `EncDecAttention`)."""
+    for name, module in model.named_modules():
+        if name.endswith(("encoder_attn", "EncDecAttention")):
+            return module
+    return None
+
+
 def sharing(model) -> str | None:
     """Why `model` cannot share cross-attention keys/values between beams (None: it can)."""
     config = model.config
     if not config.is_encoder_decoder:
         return "not an encoder-decoder model"
     if config.model_type not in SHARED_KV_MODEL_TYPES:
-        return f"{config.model_type}'s decoder attention does not use the attention interface"
+        return f"{config.model_type} is not among the families checked for shared keys/values"
+    cross = _cross_attention(model)
+    if cross is None:
+        return "no decoder cross-attention module found"
+    # Older transformers releases (5.5) still compute T5/LongT5 attention by hand; LED has its subclass.
+    if config.model_type != "led" and not hasattr(sys.modules[type(cross).__module__], "ALL_ATTENTION_FUNCTIONS"):
+        return f"this transformers version's {type(cross).__name__} does not use the attention interface"
     implementation = config._attn_implementation
     if implementation not in SHARED_IMPLEMENTATIONS and implementation not in SHARED_IMPLEMENTATIONS.values():
         return f"attention implementation {implementation!r} (shared keys/values need sdpa or eager)"

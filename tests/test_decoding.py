@@ -47,6 +47,9 @@ FAMILIES = {
 }  # fmt: skip
 
 
+T5_FAMILIES = ("t5", "longt5_local", "longt5_tglobal")
+
+
 def build(family: str, seed: int = 0):
     """A tiny model whose outputs depend on its input (default inits give near-constant outputs)."""
     torch.manual_seed(seed)
@@ -94,7 +97,8 @@ def test_same_ids_as_stock_generate(family, setting):
     stock, ours = both(model, ids, mask, **SETTINGS[setting])
     assert stock.shape[0] == 3 and len({tuple(row) for row in stock.tolist()}) > 1  # input-dependent outputs
     assert ours.tolist() == stock.tolist()
-    assert decoding.sharing(model) is None  # every family shares cross-attention keys/values
+    # Every family shares cross-attention keys/values; T5's attention used the interface only after 5.5.
+    assert decoding.sharing(model) is None or family in T5_FAMILIES
     assert model.config._attn_implementation in ("sdpa", "eager")  # restored after decoding
 
 
@@ -128,6 +132,8 @@ def _cross_cache(model, generate, ids, mask, **kwargs):
 @pytest.mark.parametrize("family", ["bart", "lsg_bart", "longt5_tglobal", "led"])
 def test_cross_attention_cache_holds_one_copy_per_document(family):
     model = build(family)
+    if family in T5_FAMILIES and decoding.sharing(model) is not None:
+        pytest.skip(decoding.sharing(model))
     ids, mask = batch(model)
     kwargs = dict(num_beams=4, max_new_tokens=5)
     stock = _cross_cache(model, lambda i, m, **kw: model.generate(input_ids=i, attention_mask=m, **kw), ids, mask,
