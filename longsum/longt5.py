@@ -8,13 +8,15 @@ transient-global side keys tiled once per block, and the global aggregates as a 
 
 * Layer 0 computes what every layer shares once, compactly (`Shared`): the relative-position bias
   `[h, block, 3*block]` (the same for every block), the local mask `[b, blocks, block, 3*block]`
-  (bool), and for transient-global the token -> global-block ids and a side-bias table indexed by
-  relative position `[h, 2G]` (G = n // global_block_size). It travels to the other layers in the
-  `position_bias` slot, as the stock tensor does.
-* Query blocks are processed in chunks (`CHUNK_BYTES` of mask each): a chunk gathers its
-  3-block keys/values (a strided view of the padded keys), appends the side keys/values, builds
-  its additive mask (bias + -1e10 where masked, exactly the stock sum) and calls SDPA with
-  `scale=1.0` (T5 does not scale scores). No tensor of the whole sequence's scores ever exists.
+  (bool), and for transient-global the token -> global-block ids and the side bias of a query in
+  each global block `[G + 1, h, G]` (G = n // global_block_size; the bias depends only on the
+  query's global block). It travels to the other layers in the `position_bias` slot, as the stock
+  tensor does.
+* Query blocks are processed in chunks (`CHUNK_BYTES` of mask each): a chunk writes its 3-block
+  keys/values (a strided view of the padded keys) next to the side keys/values (written once per
+  layer when autograd is off), builds its additive mask (bias + -1e10 where masked, exactly the
+  stock sum; one shared `[h, block, 3*block]` mask for interior blocks of local attention) and
+  calls SDPA with `scale=1.0` (T5 does not scale scores). No whole-sequence score tensor exists.
 * Global aggregates are sums over fixed blocks (`index_add_`), not a one-hot einsum.
 
 `LocalAttention` / `TransientGlobalAttention` inherit the stock modules one level and override
@@ -45,7 +47,8 @@ class Shared:
     block_ids: torch.Tensor | None = None  # [b, n] int: each token's global block (-1: padding)
     segments: torch.Tensor | None = None  # [b, G] int: 1 where the global block holds tokens
     token_mask: torch.Tensor | None = None  # [b, n] the attention mask (1 token, 0 padding)
-    side_table: torch.Tensor | None = None  # [h, 2G] side bias by relative position g - block_id + G - 1
+    side_rows: torch.Tensor | None = None  # [G + 1, h, G] side bias of a query in global block j - 1
+    visibility: torch.Tensor | None = None  # [b, 2, G] 0 / -1e10: global blocks seen by a query of mask 0 / 1
 
 
 def _pad_blocks(x: torch.Tensor, bl: int, nb: int) -> torch.Tensor:
@@ -92,29 +95,43 @@ class _BlockedAttention:
         v = _pad_blocks(self._heads(self.v(hidden_states)), bl, nb)
         q = F.pad(q, (0, 0, 0, 0, 0, nb * bl - n)).view(b, nb, bl, h, -1)  # [b, nb, bl, h, d]
         G = 0 if side_k is None else side_k.shape[1]
-        if G:
-            side_k = side_k.permute(0, 2, 1, 3).unsqueeze(1)  # [b, 1, h, G, d]
-            side_v = side_v.permute(0, 2, 1, 3).unsqueeze(1)
-        step = _chunk_blocks(b, h, bl, 3 * bl + G, 4)
+        step = min(nb, _chunk_blocks(b, h, bl, 3 * bl + G, 4))
         # Interior blocks (no padding in reach) all have the same mask: the bias where |i - j| < bl.
         locality = _locality(bl, q.device)  # [bl, 3bl]
         interior = shared.bias.to(q.dtype) + torch.where(locality, 0.0, MASKED).to(q.dtype)  # [h, bl, 3bl]
         dropout = self.dropout if self.training else 0.0
+        # Without autograd a chunk's key/value/mask buffers are reused, and the side keys/values
+        # (the same for every block) are written into them once; with autograd each chunk gets its own.
+        reuse, buffers = not torch.is_grad_enabled(), None
         outputs = []
         for i0 in range(0, nb, step):
             i1 = min(nb, i0 + step)
             C = i1 - i0
-            keys, values = _three_blocks(k, i0, i1, bl), _three_blocks(v, i0, i1, bl)  # [b, C, h, 3bl, d]
-            mask = shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl)  # [b, C, h, bl, 3bl]
+            local_k, local_v = _three_blocks(k, i0, i1, bl), _three_blocks(v, i0, i1, bl)  # [b, C, h, 3bl, d]
             allowed = None if shared.allowed is None else shared.allowed[:, i0:i1]  # [b, C, bl, 3bl]
-            if allowed is not None and not G and torch.equal(allowed, locality.expand_as(allowed)):
-                mask = interior.expand(b, C, h, bl, 3 * bl)  # blocks with no padding: one [h, bl, 3bl] mask
-            elif allowed is not None:
-                mask = mask + torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2)
-            if G:
-                keys = torch.cat([keys, side_k.expand(b, C, h, G, -1)], dim=3)  # [b, C, h, 3bl + G, d]
-                values = torch.cat([values, side_v.expand(b, C, h, G, -1)], dim=3)
-                mask = torch.cat([mask, self._side_bias(shared, i0 * bl, i1 * bl, n).to(q.dtype)], dim=-1)
+            is_interior = allowed is not None and torch.equal(allowed, locality.expand_as(allowed))
+            if not G:
+                keys, values = local_k, local_v
+                if is_interior:
+                    mask = interior.expand(b, C, h, bl, 3 * bl)  # one [h, bl, 3bl] mask for all blocks
+                else:
+                    mask = shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl)
+                    if allowed is not None:
+                        mask = mask + torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2)
+            else:
+                if buffers is None or not reuse or C != buffers[0].shape[1]:
+                    buffers = self._chunk_buffers(b, C, 3 * bl + G, q, side_k, side_v)
+                keys, values, mask = buffers  # [b, C, h, 3bl + G, d] x2, [b, C, h, bl, 3bl + G]
+                keys[..., : 3 * bl, :].copy_(local_k)
+                values[..., : 3 * bl, :].copy_(local_v)
+                local_mask = mask[..., : 3 * bl]  # [b, C, h, bl, 3bl]
+                if is_interior:
+                    local_mask.copy_(interior.expand(b, C, h, bl, 3 * bl))
+                else:
+                    local_mask.copy_(shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl))
+                    if allowed is not None:
+                        local_mask.add_(torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2))
+                self._side_bias(shared, i0 * bl, i1 * bl, n, mask[..., 3 * bl :])
             query = q[:, i0:i1].permute(0, 1, 3, 2, 4)  # [b, C, h, bl, d]
             out = F.scaled_dot_product_attention(
                 query.reshape(b * C, h, bl, -1), keys.reshape(b * C, h, 3 * bl + G, -1),
@@ -122,6 +139,16 @@ class _BlockedAttention:
                 dropout_p=dropout, scale=1.0)  # fmt: skip
             outputs.append(out.view(b, C, h, bl, -1).permute(0, 1, 3, 2, 4).reshape(b, C * bl, -1))  # [b, C*bl, h*d]
         return torch.cat(outputs, dim=1)[:, :n]
+
+    @staticmethod
+    def _chunk_buffers(b: int, C: int, keys: int, q, side_k, side_v):
+        """Key/value buffers [b, C, h, 3bl + G, d] with the side keys/values in place, and a mask buffer."""
+        h, bl, d = q.shape[3], q.shape[2], q.shape[4]
+        G = side_k.shape[1]
+        key_buffer, value_buffer = q.new_empty(b, C, h, keys, d), q.new_empty(b, C, h, keys, d)
+        key_buffer[..., keys - G :, :].copy_(side_k.permute(0, 2, 1, 3).unsqueeze(1).expand(b, C, h, G, d))
+        value_buffer[..., keys - G :, :].copy_(side_v.permute(0, 2, 1, 3).unsqueeze(1).expand(b, C, h, G, d))
+        return key_buffer, value_buffer, q.new_empty(b, C, h, bl, keys)
 
 
 class LocalAttention(_BlockedAttention, stock.LongT5LocalAttention):
@@ -163,29 +190,36 @@ class TransientGlobalAttention(_BlockedAttention, stock.LongT5TransientGlobalAtt
             mask = torch.ones(b, n, device=device)
         block_ids, segments = stock._make_global_fixed_block_ids(mask, self.global_block_size)
         G = segments.shape[1]
-        side_table = None
+        side_rows = visibility = None
         if G:
             relative = torch.arange(-(G - 1), G + 1, device=device)  # every g - block_id (block_id >= -1)
             buckets = self._relative_position_bucket(relative, bidirectional=not self.is_decoder,
                                                      num_buckets=self.relative_attention_num_buckets,
                                                      max_distance=self.relative_attention_max_distance)  # fmt: skip
-            side_table = self.global_relative_attention_bias(buckets).t()  # [h, 2G]
+            table = self.global_relative_attention_bias(buckets)  # [2G, h]: bias of g - block_id = r - (G - 1)
+            # Row j (block id j - 1) holds the bias to every global block g: index g - (j - 1) + G - 1.
+            index = torch.arange(G, device=device)[None, :] - torch.arange(G + 1, device=device)[:, None] + G
+            side_rows = table[index].permute(0, 2, 1).contiguous()  # [G + 1, G, h] -> [G + 1, h, G]
+            seen = torch.stack([segments == 0, segments == 1], dim=1)  # [b, 2, G]
+            visibility = torch.where(seen, 0.0, MASKED)
         allowed = stock._get_local_attention_mask(mask, self.block_len, device)[:, 0] > 0  # [b, nb, bl, 3bl]
-        return Shared(self._local_bias(hidden_states.dtype), allowed, block_ids.long(), segments, mask, side_table)
+        return Shared(self._local_bias(hidden_states.dtype), allowed, block_ids.long(), segments, mask, side_rows,
+                      visibility)  # fmt: skip
 
-    def _side_bias(self, shared: Shared, start: int, stop: int, n: int) -> torch.Tensor:
-        """The side part of the mask for query positions start..stop: [b, C, h, bl, G]."""
-        b, G = shared.segments.shape
-        h, bl = self.n_heads, self.block_len
+    def _side_bias(self, shared: Shared, start: int, stop: int, n: int, out: torch.Tensor) -> None:
+        """Write the side part of the mask for query positions start..stop into `out` [b, C, h, bl, G]:
+        each query's row of side bias (by its global block) plus -1e10 where a global block is not
+        visible (a query sees the global blocks whose segment id equals its own mask value)."""
+        b, C, h, bl, G = out.shape
         end = min(stop, n)
-        block_ids = shared.block_ids[:, start:end]  # [b, P]
-        relative = torch.arange(G, device=block_ids.device) - block_ids.unsqueeze(-1) + (G - 1)  # [b, P, G]
-        bias = shared.side_table[:, relative]  # [h, b, P, G]
-        visible = torch.eq(shared.token_mask[:, start:end, None], shared.segments[:, None, :])  # [b, P, G]
-        side = torch.where(visible, 0.0, MASKED).unsqueeze(0) + bias  # [h, b, P, G]
-        if end < stop:  # query rows past the sequence (dropped at the end): the stock pads them with 0
-            side = F.pad(side, (0, 0, 0, stop - end))
-        return side.view(h, b, -1, bl, G).permute(1, 2, 0, 3, 4)  # [b, C, h, bl, G]
+        P = end - start
+        rows = shared.side_rows.index_select(0, (shared.block_ids[:, start:end] + 1).flatten())  # [b*P, h, G]
+        batch = torch.arange(b, device=out.device)[:, None]
+        visible = shared.visibility[batch, shared.token_mask[:, start:end].long()]  # [b, P, G]
+        side = (rows.view(b, P, h, G) + visible.unsqueeze(2)).to(out.dtype)  # [b, P, h, G]
+        if P < C * bl:  # query rows past the sequence (dropped at the end): the stock pads them with 0
+            side = F.pad(side, (0, 0, 0, 0, 0, C * bl - P))
+        out.copy_(side.view(b, C, bl, h, G).permute(0, 1, 3, 2, 4))
 
 
 ATTENTION_CLASSES = {stock.LongT5LocalAttention: LocalAttention,
