@@ -93,7 +93,7 @@ def shared_kv_attention(base):
             kwargs["position_bias"] = _group(kwargs["position_bias"], b, k)
         kwargs["is_causal"] = False  # cross-attention; k*t query rows must not be read as causal
         out, weights = base(module, q, key, value, _group(attention_mask, b, k), **kwargs)
-        out = out.reshape(b, k, t, h, d).reshape(bk, t, h, d)  # [b, k*t, h, d] -> [b*k, t, h, d]
+        out = out.reshape(bk, t, h, d)  # [b, k*t, h, d] -> [b*k, t, h, d] (rows are beam-major)
         if weights is not None:  # [b, h, k*t, s] -> [b*k, h, t, s]
             weights = weights.view(b, h, k, t, -1).transpose(1, 2).reshape(bk, h, t, -1)
         return out, weights

@@ -108,29 +108,23 @@ class _BlockedAttention:
             i1 = min(nb, i0 + step)
             C = i1 - i0
             local_k, local_v = _three_blocks(k, i0, i1, bl), _three_blocks(v, i0, i1, bl)  # [b, C, h, 3bl, d]
+            # The local part of the mask, [b, C, h, bl, 3bl]: the bias plus -1e10 where not allowed.
             allowed = None if shared.allowed is None else shared.allowed[:, i0:i1]  # [b, C, bl, 3bl]
-            is_interior = allowed is not None and torch.equal(allowed, locality.expand_as(allowed))
+            if allowed is not None and torch.equal(allowed, locality.expand_as(allowed)):
+                local_mask = interior.expand(b, C, h, bl, 3 * bl)  # one [h, bl, 3bl] mask for all blocks
+            else:
+                local_mask = shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl)
+                if allowed is not None:
+                    local_mask = local_mask + torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2)
             if not G:
-                keys, values = local_k, local_v
-                if is_interior:
-                    mask = interior.expand(b, C, h, bl, 3 * bl)  # one [h, bl, 3bl] mask for all blocks
-                else:
-                    mask = shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl)
-                    if allowed is not None:
-                        mask = mask + torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2)
+                keys, values, mask = local_k, local_v, local_mask
             else:
                 if buffers is None or not reuse or C != buffers[0].shape[1]:
                     buffers = self._chunk_buffers(b, C, 3 * bl + G, q, side_k, side_v)
                 keys, values, mask = buffers  # [b, C, h, 3bl + G, d] x2, [b, C, h, bl, 3bl + G]
                 keys[..., : 3 * bl, :].copy_(local_k)
                 values[..., : 3 * bl, :].copy_(local_v)
-                local_mask = mask[..., : 3 * bl]  # [b, C, h, bl, 3bl]
-                if is_interior:
-                    local_mask.copy_(interior.expand(b, C, h, bl, 3 * bl))
-                else:
-                    local_mask.copy_(shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl))
-                    if allowed is not None:
-                        local_mask.add_(torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2))
+                mask[..., : 3 * bl].copy_(local_mask)
                 self._side_bias(shared, i0 * bl, i1 * bl, n, mask[..., 3 * bl :])
             query = q[:, i0:i1].permute(0, 1, 3, 2, 4)  # [b, C, h, bl, d]
             out = F.scaled_dot_product_attention(

@@ -67,6 +67,16 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+def input_dependent(model, std: float = 0.4):
+    """Re-draw a tiny model's weight matrices and embeddings so its outputs depend on its input (the
+    default init gives nearly the same tokens for every document). Returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, std)
+    return model
+
+
 def random_ids(batch: int, length: int, vocab: int = 300, seed: int = 0) -> torch.Tensor:
     """`<s> ... </s>` sequences of random ids above the special tokens."""
     g = torch.Generator().manual_seed(seed)

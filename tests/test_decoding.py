@@ -8,6 +8,7 @@ import transformers as tf
 from transformers import NoRepeatNGramLogitsProcessor
 
 from longsum import decoding
+from tests.conftest import input_dependent
 
 DIMS = dict(vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0,
@@ -53,12 +54,7 @@ T5_FAMILIES = ("t5", "longt5_local", "longt5_tglobal")
 def build(family: str, seed: int = 0):
     """A tiny model whose outputs depend on its input (default inits give near-constant outputs)."""
     torch.manual_seed(seed)
-    model = FAMILIES[family]().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:  # weight matrices and embeddings
-                p.normal_(0.0, 0.4)
-    return model
+    return input_dependent(FAMILIES[family]().eval())
 
 
 def batch(model, lengths=(57, 40, 23), seed: int = 0):

@@ -10,6 +10,7 @@ from transformers import LongT5Config, LongT5ForConditionalGeneration
 from transformers.models.longt5 import modeling_longt5 as stock
 
 from longsum import longt5
+from tests.conftest import input_dependent
 
 KINDS = ["local", "transient-global"]
 # local_radius 3 -> blocks of 4; global blocks of 4. Lengths: a block multiple, not one, a padded
@@ -24,11 +25,7 @@ def build(kind: str, seed: int = 0, redraw: bool = True, **overrides) -> LongT5F
                     encoder_attention_type=kind)  # fmt: skip
     config = LongT5Config(**{**settings, **overrides})
     model = LongT5ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # input-dependent outputs (the default init is nearly constant)
-        for p in model.parameters():
-            if p.dim() > 1 and redraw:
-                p.normal_(0.0, 0.4)
-    return model
+    return input_dependent(model) if redraw else model
 
 
 def pair(kind: str, **overrides):
