@@ -7,8 +7,11 @@ beam sizes, with `max_new_tokens == min_new_tokens` (every run decodes the same 
   stock     ``model.generate(input_ids, attention_mask=..., **settings)``
   longsum   ``longsum.decoding.generate(model, input_ids, attention_mask, **settings)`` (cross-attention
             keys/values once per document, shared by the beams; vectorized n-gram blocking)
+  batched   the same call on ``--batch-size`` documents at once, as ``longsum summarize`` decodes them
+            (only with ``--batch-size`` > 1; seconds per document = batch seconds / batch size)
   ct2       (1,024 tokens, dense BART-base, only when the optional ``ctranslate2`` package is installed)
-            the same weights converted to CTranslate2 and run with ``translate_batch`` (fp32 CPU)
+            the same weights converted to CTranslate2 and run with ``translate_batch`` (fp32 CPU);
+            ``ct2-batched`` with ``--batch-size`` documents per call
 The model is LSG-BART (bart-base size: 6+6 layers, d_model 768, vocabulary 50,265; block size 128) for
 inputs longer than 1,024 tokens and dense BART-base at 1,024. Each (length, beams, method) cell runs in its
 own process (so that its peak RSS is its own), times ``--docs`` documents after a short warm-up document and
@@ -17,6 +20,7 @@ reports the median; both methods' token ids are compared (they must be identical
 Run from the repository root (CPU: 1 thread by default, as the targets are stated):
     python benchmarks/decode_speed.py                                   # the full grid (~30 min on 1 core)
     python benchmarks/decode_speed.py --lengths 4096 --beams 4 --new-tokens 64
+    python benchmarks/decode_speed.py --lengths 4096 --beams 4 --docs 4 --batch-size 4   # plus batched decoding
     python benchmarks/decode_speed.py --device cuda                     # bf16 on a GPU
 Outputs: a table on stdout; decode_speed.json (cells, settings, provenance) and decode_speed.png in
 --out-dir (default benchmarks/results/).
@@ -43,6 +47,7 @@ BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, e
             attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
             forced_eos_token_id=2)  # fmt: skip
 DENSE_MAX = 1024  # BART-base's own length; longer inputs use LSG-BART
+COLORS = {"stock": "C1", "longsum": "C0", "batched": "C3", "ct2": "C2", "ct2-batched": "C4"}
 
 
 def build_model(length: int, device: str, dtype):
@@ -92,7 +97,7 @@ def run_cell(args) -> dict:
     settings = dict(num_beams=args.cell_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                     no_repeat_ngram_size=3, length_penalty=1.0, do_sample=False)  # fmt: skip
     model = build_model(args.cell_length, device, dtype)
-    if args.cell_method == "ct2":
+    if args.cell_method.startswith("ct2"):
         return run_ct2(model, args, settings)
     loaded = peak_memory(device)
 
@@ -105,17 +110,19 @@ def run_cell(args) -> dict:
 
     # First-call costs (allocator, kernels) on a short document.
     generate(next(documents(1, 256, seed=99)).to(device), max_new_tokens=4, min_new_tokens=4)
+    per_call = args.batch_size if args.cell_method == "batched" else 1
+    docs = list(documents(args.docs, args.cell_length))
     seconds, outputs = [], []
-    for ids in documents(args.docs, args.cell_length):
-        ids = ids.to(device)
+    for i in range(0, len(docs), per_call):
+        ids = torch.cat(docs[i : i + per_call]).to(device)  # [n, length]: equal lengths, no padding
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         out = generate(ids)
         if device == "cuda":
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-        outputs.append(out[0].tolist())
+        seconds += [(time.perf_counter() - start) / len(ids)] * len(ids)
+        outputs += out.tolist()
     return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory(device),
                 model_bytes=loaded, outputs=outputs)  # fmt: skip
 
@@ -124,7 +131,8 @@ def run_ct2(model, args, settings) -> dict:
     """The same dense BART through CTranslate2, converted once into a temporary folder.
 
     Tokens are ids written as strings: a word-level tokenizer whose vocabulary is "0".."50264" is saved
-    with the model, so the converter's vocabulary maps each string back to the same id.
+    with the model, so the converter's vocabulary maps each string back to the same id. The method
+    ``ct2-batched`` translates ``--batch-size`` documents per call, like ``batched``.
     """
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
@@ -135,6 +143,7 @@ def run_ct2(model, args, settings) -> dict:
     vocab = {str(i): i for i in range(BASE["vocab_size"])}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="3")), bos_token="0",
                                         pad_token="1", eos_token="2", unk_token="3")  # fmt: skip
+    per_call = args.batch_size if args.cell_method == "ct2-batched" else 1
     with tempfile.TemporaryDirectory() as tmp:
         hf, ct = Path(tmp) / "hf", Path(tmp) / "ct2"
         model.save_pretrained(hf)
@@ -146,25 +155,27 @@ def run_ct2(model, args, settings) -> dict:
         TransformersConverter(str(hf)).convert(str(ct), force=True)
         del model
         translator = ctranslate2.Translator(str(ct), device="cpu", compute_type="float32", intra_threads=args.threads)
-        seconds, outputs = [], []
+        options = dict(beam_size=settings["num_beams"], max_decoding_length=args.new_tokens,
+                       min_decoding_length=args.new_tokens, no_repeat_ngram_size=3, length_penalty=1.0,
+                       max_input_length=args.cell_length)  # fmt: skip
         warm_up = [str(t) for t in next(documents(1, 256, seed=99))[0].tolist()]
-        translator.translate_batch([warm_up], beam_size=settings["num_beams"], max_decoding_length=4)
-        for ids in documents(args.docs, args.cell_length):
-            source = [str(t) for t in ids[0].tolist()]
+        translator.translate_batch([warm_up], **{**options, "max_decoding_length": 4, "min_decoding_length": 4})
+        sources = [[str(t) for t in ids[0].tolist()] for ids in documents(args.docs, args.cell_length)]
+        seconds, outputs = [], []
+        for i in range(0, len(sources), per_call):
+            batch = sources[i : i + per_call]
             start = time.perf_counter()
-            result = translator.translate_batch([source], beam_size=settings["num_beams"],
-                                                max_decoding_length=args.new_tokens,
-                                                min_decoding_length=args.new_tokens, no_repeat_ngram_size=3,
-                                                length_penalty=1.0)  # fmt: skip
-            seconds.append(time.perf_counter() - start)
-            outputs.append([int(t) for t in result[0].hypotheses[0]])
-    return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory("cpu"), outputs=None)
+            results = translator.translate_batch(batch, **options)
+            seconds += [(time.perf_counter() - start) / len(batch)] * len(batch)
+            outputs += [[int(t) for t in r.hypotheses[0]] for r in results]
+    return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory("cpu"),
+                new_tokens=[len(o) for o in outputs], outputs=None)  # fmt: skip
 
 
 def cell_in_subprocess(args, length: int, beams: int, method: str) -> dict:
     cmd = [sys.executable, __file__, "--cell-length", str(length), "--cell-beams", str(beams), "--cell-method", method,
            "--device", args.device, "--docs", str(args.docs), "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(args.threads), "--batch-size", str(args.batch_size)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -184,7 +195,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         cells = [r for r in rows if r["length"] == length and "median_s" in r]
         labels = [f"{r['method']}\nbeams {r['beams']}" for r in cells]
         bars = ax.bar(labels, [r["median_s"] for r in cells],
-                      color=[{"stock": "C1", "longsum": "C0", "ct2": "C2"}[r["method"]] for r in cells])  # fmt: skip
+                      color=[COLORS[r["method"]] for r in cells])  # fmt: skip
         ax.bar_label(bars, fmt="%.1f")
         ax.set(title=f"{length} input tokens", ylabel="seconds per document")
         ax.tick_params(axis="x", labelsize=7)
@@ -200,6 +211,8 @@ def main() -> None:
     p.add_argument("--beams", type=int, nargs="+", default=[1, 4, 5])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--docs", type=int, default=1, help="timed documents per cell (after a short warm-up)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="above 1: a 'batched' row decoding this many of the --docs documents per call")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -227,11 +240,13 @@ def main() -> None:
     if busy is not None and busy > 0.5:
         print(f"warning: other processes keep {busy:.1f} cores busy; timings will be noisy", file=sys.stderr)
     rows = []
-    header = f"{'tokens':>7} {'beams':>5} {'method':>8} {'s/doc':>8} {'peak MiB':>9} {'speed-up':>8}  same ids"
+    header = f"{'tokens':>7} {'beams':>5} {'method':>11} {'s/doc':>8} {'peak MiB':>9} {'speed-up':>8}  same ids"
     print(header)
     for length in args.lengths:
         for beams in args.beams:
-            methods = ["stock", "longsum"] + (["ct2"] if peer and length <= DENSE_MAX and args.device == "cpu" else [])
+            methods = ["stock", "longsum"] + (["batched"] if args.batch_size > 1 else [])
+            if peer and length <= DENSE_MAX and args.device == "cpu":
+                methods += ["ct2"] + (["ct2-batched"] if args.batch_size > 1 else [])
             cells = {}
             for method in methods:
                 cell = cell_in_subprocess(args, length, beams, method)
@@ -240,17 +255,18 @@ def main() -> None:
                            **{k: v for k, v in cell.items() if k != "outputs"})  # fmt: skip
                 if "median_s" in cell and "median_s" in cells["stock"]:
                     row["speedup_vs_stock"] = cells["stock"]["median_s"] / cell["median_s"]
-                if method == "longsum" and "outputs" in cells["stock"] and "outputs" in cell:
+                if method in ("longsum", "batched") and "outputs" in cells["stock"] and "outputs" in cell:
                     row["same_ids_as_stock"] = cells["stock"]["outputs"] == cell["outputs"]
                 rows.append(row)
                 if "error" in cell:
-                    print(f"{length:>7} {beams:>5} {method:>8}  error: {cell['error']}")
+                    print(f"{length:>7} {beams:>5} {method:>11}  error: {cell['error']}")
                     continue
-                print(f"{length:>7} {beams:>5} {method:>8} {cell['median_s']:>8.2f} {cell['peak_bytes'] / 2**20:>9.0f}"
+                print(f"{length:>7} {beams:>5} {method:>11} {cell['median_s']:>8.2f} {cell['peak_bytes'] / 2**20:>9.0f}"
                       f" {row.get('speedup_vs_stock', float('nan')):>7.2f}x  {row.get('same_ids_as_stock', '')}",
                       flush=True)  # fmt: skip
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     result = dict(settings=dict(lengths=args.lengths, beams=args.beams, new_tokens=args.new_tokens, docs=args.docs,
+                                batch_size=args.batch_size,
                                 threads=args.threads, device=args.device, no_repeat_ngram_size=3,
                                 dtype="bfloat16" if args.device == "cuda" else "float32", model="bart-base size, "
                                 "random weights (LSG-BART above 1,024 tokens)", busy_cores_at_start=busy),

@@ -8,7 +8,8 @@ slices of ``examples/docs``) two ways with the same model and the same generate(
             ``--batch-size``); the naive loop reuses its ``generate_kwargs`` and ``max_source_length``
 Both methods are warmed up on 2 documents, then timed over all documents (median of ``--repeats``). The output
 length is forced (``min_new_tokens == max_new_tokens``) so both generate the same number of tokens, which is
-checked. Reported: seconds, docs/s, input tokens/s and the speed-up batched/naive against the issue's target
+checked, and so is the text of every summary (batched must equal naive). Reported: seconds, docs/s, input
+tokens/s and the speed-up batched/naive against the issue's target
 (>= 1.5x on CPU with a small model, >= 3x on GPU with a base-size model). Nothing is asserted.
 
 Model: ``--model PATH_OR_ID`` (through ``longsum.load_model``), else an untrained LSG-BART built in code
@@ -213,6 +214,7 @@ def main() -> None:
         help="skip keep_freed_memory() (the CLI applies it for CPU runs; this shows its effect)",
     )
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--name", default="summarize_throughput", help="output file stem")
     args = p.parse_args()
 
     import torch
@@ -270,9 +272,10 @@ def main() -> None:
                f"batched (batch {args.batch_size})": lambda d: run_batched(d, summarizer)}  # fmt: skip
     for method in methods.values():  # warm-up
         method(docs[:2])
-    rows = []
+    rows, outputs = [], []
     for name, method in methods.items():
         times, summaries, new_tokens = timed(method, docs, counter, args.repeats)
+        outputs.append(summaries)
         seconds = statistics.median(times)
         missing = [k for k, _ in docs if summaries.get(k) is None]
         rows.append(dict(method=name, docs=len(docs), input_tokens=n_tokens, seconds=seconds, all_seconds=times,
@@ -283,6 +286,10 @@ def main() -> None:
         print(f"  {name}: {seconds:.1f} s")
     naive, batched = rows
     speedup = naive["seconds"] / batched["seconds"]
+    # The batched path must give the per-document loop's summaries (padding and shared keys included).
+    same = [k for k, _ in docs if outputs[0].get(k) is not None and outputs[0].get(k) == outputs[1].get(k)]
+    for r in rows:
+        r["identical_summaries"] = len(same)
     target, target_case = TARGETS[device]
     verdict = "PASS" if speedup >= target else "FAIL"
 
@@ -292,6 +299,7 @@ def main() -> None:
         print(f"{r['method']:<20} {r['docs']:>5} {r['input_tokens']:>10} {r['seconds']:>9.2f} {r['docs_per_s']:>8.3f} "
               f"{r['input_tokens_per_s']:>9.0f} {r['generated_tokens']:>8} {r['summaries_ok']:>3}/{r['docs']:<2}")  # fmt: skip
     print(f"\nspeed-up batched/naive: {speedup:.2f}x  (target >= {target}x, {target_case}): {verdict}")
+    print(f"identical summaries: {len(same)}/{len(docs)}")
     if naive["new_tokens_per_doc"] != batched["new_tokens_per_doc"]:
         print(f"WARNING: generated lengths differ: {naive['new_tokens_per_doc']} vs {batched['new_tokens_per_doc']}")
     if any(r["missing"] for r in rows):
@@ -305,7 +313,7 @@ def main() -> None:
                                 busy_cores_before=busy, contended=contended,
                                 repeats=args.repeats, seed=args.seed, doc_lengths=lengths),
                   provenance=provenance(device_name))  # fmt: skip
-    json_path, png_path = args.out_dir / "summarize_throughput.json", args.out_dir / "summarize_throughput.png"
+    json_path, png_path = args.out_dir / f"{args.name}.json", args.out_dir / f"{args.name}.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     where = f"{device}, {threads} threads" + (" (contended)" if contended else "") if threads else device
     plot(rows, png_path, f"{model_summary['name']} on {where}, {len(docs)} docs, {n_tokens} input tokens: "
