@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+from longsum.errors import LongsumError
 from longsum.inputs import DocumentError, StringText, Text
 from longsum.registry import LONG_INPUT_MODES
 from longsum.settings import check, setting
@@ -62,6 +63,9 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         check(self)
+        low, high = self.min_new_tokens, self.max_new_tokens
+        if low is not None and high is not None and low > high:
+            raise LongsumError(f"--min-new-tokens ({low}) is more than --max-new-tokens ({high}); lower one of them")
 
 
 @dataclass

@@ -87,3 +87,14 @@ def test_documents_are_taken_in_bounded_windows(tiny_lsg_bart, tokenizer):
     summarizer.summarize(items(), lambda key, result: events.append((key, pulled)))
     assert sorted(k for k, _ in events) == list(range(7))
     assert max(p for k, p in events if k < 3) == 3  # the first window was done after 3 documents were read
+
+
+def test_min_new_tokens_above_max_new_tokens_is_refused():
+    import pytest
+
+    from longsum.errors import LongsumError
+
+    with pytest.raises(LongsumError, match=r"--min-new-tokens \(50\) is more than --max-new-tokens \(10\)"):
+        GenerationOptions(min_new_tokens=50, max_new_tokens=10)
+    assert GenerationOptions(min_new_tokens=10, max_new_tokens=10).min_new_tokens == 10  # equal is fine
+    assert GenerationOptions(min_new_tokens=50).min_new_tokens == 50  # the maximum may come from the model
