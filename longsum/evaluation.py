@@ -61,10 +61,15 @@ def apply_preset(cfg: EvalConfig) -> dict:
     """Fill unset generation options from the dataset's published preset; returns what was used."""
     from longsum.data import PRESETS
 
-    preset = PRESETS.get(cfg.dataset, {})
+    preset = dict(PRESETS.get(cfg.dataset, {}))
+    chosen = cfg.generation
+    # A preset minimum above the maximum you chose would force every summary to that maximum: dropped.
+    if chosen.min_new_tokens is None and chosen.max_new_tokens is not None:
+        if preset.get("min_new_tokens", 0) > chosen.max_new_tokens:
+            del preset["min_new_tokens"]
     for name, value in preset.items():
-        if getattr(cfg.generation, name) is None:
-            setattr(cfg.generation, name, value)
+        if getattr(chosen, name) is None:
+            setattr(chosen, name, value)
     return preset
 
 

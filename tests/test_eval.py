@@ -134,6 +134,20 @@ def test_list_aliases():
     assert "ccdv/pubmed-summarization [document]" in result.output
 
 
+def test_preset_fills_unset_options_and_yields_to_a_shorter_maximum():
+    from longsum.evaluation import EvalConfig, apply_preset
+    from longsum.generation import GenerationOptions
+
+    cfg = EvalConfig("pubmed", "m", generation=GenerationOptions(num_beams=2))
+    apply_preset(cfg)
+    assert (cfg.generation.num_beams, cfg.generation.max_new_tokens, cfg.generation.min_new_tokens) == (2, 512, 128)
+    # --max-new-tokens 64 under the preset's minimum 128: summaries up to 64 tokens, not forced to 64.
+    cfg = EvalConfig("pubmed", "m", generation=GenerationOptions(max_new_tokens=64))
+    used = apply_preset(cfg)
+    assert cfg.generation.min_new_tokens is None and "min_new_tokens" not in used
+    assert (cfg.generation.max_new_tokens, cfg.generation.length_penalty) == (64, 2.0)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
