@@ -86,6 +86,25 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def per_call(args) -> int:
+    """Documents per call: `--batch-size` for the batched methods, else one."""
+    return args.batch_size if args.cell_method.endswith("batched") else 1
+
+
+def timed_calls(docs: list, n: int, call, sync=lambda: None) -> tuple[list[float], list]:
+    """`call` on `n` documents at a time: seconds per document (each call's time / its size) and outputs."""
+    seconds, outputs = [], []
+    for i in range(0, len(docs), n):
+        batch = docs[i : i + n]
+        sync()
+        start = time.perf_counter()
+        out = call(batch)
+        sync()
+        seconds += [(time.perf_counter() - start) / len(batch)] * len(batch)
+        outputs += out
+    return seconds, outputs
+
+
 def run_cell(args) -> dict:
     """One (length, beams, method) cell, in this process."""
     import torch
@@ -110,19 +129,10 @@ def run_cell(args) -> dict:
 
     # First-call costs (allocator, kernels) on a short document.
     generate(next(documents(1, 256, seed=99)).to(device), max_new_tokens=4, min_new_tokens=4)
-    per_call = args.batch_size if args.cell_method == "batched" else 1
-    docs = list(documents(args.docs, args.cell_length))
-    seconds, outputs = [], []
-    for i in range(0, len(docs), per_call):
-        ids = torch.cat(docs[i : i + per_call]).to(device)  # [n, length]: equal lengths, no padding
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = generate(ids)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds += [(time.perf_counter() - start) / len(ids)] * len(ids)
-        outputs += out.tolist()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    # [n, length] per call: equal lengths, no padding
+    seconds, outputs = timed_calls(list(documents(args.docs, args.cell_length)), per_call(args),
+                                   lambda docs: generate(torch.cat(docs).to(device)).tolist(), sync)  # fmt: skip
     return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory(device),
                 model_bytes=loaded, outputs=outputs)  # fmt: skip
 
@@ -143,7 +153,6 @@ def run_ct2(model, args, settings) -> dict:
     vocab = {str(i): i for i in range(BASE["vocab_size"])}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="3")), bos_token="0",
                                         pad_token="1", eos_token="2", unk_token="3")  # fmt: skip
-    per_call = args.batch_size if args.cell_method == "ct2-batched" else 1
     with tempfile.TemporaryDirectory() as tmp:
         hf, ct = Path(tmp) / "hf", Path(tmp) / "ct2"
         model.save_pretrained(hf)
@@ -161,13 +170,8 @@ def run_ct2(model, args, settings) -> dict:
         warm_up = [str(t) for t in next(documents(1, 256, seed=99))[0].tolist()]
         translator.translate_batch([warm_up], **{**options, "max_decoding_length": 4, "min_decoding_length": 4})
         sources = [[str(t) for t in ids[0].tolist()] for ids in documents(args.docs, args.cell_length)]
-        seconds, outputs = [], []
-        for i in range(0, len(sources), per_call):
-            batch = sources[i : i + per_call]
-            start = time.perf_counter()
-            results = translator.translate_batch(batch, **options)
-            seconds += [(time.perf_counter() - start) / len(batch)] * len(batch)
-            outputs += [[int(t) for t in r.hypotheses[0]] for r in results]
+        seconds, outputs = timed_calls(sources, per_call(args), lambda batch: [
+            [int(t) for t in r.hypotheses[0]] for r in translator.translate_batch(batch, **options)])  # fmt: skip
     return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory("cpu"),
                 new_tokens=[len(o) for o in outputs], outputs=None)  # fmt: skip
 
