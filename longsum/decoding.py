@@ -19,6 +19,8 @@ stopping rules: it *is* `model.generate`), with three changes around it:
    computed with tensor ops instead of a Python loop over hypotheses and n-grams (transformers'
    own processor was such a loop up to 5.x releases we support).
 3. The encoder output is dropped once the cross-attention cache holds what the decoder needs.
+4. **Logits in vocabulary slices on CPU** (`SlicedLogits`): the same products, computed by the
+   same kernel, in slices that MKL runs 1.4-1.7x faster for the few rows of a decoding step.
 
 Families whose attention calls go through transformers' attention interface share keys/values
 that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus);
@@ -223,6 +225,44 @@ def shared_attention(model):
             module.__class__ = shared_class.__base__
 
 
+# -- logits on CPU ---------------------------------------------------------------------------------
+# Output features per slice: at 1,024, bart-base's lm_head `[4, 768] x [768, 50,265]` takes 17.6 ms
+# instead of 28.1 (16 rows: 28.6 vs 39.0 ms; 1 thread, AMD EPYC Zen 4, torch 2.13's MKL).
+LOGITS_SLICE = 1024
+
+
+class SlicedLogits(torch.nn.Linear):
+    """The language-model head, computed in slices of `LOGITS_SLICE` output features on CPU.
+
+    MKL multiplies the few rows of a decoding step (`[b*k, 1, d]`) by a vocabulary-sized weight
+    `[V, d]` far below memory bandwidth; over 1,024-row slices of the weight it is 1.4-1.7x faster.
+    Every logit is still one dot product over `d` by the same kernel, so the numbers are the same
+    bits (checked in tests/test_decoding.py). One row (greedy, one document) keeps the stock product,
+    which is faster there.
+    """
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., V]
+        if hidden.device.type != "cpu" or hidden[..., 0].numel() < 2 or self.out_features <= LOGITS_SLICE:
+            return super().forward(hidden)
+        weights = self.weight.split(LOGITS_SLICE)  # [V, d] -> views [<=LOGITS_SLICE, d]
+        biases = self.bias.split(LOGITS_SLICE) if self.bias is not None else [None] * len(weights)
+        return torch.cat([torch.nn.functional.linear(hidden, w, b) for w, b in zip(weights, biases)], dim=-1)
+
+
+@contextmanager
+def sliced_logits(model):
+    """Compute `model`'s logits with `SlicedLogits` while decoding, restoring its head after."""
+    head = model.get_output_embeddings()
+    swap = type(head) is torch.nn.Linear
+    try:
+        if swap:
+            head.__class__ = SlicedLogits
+        yield
+    finally:
+        if swap:
+            head.__class__ = torch.nn.Linear
+
+
 # -- n-gram blocking -------------------------------------------------------------------------------
 class NoRepeatNGram(LogitsProcessor):
     """Ban every token that would complete an n-gram already in the hypothesis (`no_repeat_ngram_size`).
@@ -279,6 +319,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     input_ids/attention_mask: `[b, s]` (right-padded batch). Returns `[b * num_return_sequences, L]`
     like `model.generate`. See the module docstring for what changes.
     """
+    with sliced_logits(model):
+        return _generate(model, input_ids, attention_mask, **kwargs)
+
+
+def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     kwargs = dict(kwargs)
     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
     if (ngram := _ngram_processor(model, kwargs)) is not None:

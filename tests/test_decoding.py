@@ -166,3 +166,27 @@ def test_ngram_blocker_stands_aside_where_a_forcing_processor_overwrites_scores(
     scores = torch.zeros(1, 10)
     assert torch.isinf(decoding.NoRepeatNGram(2)(ids, scores.clone())[0, 6])
     assert not torch.isinf(decoding.NoRepeatNGram(2, forced_steps=(3,))(ids, scores.clone())).any()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sliced_logits_are_the_same_bits_as_the_stock_head(bias):
+    torch.manual_seed(0)
+    stock = torch.nn.Linear(96, 2 * decoding.LOGITS_SLICE + 37, bias=bias)  # two full slices and a partial one
+    sliced = torch.nn.Linear(96, stock.out_features, bias=bias)
+    sliced.load_state_dict(stock.state_dict())
+    sliced.__class__ = decoding.SlicedLogits
+    for rows in (1, 2, 4, 12, 16, 40):
+        hidden = torch.randn(rows, 1, 96)  # [b*k, 1, d]: one decoding step
+        assert torch.equal(sliced(hidden), stock(hidden)), rows
+
+
+def test_same_ids_with_a_vocabulary_over_several_logit_slices():
+    vocab = 2 * decoding.LOGITS_SLICE + 300
+    torch.manual_seed(2)
+    model = input_dependent(tf.BartForConditionalGeneration(tf.BartConfig(**{**DIMS, "vocab_size": vocab},
+                                                                          max_position_embeddings=128)).eval())  # fmt: skip
+    ids, mask = batch(model, seed=2)
+    for kwargs in (SETTINGS["beams4"], SETTINGS["greedy"]):
+        stock, ours = both(model, ids, mask, **kwargs)
+        assert ours.tolist() == stock.tolist()
+    assert type(model.lm_head) is torch.nn.Linear  # restored after decoding
