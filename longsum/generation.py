@@ -142,7 +142,12 @@ def resolve_generation_kwargs(generation_config, options: GenerationOptions) -> 
             if model_value is not None and model_value != getattr(stock, name, None):
                 value = model_value
         kwargs[name] = default if value is None else value
-    kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
+    if kwargs["min_new_tokens"] > kwargs["max_new_tokens"]:
+        # A minimum above the maximum would force every summary to the maximum's length. A minimum
+        # you did not choose (the model's) gives way to a maximum you did; otherwise it is clamped,
+        # as generate() would do.
+        chose_max_only = options.min_new_tokens is None and options.max_new_tokens is not None
+        kwargs["min_new_tokens"] = GENERATION_DEFAULTS["min_new_tokens"] if chose_max_only else kwargs["max_new_tokens"]
     kwargs["do_sample"] = False
     return kwargs
 

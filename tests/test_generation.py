@@ -98,3 +98,17 @@ def test_min_new_tokens_above_max_new_tokens_is_refused():
         GenerationOptions(min_new_tokens=50, max_new_tokens=10)
     assert GenerationOptions(min_new_tokens=10, max_new_tokens=10).min_new_tokens == 10  # equal is fine
     assert GenerationOptions(min_new_tokens=50).min_new_tokens == 50  # the maximum may come from the model
+
+
+def test_a_model_minimum_gives_way_to_a_shorter_maximum_you_chose():
+    from transformers import GenerationConfig
+
+    from longsum.generation import resolve_generation_kwargs
+
+    model_config = GenerationConfig(min_new_tokens=100, max_new_tokens=300)
+    # --max-new-tokens 64 alone: the model's minimum of 100 would force every summary to 64 tokens.
+    assert resolve_generation_kwargs(model_config, GenerationOptions(max_new_tokens=64))["min_new_tokens"] == 0
+    # Below the maximum, the model's minimum stands; one you chose is never dropped.
+    assert resolve_generation_kwargs(model_config, GenerationOptions(max_new_tokens=200))["min_new_tokens"] == 100
+    forced = resolve_generation_kwargs(GenerationConfig(max_new_tokens=40), GenerationOptions(min_new_tokens=50))
+    assert (forced["min_new_tokens"], forced["max_new_tokens"]) == (40, 40)  # the model's maximum: clamped
