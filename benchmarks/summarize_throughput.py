@@ -320,7 +320,9 @@ def main() -> None:
     if device == "cuda" and "naive-tuned" in methods:  # the allocator setting is for CPU runs only
         methods.remove("naive-tuned")
     busy = busy_cores() if device == "cpu" else None
-    cores, threads = os.cpu_count() or 1, args.threads or 1
+    import torch
+
+    cores, threads = os.cpu_count() or 1, args.threads or torch.get_num_threads()  # the children's count
     contended = busy is not None and busy + threads > cores + 0.5
     if contended:
         print(f"WARNING: other processes keep ~{busy:.1f} of {cores} cores busy; timings are slowed and noisy"

@@ -60,13 +60,12 @@ def default_output_dir(cfg: EvalConfig) -> Path:
 def apply_preset(cfg: EvalConfig) -> dict:
     """Fill unset generation options from the dataset's published preset; returns what was used."""
     from longsum.data import PRESETS
+    from longsum.generation import minimum_gives_way
 
     preset = dict(PRESETS.get(cfg.dataset, {}))
     chosen = cfg.generation
-    # A preset minimum above the maximum you chose would force every summary to that maximum: dropped.
-    if chosen.min_new_tokens is None and chosen.max_new_tokens is not None:
-        if preset.get("min_new_tokens", 0) > chosen.max_new_tokens:
-            del preset["min_new_tokens"]
+    if minimum_gives_way(chosen, preset.get("min_new_tokens")):
+        del preset["min_new_tokens"]
     for name, value in preset.items():
         if getattr(chosen, name) is None:
             setattr(chosen, name, value)

@@ -125,6 +125,13 @@ def model_max_source_length(config, tokenizer) -> int:
     return 16384 if config.model_type == "longt5" else 512  # relative positions: the trained length
 
 
+def minimum_gives_way(options: GenerationOptions, minimum: int | None) -> bool:
+    """Whether a minimum length you did not choose (a dataset preset's, the model's) is dropped: you
+    chose a shorter maximum, and keeping it would force every summary to that maximum's length."""
+    chosen_max = options.max_new_tokens
+    return options.min_new_tokens is None and chosen_max is not None and minimum is not None and minimum > chosen_max
+
+
 def resolve_generation_kwargs(generation_config, options: GenerationOptions) -> dict:
     """Command line > the model's own generation_config (when it sets a value) > our defaults."""
     from transformers import GenerationConfig
@@ -142,12 +149,9 @@ def resolve_generation_kwargs(generation_config, options: GenerationOptions) -> 
             if model_value is not None and model_value != getattr(stock, name, None):
                 value = model_value
         kwargs[name] = default if value is None else value
-    if kwargs["min_new_tokens"] > kwargs["max_new_tokens"]:
-        # A minimum above the maximum would force every summary to the maximum's length. A minimum
-        # you did not choose (the model's) gives way to a maximum you did; otherwise it is clamped,
-        # as generate() would do.
-        chose_max_only = options.min_new_tokens is None and options.max_new_tokens is not None
-        kwargs["min_new_tokens"] = GENERATION_DEFAULTS["min_new_tokens"] if chose_max_only else kwargs["max_new_tokens"]
+    low, high = kwargs["min_new_tokens"], kwargs["max_new_tokens"]
+    if low > high:  # dropped where it gives way to your maximum, else clamped as generate() would
+        kwargs["min_new_tokens"] = GENERATION_DEFAULTS["min_new_tokens"] if minimum_gives_way(options, low) else high
     kwargs["do_sample"] = False
     return kwargs
 
