@@ -190,3 +190,50 @@ def test_same_ids_with_a_vocabulary_over_several_logit_slices():
         stock, ours = both(model, ids, mask, **kwargs)
         assert ours.tolist() == stock.tolist()
     assert type(model.lm_head) is torch.nn.Linear  # restored after decoding
+
+
+def _masks(b, h, r, s):
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(b, 1, 1, s, generator=g) > 0.3
+    keep[..., 0] = True  # every row attends to something
+    additive = torch.zeros(b, 1, 1, s).masked_fill(~keep, torch.finfo(torch.float32).min)
+    bias = torch.randn(1, h, r, s, generator=g)
+    return {"none": {}, "bool": dict(attention_mask=keep), "additive": dict(attention_mask=additive),
+            "t5_bias": dict(attention_mask=keep, position_bias=bias, scaling=1.0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "additive", "t5_bias"])
+def test_few_rows_attention_matches_transformers_sdpa(mask):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, h, r, s, d = 3, 4, 4, 300, 16
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(b, r, h, d, generator=g).transpose(1, 2)  # [b, h, r, d], laid out as projections give it
+    key, value = torch.randn(2, b, h, s, d, generator=g)
+    kwargs = _masks(b, h, r, s)[mask]
+    module = torch.nn.Module()
+    module.is_causal = False
+    want, _ = sdpa_attention_forward(module, query, key, value, kwargs.pop("attention_mask", None),
+                                     scaling=kwargs.get("scaling"), position_bias=kwargs.get("position_bias"))  # fmt: skip
+    keep = _masks(b, h, r, s)[mask].get("attention_mask")
+    got, weights = decoding.few_rows_sdpa(module, query, key, value, keep, **kwargs)
+    eager, probs = decoding.few_rows_eager(module, query, key, value, keep, **kwargs)
+    assert torch.equal(eager, got) and probs.shape == (b, h, r, s)
+    assert weights is None and got.shape == want.shape == (b, r, h, d)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bart", "lsg_bart", "t5", "longt5_tglobal", "led", "pegasus_x", "bigbird_pegasus"])
+def test_same_ids_with_few_rows_cross_attention(family, monkeypatch):
+    """The CPU few-rows cross-attention (used for long inputs) keeps stock generate's ids."""
+    used = []
+
+    def wins(query, key, kwargs):
+        used.append(query.shape[2] <= decoding.FEW_ROWS)
+        return used[-1]
+
+    monkeypatch.setattr(decoding, "_few_rows_wins", wins)  # every size: tiny models' keys are small
+    model = build(family)
+    ids, mask = batch(model)
+    stock, ours = both(model, ids, mask, **SETTINGS["beams4"])
+    assert any(used) and ours.tolist() == stock.tolist()
