@@ -237,3 +237,32 @@ def test_same_ids_with_few_rows_cross_attention(family, monkeypatch):
     ids, mask = batch(model)
     stock, ours = both(model, ids, mask, **SETTINGS["beams4"])
     assert any(used) and ours.tolist() == stock.tolist()
+
+
+@pytest.mark.parametrize("family", ["bart", "mbart", "t5"])
+@pytest.mark.parametrize("lengths", [dict(min_new_tokens=12, max_new_tokens=12), dict(min_length=9, max_new_tokens=12),
+                                     dict(min_new_tokens=0, min_length=30, max_new_tokens=12)])  # fmt: skip
+def test_same_ids_with_minimum_lengths(family, lengths):
+    """The fast EOS ban (minimum equal to the maximum meets forced EOS; mBART's forced BOS) keeps stock ids."""
+    model = build(family)
+    model.generation_config.min_length = 5  # a checkpoint's own minimum, which min_new_tokens overrides
+    if family != "t5":  # pull towards EOS, so that the summaries end as soon as they may
+        model.final_logits_bias[..., model.config.eos_token_id] += 10.0
+    ids, mask = batch(model)
+    for beams in (1, 4):
+        stock, ours = both(model, ids, mask, num_beams=beams, no_repeat_ngram_size=3, **lengths)
+        assert ours.tolist() == stock.tolist()
+
+
+def test_eos_ban_replaces_the_stock_processors_and_stands_aside_when_forced():
+    model = build("bart")
+    kwargs = dict(max_new_tokens=12, min_new_tokens=4, no_repeat_ngram_size=3)
+    fast = decoding._fast_processors(model, kwargs)
+    assert [type(p).__name__ for p in fast] == ["NoRepeatNGram", "BanEOSBelow"]
+    assert kwargs["min_new_tokens"] is None and kwargs["min_length"] == 0 and kwargs["no_repeat_ngram_size"] == 0
+    ban = fast[1]
+    scores = torch.zeros(2, 10)
+    assert torch.isinf(ban(torch.zeros(2, 4, dtype=torch.long), scores)[:, 2]).all()  # 4 tokens < 1 + 4
+    assert not torch.isinf(ban(torch.zeros(2, 5, dtype=torch.long), scores)).any()
+    assert decoding.BanEOSBelow(9, [2], forced_steps=(3,))(torch.zeros(2, 3, dtype=torch.long), scores) is scores
+    assert decoding._fast_processors(model, dict(kwargs, do_sample=True)) == []  # warpers do not commute
