@@ -6,7 +6,8 @@ beam sizes, with `max_new_tokens == min_new_tokens` (every run decodes the same 
 `no_repeat_ngram_size=3`:
   stock     ``model.generate(input_ids, attention_mask=..., **settings)``
   longsum   ``longsum.decoding.generate(model, input_ids, attention_mask, **settings)`` (cross-attention
-            keys/values once per document, shared by the beams; vectorized n-gram blocking)
+            keys/values once per document, shared by the beams; vectorized n-gram blocking; on CPU oneDNN's
+            packed linear layers, or torch's own kernels with ``--exact``)
   batched   the same call on ``--batch-size`` documents at once, as ``longsum summarize`` decodes them
             (only with ``--batch-size`` > 1; seconds per document = batch seconds / batch size)
   ct2       (1,024 tokens, dense BART-base, only when the optional ``ctranslate2`` package is installed)
@@ -16,11 +17,15 @@ The model is LSG-BART (bart-base size: 6+6 layers, d_model 768, vocabulary 50,26
 inputs longer than 1,024 tokens and dense BART-base at 1,024. Each (length, beams, method) cell runs in its
 own process (so that its peak RSS is its own), times ``--docs`` documents after a short warm-up document and
 reports the median; both methods' token ids are compared (they must be identical). Nothing is asserted.
+Every cell gets the same allocator: glibc's defaults, or with ``--allocator tuned`` the setting
+`longsum summarize` applies on CPU (``keep_freed_memory()``), which also speeds up the stock loop and
+CTranslate2.
 
 Run from the repository root (CPU: 1 thread by default, as the targets are stated):
     python benchmarks/decode_speed.py                                   # the full grid (~30 min on 1 core)
     python benchmarks/decode_speed.py --lengths 4096 --beams 4 --new-tokens 64
     python benchmarks/decode_speed.py --lengths 4096 --beams 4 --docs 4 --batch-size 4   # plus batched decoding
+    python benchmarks/decode_speed.py --lengths 1024 --beams 4 --docs 4 --batch-size 4 --allocator tuned
     python benchmarks/decode_speed.py --device cuda                     # bf16 on a GPU
 Outputs: a table on stdout; decode_speed.json (cells, settings, provenance) and decode_speed.png in
 --out-dir (default benchmarks/results/).
@@ -125,7 +130,7 @@ def run_cell(args) -> dict:
         with torch.inference_mode():
             if args.cell_method == "stock":
                 return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            return decoding.generate(model, ids, mask, **kwargs)
+            return decoding.generate(model, ids, mask, exact=args.exact, **kwargs)
 
     # First-call costs (allocator, kernels) on a short document.
     generate(next(documents(1, 256, seed=99)).to(device), max_new_tokens=4, min_new_tokens=4)
@@ -179,7 +184,7 @@ def run_ct2(model, args, settings) -> dict:
 def cell_in_subprocess(args, length: int, beams: int, method: str) -> dict:
     cmd = [sys.executable, __file__, "--cell-length", str(length), "--cell-beams", str(beams), "--cell-method", method,
            "--device", args.device, "--docs", str(args.docs), "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads), "--batch-size", str(args.batch_size)]  # fmt: skip
+           "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--allocator", args.allocator] + ["--exact"] * args.exact  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -219,6 +224,11 @@ def main() -> None:
                    help="above 1: a 'batched' row decoding this many of the --docs documents per call")  # fmt: skip
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--allocator", choices=["glibc", "tuned"], default="glibc",
+                   help="every cell's allocator: glibc's defaults (a hand-written script, or decoding.generate from "
+                        "Python) or keep_freed_memory(), which `longsum summarize`/`eval` apply on CPU")  # fmt: skip
+    p.add_argument("--exact", action="store_true",
+                   help="longsum with torch's own CPU kernels (`--exact`) instead of oneDNN's packed linear layers")  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="decode_speed")
     p.add_argument("--cell-length", type=int, help=argparse.SUPPRESS)
@@ -230,6 +240,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.cell_method:  # a child process: one cell, one JSON line
+        if args.allocator == "tuned" and args.device == "cpu":
+            from longsum.generation import keep_freed_memory
+
+            keep_freed_memory()  # process-wide: CTranslate2's allocations get it too
         print(json.dumps(run_cell(args)))
         return
 
@@ -270,7 +284,7 @@ def main() -> None:
                       flush=True)  # fmt: skip
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     result = dict(settings=dict(lengths=args.lengths, beams=args.beams, new_tokens=args.new_tokens, docs=args.docs,
-                                batch_size=args.batch_size,
+                                batch_size=args.batch_size, allocator=args.allocator, exact=args.exact,
                                 threads=args.threads, device=args.device, no_repeat_ngram_size=3,
                                 dtype="bfloat16" if args.device == "cuda" else "float32", model="bart-base size, "
                                 "random weights (LSG-BART above 1,024 tokens)", busy_cores_at_start=busy),

@@ -60,6 +60,9 @@ class GenerationOptions:
                                             low=1)  # fmt: skip
     long_input: Literal[LONG_INPUT_MODES] = setting("truncate", "Documents longer than the model: cut them, or "
                                                     "summarize them whole (map-reduce).", GENERATION)  # fmt: skip
+    exact: bool = setting(False, "On CPU, keep torch's own matrix kernels: the token ids of transformers' "
+                                 "generate(), with decoding ~1.5x slower than the default oneDNN kernels (which "
+                                 "round differently, so a near-tie can go the other way).", GENERATION)  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self)
@@ -164,7 +167,7 @@ def resolve_settings(config, generation_config, tokenizer, options: GenerationOp
     """
     return {**resolve_generation_kwargs(generation_config, options),
             "max_source_length": options.max_source_length or model_max_source_length(config, tokenizer),
-            "long_input": options.long_input}  # fmt: skip
+            "long_input": options.long_input, "exact": options.exact}  # fmt: skip
 
 
 def plan_settings(model_name: str, options: GenerationOptions, dtype: str, device: str) -> dict:
@@ -198,7 +201,7 @@ class Summarizer:
         self._settings = settings or resolve_settings(model.config, model.generation_config, tokenizer, options)
         self.max_source_length = self._settings["max_source_length"]
         self.generate_kwargs = {k: v for k, v in self._settings.items()
-                                if k not in ("max_source_length", "long_input", "dtype")}  # fmt: skip
+                                if k not in ("max_source_length", "long_input", "dtype", "exact")}  # fmt: skip
         self.batch_size = options.batch_size
         self.window_docs, self.window_chars = window_docs, window_chars
         self._n_special = tokenizer.num_special_tokens_to_add(pair=False)
@@ -376,5 +379,6 @@ class Summarizer:
         batch = {"input_ids": [ids.tolist() for ids in batch_ids]}
         inputs = self.tokenizer.pad(batch, return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
-            out = generate(self.model, inputs["input_ids"], inputs["attention_mask"], **self.generate_kwargs)
+            out = generate(self.model, inputs["input_ids"], inputs["attention_mask"], exact=self.options.exact,
+                           **self.generate_kwargs)  # fmt: skip
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

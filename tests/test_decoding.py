@@ -70,12 +70,12 @@ def batch(model, lengths=(57, 40, 23), seed: int = 0):
     return ids, mask
 
 
-def both(model, ids, mask, **kwargs):
+def both(model, ids, mask, exact=False, **kwargs):
     with torch.inference_mode():
         torch.manual_seed(1)  # BigBird's random blocks
         stock = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         torch.manual_seed(1)
-        ours = decoding.generate(model, ids, mask, **kwargs)
+        ours = decoding.generate(model, ids, mask, exact=exact, **kwargs)
     return stock, ours
 
 
@@ -85,12 +85,15 @@ SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["packed", "exact"])
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_same_ids_as_stock_generate(family, setting):
+def test_same_ids_as_stock_generate(family, setting, exact):
+    """Both CPU paths: oneDNN's packed linears (the default; ids may differ in ~1e-6 near-ties, which
+    these models do not have) and torch's own kernels (`exact`)."""
     model = build(family)
     ids, mask = batch(model)
-    stock, ours = both(model, ids, mask, **SETTINGS[setting])
+    stock, ours = both(model, ids, mask, exact=exact, **SETTINGS[setting])
     assert stock.shape[0] == 3 and len({tuple(row) for row in stock.tolist()}) > 1  # input-dependent outputs
     assert ours.tolist() == stock.tolist()
     # Every family shares cross-attention keys/values; T5's attention used the interface only after 5.5.
@@ -187,7 +190,7 @@ def test_same_ids_with_a_vocabulary_over_several_logit_slices():
                                                                           max_position_embeddings=128)).eval())  # fmt: skip
     ids, mask = batch(model, seed=2)
     for kwargs in (SETTINGS["beams4"], SETTINGS["greedy"]):
-        stock, ours = both(model, ids, mask, **kwargs)
+        stock, ours = both(model, ids, mask, exact=True, **kwargs)  # (packed linears replace the slices)
         assert ours.tolist() == stock.tolist()
     assert type(model.lm_head) is torch.nn.Linear  # restored after decoding
 
@@ -266,3 +269,21 @@ def test_eos_ban_replaces_the_stock_processors_and_stands_aside_when_forced():
     assert not torch.isinf(ban(torch.zeros(2, 5, dtype=torch.long), scores)).any()
     assert decoding.BanEOSBelow(9, [2], forced_steps=(3,))(torch.zeros(2, 3, dtype=torch.long), scores) is scores
     assert decoding._fast_processors(model, dict(kwargs, do_sample=True)) == []  # warpers do not commute
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_the_stock_layer_to_rounding(bias):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 200, bias=bias), torch.nn.Linear(200, 40, bias=bias))
+    if not decoding.packing_applies(model):
+        pytest.skip("torch built without oneDNN")
+    for shape in [(1, 96), (4, 96), (16, 1, 96), (3, 7, 96), (64, 96)]:
+        hidden = torch.randn(shape)
+        want = model(hidden)
+        with decoding.packed_linears(model):
+            assert all(type(m) is decoding.PackedLinear for m in model)
+            got = model(hidden)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(type(m) is torch.nn.Linear and not hasattr(m, "packed") for m in model)  # restored, copies freed
+    with decoding.packed_linears(model.to(torch.float64)):  # float64: torch's own kernels
+        assert all(type(m) is torch.nn.Linear for m in model)
