@@ -61,8 +61,9 @@ class GenerationOptions:
     long_input: Literal[LONG_INPUT_MODES] = setting("truncate", "Documents longer than the model: cut them, or "
                                                     "summarize them whole (map-reduce).", GENERATION)  # fmt: skip
     exact: bool = setting(False, "On CPU, keep torch's own matrix kernels: the token ids of transformers' "
-                                 "generate(), with decoding ~1.5x slower than the default oneDNN kernels (which "
-                                 "round differently, so a near-tie can go the other way).", GENERATION)  # fmt: skip
+                                 "generate(), and no packed weight copies, but decoding ~1.2-1.6x slower than "
+                                 "with the default oneDNN kernels (which round differently, so a near-tie can "
+                                 "go the other way).", GENERATION)  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self)
@@ -189,7 +190,8 @@ def plan_settings(model_name: str, options: GenerationOptions, dtype: str, devic
 
 class Summarizer:
     """Summaries for many documents with one model; see the module docstring. Batches decode with
-    `longsum.decoding.generate` (stock generate's ids, keys/values shared between beams).
+    `longsum.decoding.generate` (stock generate's decoding, keys/values shared between beams; on CPU
+    oneDNN's linear layers unless `options.exact`).
 
     `settings` (from `resolve_settings`) may be passed when already resolved; by default they
     are resolved from the model's config and generation config.
