@@ -220,14 +220,21 @@ class Summarizer:
 
         `items` is consumed lazily, one window at a time; a text is a `str` or a `longsum.inputs.Text`
         (read only as far as needed). A text that cannot be read gets a Result with its `error`.
+        On CPU the linear layers' packed copies (`longsum.decoding.packed_linears`) are made once for
+        the whole run, not once per batch: the peak memory is the same, the packing time is paid once.
         """
-        for window in self._windows(items):
-            jobs, long_docs = self._prepare(window, on_result)
-            del window  # the texts are no longer needed (except those to chunk)
-            for job in self._run(jobs):
-                on_result(job.key, job.result)
-            for key, text in long_docs:
-                on_result(key, self._summarize_long(text))
+        import contextlib
+
+        from longsum.decoding import packed_linears
+
+        with contextlib.nullcontext() if self.options.exact else packed_linears(self.model):
+            for window in self._windows(items):
+                jobs, long_docs = self._prepare(window, on_result)
+                del window  # the texts are no longer needed (except those to chunk)
+                for job in self._run(jobs):
+                    on_result(job.key, job.result)
+                for key, text in long_docs:
+                    on_result(key, self._summarize_long(text))
 
     # -- internals --------------------------------------------------------------------------
     def _windows(self, items: Iterable[tuple[object, Text | str]]) -> Iterator[list[tuple[object, Text]]]:

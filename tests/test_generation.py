@@ -112,3 +112,24 @@ def test_a_model_minimum_gives_way_to_a_shorter_maximum_you_chose():
     assert resolve_generation_kwargs(model_config, GenerationOptions(max_new_tokens=200))["min_new_tokens"] == 100
     forced = resolve_generation_kwargs(GenerationConfig(max_new_tokens=40), GenerationOptions(min_new_tokens=50))
     assert (forced["min_new_tokens"], forced["max_new_tokens"]) == (40, 40)  # the model's maximum: clamped
+
+
+def test_linear_layers_are_packed_once_for_a_whole_run(tiny_lsg_bart, tokenizer, monkeypatch):
+    from longsum import decoding
+
+    model, real, seen = tiny_lsg_bart(), decoding.generate, []
+
+    def spy(model, *args, **kwargs):  # which classes the linear layers have while each batch decodes
+        seen.append({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "generate", spy)
+    docs = [(i, f"document number {i}. " * (i + 2)) for i in range(5)]
+    for exact, during in ((False, {"PackedLinear"}), (True, {"Linear"})):
+        seen.clear()
+        summarizer = Summarizer(model, tokenizer, GenerationOptions(batch_size=2, max_new_tokens=4, exact=exact))
+        results = {}
+        summarizer.summarize(docs, results.__setitem__)
+        assert len(results) == 5 and len(seen) == 3 and all(s == during for s in seen), (exact, seen)
+        assert all(type(m) is torch.nn.Linear and not hasattr(m, "packed")
+                   for m in model.modules() if isinstance(m, torch.nn.Linear))  # fmt: skip
