@@ -326,11 +326,16 @@ def sliced_logits(model):
 PACK_ROWS = 16
 
 
+def _packable(module: torch.nn.Module) -> bool:
+    """A stock `nn.Linear` with a float32 CPU weight, and torch built with oneDNN."""
+    return (type(module) is torch.nn.Linear and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))  # fmt: skip
+
+
 def packing_applies(model) -> bool:
-    """Whether `packed_linears` changes anything: a float32 model on CPU, and torch built with oneDNN."""
-    weight = next(model.parameters(), None)
-    return (weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))  # fmt: skip
+    """Whether `packed_linears` changes anything (float32 linear layers on CPU)."""
+    return any(_packable(m) for m in model.modules())
 
 
 class PackedLinear(torch.nn.Linear):
@@ -348,12 +353,12 @@ class PackedLinear(torch.nn.Linear):
 
 @contextmanager
 def packed_linears(model):
-    """Run every `nn.Linear` of `model` as a `PackedLinear` while decoding (float32 CPU models only).
+    """Run every `nn.Linear` of `model` as a `PackedLinear` while decoding (those with float32 CPU weights).
 
     The packed copies (as large as the linear weights) are made on entry and freed on exit, with
     the modules' own classes restored: ~0.1 s for bart-base, against seconds of decoding per batch.
     """
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if packing_applies(model) else []
+    linears = [m for m in model.modules() if _packable(m)]
     try:
         for module in linears:
             module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_ROWS)

@@ -285,5 +285,7 @@ def test_packed_linear_matches_the_stock_layer_to_rounding(bias):
             got = model(hidden)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert all(type(m) is torch.nn.Linear and not hasattr(m, "packed") for m in model)  # restored, copies freed
-    with decoding.packed_linears(model.to(torch.float64)):  # float64: torch's own kernels
-        assert all(type(m) is torch.nn.Linear for m in model)
+    model[1].to(torch.float64)
+    with decoding.packed_linears(model):  # layer by layer: float64 keeps torch's own kernels
+        assert [type(m) for m in model] == [decoding.PackedLinear, torch.nn.Linear]
+    assert all(type(m) is torch.nn.Linear for m in model)
