@@ -223,11 +223,9 @@ class Summarizer:
         On CPU the linear layers' packed copies (`longsum.decoding.packed_linears`) are made once for
         the whole run, not once per batch: the peak memory is the same, the packing time is paid once.
         """
-        import contextlib
+        from longsum.decoding import linear_kernels
 
-        from longsum.decoding import packed_linears
-
-        with contextlib.nullcontext() if self.options.exact else packed_linears(self.model):
+        with linear_kernels(self.model, self.options.exact):
             for window in self._windows(items):
                 jobs, long_docs = self._prepare(window, on_result)
                 del window  # the texts are no longer needed (except those to chunk)
