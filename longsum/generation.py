@@ -61,7 +61,7 @@ class GenerationOptions:
     long_input: Literal[LONG_INPUT_MODES] = setting("truncate", "Documents longer than the model: cut them, or "
                                                     "summarize them whole (map-reduce).", GENERATION)  # fmt: skip
     exact: bool = setting(False, "On CPU, keep torch's own matrix kernels: the token ids of transformers' "
-                                 "generate(), and no packed weight copies, but decoding ~1.2-1.6x slower than "
+                                 "generate(), but decoding ~1.2-1.6x slower than "
                                  "with the default oneDNN kernels (which round differently, so a near-tie can "
                                  "go the other way).", GENERATION)  # fmt: skip
 
@@ -220,8 +220,8 @@ class Summarizer:
 
         `items` is consumed lazily, one window at a time; a text is a `str` or a `longsum.inputs.Text`
         (read only as far as needed). A text that cannot be read gets a Result with its `error`.
-        On CPU the linear layers' packed copies (`longsum.decoding.packed_linears`) are made once for
-        the whole run, not once per batch: the peak memory is the same, the packing time is paid once.
+        On CPU the linear layers are packed for oneDNN (`longsum.decoding.packed_linears`) once for the
+        whole run, not once per batch: the packing time is paid once.
         """
         from longsum.decoding import linear_kernels
 

@@ -285,7 +285,27 @@ def test_packed_linear_matches_the_stock_layer_to_rounding(bias):
             got = model(hidden)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert all(type(m) is torch.nn.Linear and not hasattr(m, "packed") for m in model)  # restored, copies freed
+    assert torch.equal(model(hidden), want)  # the weights came back bit for bit
     model[1].to(torch.float64)
     with decoding.packed_linears(model):  # layer by layer: float64 keeps torch's own kernels
         assert [type(m) for m in model] == [decoding.PackedLinear, torch.nn.Linear]
     assert all(type(m) is torch.nn.Linear for m in model)
+
+
+def test_packed_linears_hold_one_copy_of_each_weight_and_restore_it_exactly():
+    """While packed, a weight nothing else shares lives only in its packed copy; a tied one (the lm_head
+    is the embedding matrix, which the decoder still looks up) is kept; both come back bit for bit."""
+    model = build("bart")
+    if not decoding._packable(model.lm_head):
+        pytest.skip("torch built without oneDNN")
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with decoding.packed_linears(model):
+        fc1 = model.model.encoder.layers[0].fc1
+        assert fc1.weight.numel() == 0 and fc1.packed.shape == (fc1.out_features, fc1.in_features)
+        assert model.lm_head.weight is model.model.shared.weight and model.lm_head.weight.numel() > 0
+        model.generate(ids, max_new_tokens=3)  # decoding runs on the packed copies alone
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects, not new ones
