@@ -101,6 +101,15 @@ def test_same_ids_as_stock_generate(family, setting, exact):
     assert model.config._attn_implementation in ("sdpa", "eager")  # restored after decoding
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_ids_as_stock_generate_in_bfloat16(family):
+    """bf16 (what a GPU runs): the shared keys/values, masks and biases keep the model's dtype."""
+    model = build(family).to(torch.bfloat16)
+    ids, mask = batch(model)
+    stock, ours = both(model, ids, mask, **SETTINGS["beams4"])
+    assert len({tuple(row) for row in stock.tolist()}) > 1 and ours.tolist() == stock.tolist()
+
+
 @pytest.mark.parametrize("family", ["bart", "t5", "led"])
 def test_same_ids_with_early_stopping_and_several_returned_sequences(family):
     model = build(family, seed=3)
