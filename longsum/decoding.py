@@ -28,9 +28,11 @@ stopping rules: it *is* `model.generate`), with these changes around it:
    SDPA's kernel and the eager `q k^T` there (1.3x a layer at 4,096 tokens), equal up to rounding.
 6. **oneDNN linear layers on CPU** (`packed_linears`): float32 models run every `nn.Linear` through
    oneDNN with weights prepacked once per call, 1.5-2.7x faster than torch's MKL for a step's few
-   rows (and 1.1x for the encoder's many). It rounds differently (~4e-6 relative), so where two
-   candidates tie to that precision the ids can differ from stock generate's; `exact=True` keeps
-   torch's kernels (then 4. applies), and the ids are stock generate's.
+   rows (and 1.1x for the encoder's many). The packed copy stands in for each untied weight while
+   decoding (restored bit for bit after), so memory grows only by tied weights such as BART's
+   lm_head. It rounds differently (~4e-6 relative), so where two candidates tie to that precision
+   the ids can differ from stock generate's; `exact=True` keeps torch's kernels (then 4. applies),
+   and the ids are stock generate's.
 
 Families whose attention calls go through transformers' attention interface share keys/values
 that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus);
