@@ -378,7 +378,7 @@ def packed_linears(model):
     are no longer stock `nn.Linear`s).
     """
     linears = [m for m in model.modules() if _packable(m)]
-    sole, emptied = _sole_weights(model), set()
+    sole, emptied = _sole_weights(model) if linears else set(), set()  # (nothing to pack: nested, GPU)
     try:
         for module in linears:
             module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_ROWS)
