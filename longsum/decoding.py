@@ -39,19 +39,30 @@ that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-
 LED's decoder attention predates the interface, so its cross-attention modules run as
 `SharedKVLEDDecoderAttention` (a one-level subclass) while decoding. Any other model decodes
 with the stock layout and the fast n-gram blocker, with the same ids; `sharing(model)` says why.
+`cache_implementation="static"` works too (stock ids): the beams' self-attention then lives in a
+preallocated `StaticCache` beside the shared cross-attention part, as a CUDA-graph decode needs.
+
+What the installed transformers offers is read from its code, never from its version: the keyword a
+model's forward takes its cache under (`cache_keyword`: `cache` from 5.24, `past_key_values` before),
+the attention and cache interfaces (`_interfaces`), LED's attention signature (`_led_interface`).
+Everything above is an optimisation and steps aside, with one stderr line (`step_aside`): before
+decoding when a precondition fails (`sharing`, `packing_fails`), and at run time when the fast path
+fails where stock `generate()` does not (the model then decodes with stock `generate()`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, LogitsProcessorList, StaticCache
 from transformers.modeling_outputs import BaseModelOutput
 
 # Stock attention implementation -> ours (the same computation, plus shared keys/values).
@@ -62,6 +73,18 @@ SHARED_KV_MODEL_TYPES = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "peg
 # Generation settings under which the fast n-gram blocker's place in the processor list (last
 # rather than first) could change a score: then the stock blocker is used.
 ORDER_SENSITIVE = ("remove_invalid_values", "renormalize_logits")
+
+
+_TOLD: set[tuple[str, str]] = set()  # (fast path, reason) lines printed
+
+
+def step_aside(what: str, reason: str) -> None:
+    """The one stderr line a fast path prints when it stands aside for the stock path (once per process)."""
+    from longsum.console import note
+
+    if (what, reason) not in _TOLD:
+        _TOLD.add((what, reason))
+        note(f"{what} steps aside for the stock path: {reason}")
 
 
 class BeamCache(EncoderDecoderCache):
@@ -179,24 +202,27 @@ def _led_attention_class():
     from transformers.models.led.modeling_led import LEDDecoderAttention
 
     class SharedKVLEDDecoderAttention(LEDDecoderAttention):
-        """LED's decoder attention, with cross-attention over a cache filled once per document."""
+        """LED's decoder attention, with cross-attention over a cache filled once per document.
 
-        def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
-                    output_attentions=False):  # fmt: skip
-            cache = past_key_values
+        The cache arrives as `cache` (transformers 5.24 on) or `past_key_values` (before); it is passed
+        on by position, which both releases' stock forward reads the same way.
+        """
+
+        def forward(self, hidden_states, key_value_states=None, cache=None, attention_mask=None,
+                    output_attentions=False, past_key_values=None):  # fmt: skip
+            cache = cache if cache is not None else past_key_values
             shared = (key_value_states is not None and isinstance(cache, EncoderDecoderCache)
                       and cache.is_updated.get(self.layer_idx))  # fmt: skip
             if shared:
                 layer = cache.cross_attention_cache.layers[self.layer_idx]
                 shared = layer.keys.shape[0] != hidden_states.shape[0]
             if not shared:
-                return super().forward(hidden_states, key_value_states, past_key_values, attention_mask,
-                                       output_attentions)  # fmt: skip
+                return super().forward(hidden_states, key_value_states, cache, attention_mask, output_attentions)
             bk, t, _ = hidden_states.shape
             query = (self.q_proj(hidden_states) * self.scaling).view(bk, t, self.num_heads, self.head_dim)
             out, weights = _LED_ATTENTION(self, query.transpose(1, 2), layer.keys, layer.values, attention_mask)
             out = self.out_proj(out.reshape(bk, t, self.embed_dim))  # [b*k, t, h, d] -> [b*k, t, h*d]
-            return out, weights if output_attentions else None, past_key_values
+            return out, weights if output_attentions else None, cache
 
     return SharedKVLEDDecoderAttention
 
@@ -228,6 +254,47 @@ def register() -> None:
     _REGISTERED = True
 
 
+# -- what the installed transformers offers: features, never version numbers ---------------------
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers 5.24 renamed past_key_values to cache
+
+
+def cache_keyword(model) -> str | None:
+    """The keyword `model` takes its decoding cache under: the first forward in its class hierarchy that
+    names one (LSG's own forwards pass `**kwargs` on to the stock ones), or None if none does."""
+    for cls in type(model).__mro__:
+        if "forward" in vars(cls):
+            names = inspect.signature(vars(cls)["forward"]).parameters
+            found = [name for name in CACHE_KEYWORDS if name in names]
+            if found:
+                return found[0]
+    return None
+
+
+@functools.cache
+def _interfaces() -> str | None:
+    """Why this transformers lacks what shared keys/values stand on (None: it has it all): the
+    attention and mask interfaces, and an encoder-decoder cache whose parts and layers are reachable."""
+    try:
+        register()
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cache.cross_attention_cache.update(torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1), 0)
+        assert cache.cross_attention_cache.layers[0].keys.shape == (1, 1, 2, 1)
+        assert isinstance(cache.is_updated, dict) and callable(cache.self_attention_cache.reorder_cache)
+    except Exception as err:  # noqa: BLE001  any change is a reason to step aside
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'interface changed'}"
+    return None
+
+
+def _led_interface() -> str | None:
+    """Why LED's stock decoder attention does not take what `SharedKVLEDDecoderAttention` passes it."""
+    from transformers.models.led.modeling_led import LEDDecoderAttention
+
+    names = list(inspect.signature(LEDDecoderAttention.forward).parameters)[1:6]
+    expected = [["hidden_states", "key_value_states", keyword, "attention_mask", "output_attentions"]
+                for keyword in CACHE_KEYWORDS]  # fmt: skip
+    return None if names in expected else f"LEDDecoderAttention.forward takes ({', '.join(names)}, ...)"
+
+
 def _cross_attention(model):
     """The first decoder cross-attention module (BART-style `encoder_attn`, T5-style `EncDecAttention`)."""
     for name, module in model.named_modules():
@@ -246,8 +313,15 @@ def sharing(model) -> str | None:
     cross = _cross_attention(model)
     if cross is None:
         return "no decoder cross-attention module found"
-    # Older transformers releases (5.5) still compute T5/LongT5 attention by hand; LED has its subclass.
-    if config.model_type != "led" and not hasattr(sys.modules[type(cross).__module__], "ALL_ATTENTION_FUNCTIONS"):
+    if cache_keyword(model) is None:
+        return f"{type(model).__name__}.forward takes neither of {', '.join(CACHE_KEYWORDS)}"
+    if (missing := _interfaces()) is not None:
+        return f"this transformers' attention or cache interface changed ({missing})"
+    if config.model_type == "led":  # LED's decoder attention predates the interface: it has its subclass
+        if (changed := _led_interface()) is not None:
+            return changed
+    # Older transformers releases (5.5) still compute T5/LongT5 attention by hand.
+    elif not hasattr(sys.modules[type(cross).__module__], "ALL_ATTENTION_FUNCTIONS"):
         return f"this transformers version's {type(cross).__name__} does not use the attention interface"
     implementation = config._attn_implementation
     if implementation not in SHARED_IMPLEMENTATIONS and implementation not in SHARED_IMPLEMENTATIONS.values():
@@ -335,10 +409,31 @@ MIN_ROWS = 3
 
 
 def _packable(module: torch.nn.Module) -> bool:
-    """A stock `nn.Linear` with a float32 CPU weight, and torch built with oneDNN."""
-    return (type(module) is torch.nn.Linear and module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))  # fmt: skip
+    """A stock `nn.Linear` with a float32 CPU weight (torch's oneDNN kernels checked by `packing_fails`)."""
+    return (
+        type(module) is torch.nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+    )
+
+
+@functools.cache
+def packing_fails() -> str | None:
+    """Why this torch cannot run `PackedLinear` (None: it can), checked once on a small layer against
+    `F.linear`: oneDNN's packing ops are private to torch and may change or vanish in a release."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return "torch was built without oneDNN"
+        g = torch.Generator().manual_seed(0)
+        layer = torch.nn.Linear(16, 24)
+        rows = torch.randn(2, 16, generator=g)  # fewer than MIN_ROWS: the padded case too
+        with torch.no_grad():
+            expected = layer(rows)
+            layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_ROWS)
+            got = PackedLinear.forward(layer, rows)
+        if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            return "oneDNN's packed product differs from F.linear"
+    except Exception as err:  # noqa: BLE001  any change is a reason to step aside
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    return None
 
 
 class PackedLinear(torch.nn.Linear):
@@ -378,6 +473,9 @@ def packed_linears(model):
     are no longer stock `nn.Linear`s).
     """
     linears = [m for m in model.modules() if _packable(m)]
+    if linears and (why := packing_fails()) is not None:
+        step_aside("oneDNN packed linear layers", f"{why} (torch's own kernels)")
+        linears = []
     sole, emptied = _sole_weights(model) if linears else set(), set()  # (nothing to pack: nested, GPU)
     try:
         for module in linears:
@@ -489,6 +587,10 @@ def _fast_processors(model, kwargs: dict) -> list[LogitsProcessor]:
 
 
 # -- generate ----------------------------------------------------------------------------------------
+# Models whose fast decoding failed where stock generate() did not: stock generate for them from then on.
+_STOCK_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, exact: bool = False,
              **kwargs) -> torch.Tensor:  # fmt: skip
     """`model.generate(input_ids, attention_mask=attention_mask, **kwargs)`, faster.
@@ -498,10 +600,35 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     layers run through oneDNN (`packed_linears`), which rounds differently from torch's MKL: the
     ids can then differ from stock generate's where two candidates tie to ~1e-6. `exact=True`
     keeps torch's kernels, for stock generate's ids.
+
+    The changes are optimisations: if they fail where stock generate() succeeds (a transformers
+    release that changed an interface they stand on), the stock ids are returned, one stderr line
+    says why, and this model decodes with stock generate() from then on. An error that stock
+    generate() raises too (a bad input) is raised as stock raises it.
     """
-    # (a packed head is not sliced: it is no longer an nn.Linear)
-    with linear_kernels(model, exact), sliced_logits(model):
-        return _generate(model, input_ids, attention_mask, **kwargs)
+    failure = None
+    if model not in _STOCK_ONLY:
+        try:
+            # (a packed head is not sliced: it is no longer an nn.Linear)
+            with linear_kernels(model, exact), sliced_logits(model):
+                return _generate(model, input_ids, attention_mask, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the caller halves the batch
+        except Exception as err:  # noqa: BLE001  retried below with stock generate
+            failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    if failure is not None:
+        _STOCK_ONLY[model] = failure
+        step_aside("fast decoding", f"{failure} (stock generate() for the rest of this run)")
+    return ids
+
+
+def _static_cache_length(model, kwargs: dict) -> int:
+    """The self-attention slots stock generate() gives a static cache: its max_length - 1 (the last
+    token is never fed back), max_length being 1 + max_new_tokens for an encoder-decoder."""
+    config = model.generation_config
+    max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    return max_new if max_new is not None else kwargs.get("max_length", config.max_length) - 1
 
 
 def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
@@ -509,13 +636,21 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     fast = _fast_processors(model, kwargs)
     processors = LogitsProcessorList((kwargs.pop("logits_processor", None) or []) + fast)
     beams = kwargs.get("num_beams", model.generation_config.num_beams) or 1
+    # A cache made here is passed as the caller's own, so generate() must not also be asked to make one.
+    implementation = kwargs.pop("cache_implementation", model.generation_config.cache_implementation)
+    static = implementation == "static"
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     extras = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]  # e.g. LED's global mask
-    if beams == 1 or extras or sharing(model) is not None:
-        cache = {"past_key_values": BeamCache()} if beams > 1 else {}
+    why = None if beams == 1 or extras else sharing(model)
+    if why is not None and model.config.model_type in SHARED_KV_MODEL_TYPES:  # shares on the releases we test
+        step_aside("shared cross-attention keys/values", why)
+    keyword = cache_keyword(model) or "past_key_values"
+    if beams == 1 or extras or why is not None or implementation not in (None, "dynamic", "static"):
+        # Stock layout; with beams, a cache that leaves the cross-attention part alone when reordering.
+        own = {keyword: BeamCache()} if beams > 1 and implementation in (None, "dynamic") else {}
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
-                              **cache, **kwargs)  # fmt: skip
+                              cache_implementation=None if own else implementation, **own, **kwargs)  # fmt: skip
     with shared_attention(model):
         encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         hidden = encoder_outputs.last_hidden_state  # [b, s, d]
@@ -524,11 +659,14 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         # ([b, h, s, d] keys and values); its token and self-attention state are discarded.
         start = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device)
         model(encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=start,
-              past_key_values=cache, use_cache=True)  # fmt: skip
-        shared = BeamCache(cross_attention_cache=cache.cross_attention_cache)
+              use_cache=True, **{keyword: cache})  # fmt: skip
+        # The beams' self-attention: grown step by step, or preallocated (static) as stock would.
+        own = (StaticCache(config=model.config.get_text_config(decoder=True),
+                           max_cache_len=_static_cache_length(model, kwargs)) if static else None)  # fmt: skip
+        shared = BeamCache(own, cache.cross_attention_cache)
         for layer in range(len(cache.cross_attention_cache)):
             shared.is_updated[layer] = True
         stand_in = BaseModelOutput(last_hidden_state=hidden.new_empty(*hidden.shape[:2], 0))  # [b, s, 0]
         del encoder_outputs, hidden, cache
-        return model.generate(encoder_outputs=stand_in, attention_mask=attention_mask, past_key_values=shared,
-                              logits_processor=processors, **kwargs)  # fmt: skip
+        return model.generate(encoder_outputs=stand_in, attention_mask=attention_mask, logits_processor=processors,
+                              cache_implementation=None, **{keyword: shared}, **kwargs)  # fmt: skip

@@ -28,6 +28,7 @@ switches a loaded model's encoder attention modules to them (`load_model` does, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -221,11 +222,47 @@ ATTENTION_CLASSES = {stock.LongT5LocalAttention: LocalAttention,
 
 
 def use_longsum_attention(model) -> int:
-    """Switch a LongT5 model's encoder attention modules to longsum's (same parameters); returns how many."""
-    count = 0
-    for module in model.modules():
-        ours = ATTENTION_CLASSES.get(type(module))
-        if ours is not None:
-            module.__class__ = ours
-            count += 1
-    return count
+    """Switch a LongT5 model's encoder attention modules to longsum's (same parameters); returns how many.
+
+    When longsum's attention does not reproduce this transformers' LongT5 (`differs`: a release that
+    changed the stock modules), the model keeps the stock modules and one stderr line says why.
+    """
+    modules = [module for module in model.modules() if type(module) in ATTENTION_CLASSES]
+    for kind in {type(module) for module in modules}:
+        if (why := differs(kind)) is not None:
+            from longsum.decoding import step_aside
+
+            step_aside("longsum's LongT5 attention", f"{why} (transformers' own modules)")
+            return 0
+    for module in modules:
+        module.__class__ = ATTENTION_CLASSES[type(module)]
+    return len(modules)
+
+
+@functools.cache
+def differs(kind: type) -> str | None:
+    """Why longsum's version of the stock attention class `kind` does not give the stock numbers on
+    this transformers (None: it does), checked once on a tiny padded two-layer encoder (~10 ms)."""
+    from transformers import LongT5Config, LongT5EncoderModel
+
+    attention_type = "local" if kind is stock.LongT5LocalAttention else "transient-global"
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(0)
+            config = LongT5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, local_radius=3,
+                                  global_block_size=3, encoder_attention_type=attention_type, dropout_rate=0.0)  # fmt: skip
+            encoder = LongT5EncoderModel(config).eval()
+            ids = torch.randint(1, 40, (2, 23))
+            mask = torch.ones_like(ids)
+            mask[1, 15:] = 0  # padding in reach of blocks
+            with torch.no_grad():
+                want = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                for module in encoder.modules():
+                    if type(module) is kind:
+                        module.__class__ = ATTENTION_CLASSES[kind]
+                got = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                return f"its {attention_type} attention gives other numbers than {kind.__name__} here"
+    except Exception as err:  # noqa: BLE001  any change is a reason to step aside
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    return None

@@ -77,6 +77,12 @@ def input_dependent(model, std: float = 0.4):
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing by the name this transformers has: 5.23 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` (the old name warns)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 def random_ids(batch: int, length: int, vocab: int = 300, seed: int = 0) -> torch.Tensor:
     """`<s> ... </s>` sequences of random ids above the special tokens."""
     g = torch.Generator().manual_seed(seed)

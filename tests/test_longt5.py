@@ -10,7 +10,7 @@ from transformers import LongT5Config, LongT5ForConditionalGeneration
 from transformers.models.longt5 import modeling_longt5 as stock
 
 from longsum import longt5
-from tests.conftest import input_dependent
+from tests.conftest import enable_checkpointing, input_dependent
 
 KINDS = ["local", "transient-global"]
 # local_radius 3 -> blocks of 4; global blocks of 4. Lengths: a block multiple, not one, a padded
@@ -94,7 +94,7 @@ def test_gradients_match_transformers(kind, checkpointing):
     for m in (model, ours):
         m.train()
         if checkpointing:
-            (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+            enable_checkpointing(m)
         m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     grads = dict(model.named_parameters())
     names = [

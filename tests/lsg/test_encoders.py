@@ -29,6 +29,7 @@ from longsum.lsg.roberta import (
     LSGXLMRobertaForSequenceClassification,
     LSGXLMRobertaModel,
 )
+from tests.conftest import enable_checkpointing
 
 VOCAB, HIDDEN, G, BS = 300, 32, 2, 8
 STOCK = dict(
@@ -174,7 +175,7 @@ def test_gradient_checkpointing_matches(family):
     for checkpointing in (False, True):
         model = build(family, "masked_lm", seed=3)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
             assert all(layer.gradient_checkpointing for layer in model.base_model.encoder.layer)
         model.train()
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()

@@ -14,7 +14,7 @@ from longsum.lsg import (
     LSGPegasusConfig,
     LSGPegasusForConditionalGeneration,
 )
-from tests.conftest import random_ids
+from tests.conftest import enable_checkpointing, random_ids
 
 SMALL = dict(
     vocab_size=300,
@@ -126,7 +126,7 @@ def test_gradient_checkpointing_whole_model_matches(tiny_lsg_bart):
         model = tiny_lsg_bart(seed=3, sparsity_type="pooling")
         model.config.dropout = 0.0
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
