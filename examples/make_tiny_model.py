@@ -14,12 +14,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from longsum.console import quiet_libraries
 from longsum.tiny import build_tiny_lsg_bart
 
 DOCS = Path(__file__).parent / "docs"
 
 
 def main() -> None:
+    quiet_libraries()  # no library progress bars ("Writing model shards") around our one line
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-lsg-bart")
     texts = [p.read_text(encoding="utf-8") for p in sorted(DOCS.glob("*")) if p.suffix in (".txt", ".md")]
     model, _ = build_tiny_lsg_bart(texts, out, max_positions=4096, block_size=64, sparse_block_size=64)

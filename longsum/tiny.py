@@ -19,7 +19,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 500, model_max_lengt
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS)
+    bpe.train_from_iterator(
+        list(texts), vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )  # (its bars print blank lines off a terminal)
     bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
