@@ -65,6 +65,8 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, LogitsProcessorList, StaticCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from longsum.errors import describe
+
 # Stock attention implementation -> ours (the same computation, plus shared keys/values).
 SHARED_IMPLEMENTATIONS = {"sdpa": "longsum_sdpa", "eager": "longsum_eager"}
 # Families checked (tests/test_decoding.py) to decode with shared keys/values.
@@ -281,7 +283,7 @@ def _interfaces() -> str | None:
         assert cache.cross_attention_cache.layers[0].keys.shape == (1, 1, 2, 1)
         assert isinstance(cache.is_updated, dict) and callable(cache.self_attention_cache.reorder_cache)
     except Exception as err:  # noqa: BLE001  any change is a reason to step aside
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'interface changed'}"
+        return describe(err)
     return None
 
 
@@ -432,7 +434,7 @@ def packing_fails() -> str | None:
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
             return "oneDNN's packed product differs from F.linear"
     except Exception as err:  # noqa: BLE001  any change is a reason to step aside
-        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        return describe(err)
     return None
 
 
@@ -478,20 +480,31 @@ def packed_linears(model):
         linears = []
     sole, emptied = _sole_weights(model) if linears else set(), set()  # (nothing to pack: nested, GPU)
     try:
-        for module in linears:
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_ROWS)
-            module.__class__ = PackedLinear
-            if id(module.weight) in sole:
-                module.weight.data = module.weight.data.new_empty(0)  # the packed copy is the weight now
-                emptied.add(module)
+        try:
+            for module in linears:
+                module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_ROWS)
+                module.__class__ = PackedLinear
+                if id(module.weight) in sole:
+                    module.weight.data = module.weight.data.new_empty(0)  # the packed copy is the weight now
+                    emptied.add(module)
+        except Exception as err:  # noqa: BLE001  a layer the probe did not foresee: none is packed
+            _unpack(linears, emptied)
+            linears = []
+            step_aside("oneDNN packed linear layers", f"{describe(err)} (torch's own kernels)")
         yield
     finally:
-        for module in linears:  # layer by layer, so that one layer's two copies at most are held at once
-            module.__class__ = torch.nn.Linear
-            packed = module.__dict__.pop("packed", None)
-            if module in emptied:
-                module.weight.data = packed.to_dense()  # exact: the same values, in torch's layout
-            del packed
+        _unpack(linears, emptied)
+
+
+def _unpack(linears: list, emptied: set) -> None:
+    """Undo `packed_linears` (also after a partial packing), layer by layer, so that one layer's two
+    copies at most are held at once."""
+    for module in linears:
+        module.__class__ = torch.nn.Linear
+        packed = module.__dict__.pop("packed", None)
+        if module in emptied:
+            module.weight.data = packed.to_dense()  # exact: the same values, in torch's layout
+        del packed
 
 
 def linear_kernels(model, exact: bool):
@@ -615,7 +628,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         except torch.OutOfMemoryError:
             raise  # the caller halves the batch
         except Exception as err:  # noqa: BLE001  retried below with stock generate
-            failure = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            failure = describe(err)
     ids = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     if failure is not None:
         _STOCK_ONLY[model] = failure

@@ -24,3 +24,9 @@ class ModelLoadError(LongsumError):
 
 class InputTooLongError(LongsumError, ValueError):
     """An input longer than the model's position table."""
+
+
+def describe(err: BaseException, limit: int = 300) -> str:
+    """An exception in one line (for a record or a log line): its type and its message's first line."""
+    first = (str(err).strip().splitlines() or [""])[0][:limit]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from longsum.errors import LongsumError
+from longsum.errors import LongsumError, describe
 from longsum.inputs import DocumentError, StringText, Text
 from longsum.registry import LONG_INPUT_MODES
 from longsum.settings import check, setting
@@ -361,7 +361,7 @@ class Summarizer:
                     for job in batch:
                         yield from self._run_alone(job)
                 else:
-                    batch[0].result.error = f"generation failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                    batch[0].result.error = f"generation failed: {describe(err)}"
                     yield batch[0]
                 i += len(batch)
                 continue

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.longt5 import modeling_longt5 as stock
 
+from longsum.errors import describe
+
 CHUNK_BYTES = 32 << 20  # the additive mask of one chunk of query blocks (its keys/values are similar)
 MASKED = -1e10  # what transformers' LongT5 (after the original) adds where attention is masked
 
@@ -264,5 +266,5 @@ def differs(kind: type) -> str | None:
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
                 return f"its {attention_type} attention gives other numbers than {kind.__name__} here"
     except Exception as err:  # noqa: BLE001  any change is a reason to step aside
-        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        return describe(err)
     return None

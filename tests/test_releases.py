@@ -176,6 +176,30 @@ def test_packed_kernels_step_aside_when_torch_lacks_them(tokenizer, monkeypatch,
     assert all(type(m) is not decoding.PackedLinear for m in model.modules())
 
 
+def test_a_layer_that_cannot_be_packed_unpacks_the_others(tokenizer, monkeypatch, capsys):
+    """The probe passed, but one layer of the model fails to pack: every layer is restored bit for bit
+    and the run goes on with torch's kernels."""
+    assert decoding.packing_fails() is None  # (the probe ran before the op fails)
+    model = build("lsg_bart", tokenizer)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    real, calls = torch.ops.mkldnn._reorder_linear_weight, []
+
+    def fails_third(weight, rows):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("could not create a primitive descriptor")
+        return real(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", fails_third)
+    capsys.readouterr()
+    with decoding.packed_linears(model):
+        assert all(type(m) is not decoding.PackedLinear for m in model.modules())
+    (line,) = asides(capsys)
+    assert "RuntimeError: could not create a primitive descriptor" in line
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_longt5_attention_steps_aside_when_the_stock_numbers_change(tokenizer, monkeypatch, capsys):
     """A release whose LongT5 local attention computes something else: longsum's would no longer be
     the same model, so the stock modules stay (and give the stock summaries)."""
