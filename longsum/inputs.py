@@ -17,9 +17,23 @@ is named (`docs/a.txt`, `./docs/a.txt`, `/home/me/docs/a.txt`, through a symlink
 * stdin (`-`) or a pipe (`<(...)`): `id` = `stdin:` or `pipe:` + 12 hex digits of the content's
   sha256 (the key), so a second, different piped document is a new document and the same one is "done".
 
+Ids, sources and paths are valid Unicode: a file name that is not UTF-8 (`caf\\xe9.txt` on Linux, which
+Python reads as `caf\\udce9.txt`) is written with its bytes escaped, `caf\\xe9.txt` (`printable`), the
+same on every run. A record whose id holds a lone surrogate (JSON's `"\\ud800"`) is an error record
+under `NAME:LINE`; one in a text is replaced by U+FFFD: 'utf-8 (1 lone surrogate replaced)'.
+
 Text is decoded as UTF-8 (a BOM is honoured); otherwise the encoding is detected (UTF-16/32,
 cp1252, latin-1... with charset-normalizer) and reported; data with NUL bytes that is not UTF-16/32
-is "binary". A bad document becomes a `Document` with an `error`, never an exception.
+is "binary". The encoding is decided on all of the part read (not only the sniffed head): UTF-8 with
+a few invalid bytes stays UTF-8, each bad byte U+FFFD, and `encoding` says so ('utf-8 (2 invalid
+bytes replaced)'); only text whose non-ASCII bytes are mostly invalid UTF-8 is another encoding.
+
+One document is read into memory up to `max_document_bytes()` (MAX_DOCUMENT_BYTES, 64 MB, or
+LONGSUM_MAX_DOCUMENT_MB): a whole text file (chunk mode), stdin or a pipe, a record's line. Past
+it, the document is an error record after a bounded read ("document larger than 64 MB"), an endless
+stream (`- < /dev/zero`, `yes |`) included; binary stdin stops at its first 64 KB. Character and
+block devices and sockets (`/dev/zero`, `/dev/urandom`) are never read: "not a regular file".
+A bad document becomes a `Document` with an `error`, never an exception.
 """
 
 from __future__ import annotations
@@ -28,14 +42,17 @@ import codecs
 import csv
 import fnmatch
 import hashlib
+import itertools
 import json
 import os
+import re
 import stat
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from longsum.errors import LongsumError
 
@@ -45,6 +62,11 @@ RECORD_SUFFIXES = (".jsonl", ".csv", ".parquet")
 HEAD_BYTES = 1 << 16  # read to sniff a file's encoding (and to tell text from binary)
 DETECT_BYTES = 1 << 20  # at most this much goes to charset detection
 CSV_FIELD_LIMIT = 64 << 20  # a larger CSV field is reported (an unterminated quote, most likely)
+# The most one document may be read into memory: a whole text file (chunk mode), stdin or a pipe, a
+# record's line. Larger: an error record, after a bounded read (an endless stream included). A text
+# file in truncate mode is read only as far as the model reads, so it may be larger. Set per run
+# with LONGSUM_MAX_DOCUMENT_MB (`max_document_bytes`).
+MAX_DOCUMENT_BYTES = 64 << 20
 PARQUET_BATCH = 1024
 
 
@@ -55,14 +77,61 @@ class DocumentError(Exception):
 # ------------------------------------------------------------------------------------------ decoding
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as the surrogateescape handler writes them
+_SURROGATES = re.compile("[\ud800-\udfff]")  # never valid in text (the tokenizer and the writer refuse them)
+_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
 
 
-def _utf8_prefix_ok(data: bytes, complete: bool) -> bool:
+def _utf8_replaced(data: bytes, complete: bool, codec: str = "utf-8") -> tuple[str, int, int]:
+    """(text, invalid bytes, valid non-ASCII characters) of UTF-8 `data`, each invalid byte replaced by U+FFFD.
+
+    `complete=False`: a character cut at the end is left out (it is not invalid, only unfinished).
+    Valid text (nothing to count: 0 for both) takes the strict decoder's fast path.
+    """
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(data, final=complete)
-        return True
+        return codecs.getincrementaldecoder(codec)("strict").decode(data, final=complete), 0, 0
     except UnicodeDecodeError:
-        return False
+        pass
+    text = codecs.getincrementaldecoder(codec)("surrogateescape").decode(data, final=complete)
+    text, bad = _ESCAPED.subn("\ufffd", text)
+    non_ascii = len(text) - len(text.encode("ascii", "ignore"))
+    return text, bad, non_ascii - bad
+
+
+def _mostly_utf8(bad: int, valid_non_ascii: int) -> bool:
+    """UTF-8 with a few damaged bytes, rather than another encoding?
+
+    Text in a legacy 8-bit encoding (cp1252, latin-2...) has accented letters that are invalid UTF-8
+    almost every time and valid multi-byte sequences only by rare accident; damaged UTF-8 has far
+    more valid non-ASCII characters than bad bytes. Pure ASCII with a few high bytes is not UTF-8 by
+    this rule: it decodes the same in cp1252 except those bytes, which cp1252 reads as letters.
+    """
+    return bad == 0 or valid_non_ascii >= bad
+
+
+def _replaced(codec: str, bad: int, what: str = "invalid byte") -> str:
+    """The `encoding` that a record shows: 'utf-8 (2 invalid bytes replaced)'."""
+    return codec if bad == 0 else f"{codec} ({bad} {what}{'s' if bad > 1 else ''} replaced)"
+
+
+def valid_text(text: str) -> tuple[str, int]:
+    """(`text` with each lone surrogate replaced by U+FFFD, how many): JSON's `"\\ud800"` gives such text."""
+    return _SURROGATES.subn("\ufffd", text) if _SURROGATES.search(text) else (text, 0)
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match[0])
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def printable(name: str) -> str:
+    """`name` (a path, an id) as valid Unicode: a byte that is not UTF-8 in a file name, which Python
+    reads as a surrogate U+DC80..U+DCFF, is written `\\xNN` (`caf\\xe9.txt`, as Python's backslashreplace
+    shows it); any other lone surrogate `\\uNNNN`. Valid names are unchanged (their keys stay as they
+    were) and the escaping is the same on every run, so resuming works. Reversible but for a name that
+    also holds a literal `\\xNN`: `plan_inputs` reports two files whose escaped names collide.
+    """
+    return _SURROGATES.sub(_escape, name) if _SURROGATES.search(name) else name
 
 
 def _utf16_without_bom(data: bytes) -> str | None:
@@ -100,47 +169,92 @@ def _western(head: bytes) -> bool:
     return bool(letters) and accented <= 0.3 * len(letters) and _plausible(text)
 
 
-def sniff_encoding(head: bytes, complete: bool) -> str | None:
-    """The encoding of text that starts with `head` (None: binary or unknown).
-
-    `complete` says `head` is the whole text (else a multi-byte character may be cut at its end).
-    UTF-8 first; then a BOM; then UTF-16 without BOM; then cp1252 for Western text (statistical
-    detectors often pick cp1250/cp1257 for it); then charset-normalizer.
-    """
-    for bom, name in _BOMS:
-        if head.startswith(bom):
-            return name
-    if _utf8_prefix_ok(head, complete) and b"\x00" not in head:
-        return "utf-8"
-    if b"\x00" in head:
-        name = _utf16_without_bom(head)
-        return name if name and _plausible(head[: len(head) // 2 * 2].decode(name, errors="replace")) else None
-    if _western(head[:DETECT_BYTES]):
+def _legacy_encoding(data: bytes) -> str | None:
+    """The 8-bit encoding of text that is not UTF-8: cp1252 for Western text (statistical detectors
+    often pick cp1250/cp1257 for it), else charset-normalizer's guess. Judged on DETECT_BYTES around the
+    first non-ASCII byte: a long ASCII start says nothing, the words around the accents do."""
+    first = _HIGH_BYTE.search(data)
+    start = max(0, first.start() - DETECT_BYTES // 2) if first else 0
+    sample = bytes(data[start : start + DETECT_BYTES])
+    if _western(sample):
         return "cp1252"
     import charset_normalizer
 
-    best = charset_normalizer.from_bytes(head[:DETECT_BYTES]).best()
+    best = charset_normalizer.from_bytes(sample).best()
     if best is None or not _plausible(str(best)):
         return None
     return best.encoding
 
 
-def _decode(data: bytes, encoding: str, complete: bool) -> str:
-    """Decode a prefix (`complete=False`: a character cut at the end is left out)."""
-    decoder = codecs.getincrementaldecoder(encoding)(errors="strict" if encoding.startswith("utf") else "replace")
-    return decoder.decode(data, final=complete)
+def sniff_encoding(head: bytes, complete: bool) -> str | None:
+    """The encoding of text that starts with `head` (None: binary or unknown).
+
+    `complete` says `head` is the whole text (else a multi-byte character may be cut at its end).
+    A BOM; then NUL bytes: UTF-16 without BOM, or binary; then UTF-8, also with a few invalid bytes
+    (`_mostly_utf8`: `decode` replaces them); then a legacy 8-bit encoding (`_legacy_encoding`).
+    """
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    if b"\x00" in head:
+        name = _utf16_without_bom(head)
+        return name if name and _plausible(head[: len(head) // 2 * 2].decode(name, errors="replace")) else None
+    if _mostly_utf8(*_utf8_replaced(head, complete)[1:]):
+        return "utf-8"
+    return _legacy_encoding(head)
+
+
+def decode(data: bytes, codec: str, complete: bool) -> tuple[str, str]:
+    """(text, encoding) of `data` in the sniffed `codec`, decided on all of `data` (the part read).
+
+    UTF-8 that has invalid bytes stays UTF-8 when `_mostly_utf8` (valid text around a few bad bytes is
+    never re-decoded as another encoding): each bad byte becomes U+FFFD and the encoding says how many,
+    'utf-8 (2 invalid bytes replaced)'. UTF-8 whose non-ASCII bytes are mostly invalid is decoded
+    in its legacy encoding. `complete=False`: a character cut at the end is left out.
+    Raises DocumentError for data that cannot be decoded.
+    """
+    if codec in ("utf-8", "utf-8-sig"):
+        text, bad, valid_non_ascii = _utf8_replaced(data, complete, codec)
+        if _mostly_utf8(bad, valid_non_ascii) or codec == "utf-8-sig":  # a UTF-8 BOM is proof enough
+            return text, _replaced(codec, bad)
+        codec = _legacy_encoding(data)
+        if codec is None:
+            raise DocumentError("not text in a known encoding: re-encode it as UTF-8")
+    try:
+        # Legacy 8-bit codecs leave a few bytes undefined (cp1252: 0x81...): replaced; UTF-16/32 must be valid.
+        errors = "strict" if codec.startswith("utf") else "replace"
+        return codecs.getincrementaldecoder(codec)(errors).decode(data, final=complete), codec
+    except UnicodeDecodeError as err:
+        raise DocumentError(f"not valid {codec} text (byte {err.start}): re-encode it as UTF-8") from None
 
 
 def decode_bytes(data: bytes, complete: bool = True) -> tuple[str, str]:
     """(text, encoding) of `data`; raises DocumentError for binary or undecodable data."""
-    encoding = sniff_encoding(data[:DETECT_BYTES], complete and len(data) <= DETECT_BYTES)
-    if encoding is None:
+    codec = sniff_encoding(data[:DETECT_BYTES], complete and len(data) <= DETECT_BYTES)
+    if codec is None:
         raise DocumentError("binary file, not text" if b"\x00" in data[:HEAD_BYTES] else
                             "not text in a known encoding: re-encode it as UTF-8")  # fmt: skip
+    return decode(data, codec, complete)
+
+
+# ------------------------------------------------------------------------------------------ limits
+def max_document_bytes() -> int:
+    """The most bytes one document may be read into memory: LONGSUM_MAX_DOCUMENT_MB (megabytes, 2**20
+    bytes; a fraction is fine) when set, else MAX_DOCUMENT_BYTES. Raises LongsumError for a bad value."""
+    value = os.environ.get("LONGSUM_MAX_DOCUMENT_MB", "").strip()
+    if not value:
+        return MAX_DOCUMENT_BYTES
     try:
-        return _decode(data, encoding, complete), encoding
-    except UnicodeDecodeError as err:
-        raise DocumentError(f"not valid {encoding} text (byte {err.start}): re-encode it as UTF-8") from None
+        limit = int(float(value) * (1 << 20))
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise LongsumError(f"LONGSUM_MAX_DOCUMENT_MB={value!r}: give a positive number of megabytes")
+    return limit
+
+
+def _megabytes(limit: int) -> str:
+    return f"{limit / (1 << 20):g} MB (LONGSUM_MAX_DOCUMENT_MB)"
 
 
 # ------------------------------------------------------------------------------------------ texts
@@ -149,7 +263,9 @@ class Text:
 
     `read(max_chars)` returns `(text, complete)`: the first `max_chars` characters (all of them
     when None) and whether that is the whole document. It raises `DocumentError` for a document
-    that cannot be read. `encoding` is the encoding used (known after the first read).
+    that cannot be read, or that is larger than `max_document_bytes()` when more than that is asked
+    for. `encoding` is the encoding used (known after the first read), as records show it:
+    'utf-8 (2 invalid bytes replaced)' says what was replaced in the part read.
     """
 
     encoding: str | None = "utf-8"
@@ -171,26 +287,35 @@ class StringText(Text):
         return self.value[:max_chars], False
 
 
+def record_string_text(value: str) -> StringText:
+    """A record's text; a lone surrogate (JSON's `"\\ud800"`, which the tokenizer refuses) is replaced
+    by U+FFFD and counted in `encoding`: 'utf-8 (1 lone surrogate replaced)'."""
+    value, bad = valid_text(value)
+    return StringText(value, _replaced("utf-8", bad, "lone surrogate"))
+
+
 class FileText(Text):
-    """A text file, read lazily from disk (at most ~4 bytes per character asked for)."""
+    """A text file, read lazily from disk: at most ~4 bytes per character asked for, and never more
+    than `max_document_bytes()` (a larger file gives a prefix, but not the whole)."""
 
     def __init__(self, path: Path, encoding: str, size: int):
-        self.path, self.encoding, self.size = path, encoding, size
+        self.path, self.codec, self.encoding, self.size = path, encoding, encoding, size
 
     def read(self, max_chars: int | None) -> tuple[str, bool]:
-        limit = None if max_chars is None else 4 * max_chars + 4
+        limit = max_document_bytes()
+        n = limit if max_chars is None else min(4 * max_chars + 4, limit)
         try:
             with open(self.path, "rb") as f:
-                data = f.read() if limit is None else f.read(limit)
-                complete = limit is None or len(data) < limit or not f.read(1)
+                data = f.read(n)
+                complete = len(data) < n or not f.read(1)
         except OSError as err:
             raise DocumentError(f"cannot read file: {err.strerror or err}") from None
-        try:
-            text = _decode(data, self.encoding, complete)
-        except UnicodeDecodeError:  # invalid bytes beyond the sniffed head: detect on what we have
-            text, self.encoding = decode_bytes(data, complete)
-        if max_chars is not None and len(text) > max_chars:
-            return text[:max_chars], False
+        # The encoding is decided on all that was read (a bad byte past the sniffed head included).
+        text, self.encoding = decode(data, self.codec, complete)
+        if max_chars is not None and len(text) >= max_chars:
+            return text[:max_chars], complete and len(text) == max_chars
+        if not complete and len(data) >= limit:  # more is asked for than a document may be
+            raise DocumentError(f"document larger than {_megabytes(limit)}")
         return text, complete
 
 
@@ -208,13 +333,18 @@ class PdfText(Text):
         except ImportError:
             raise DocumentError("PDF input needs pypdf: pip install 'longsum[pdf]'") from None
         parts, n = [], 0
+        limit = max_document_bytes()  # in characters here: extracted text is not bytes yet
         try:
             pages = PdfReader(self.path).pages
             for i, page in enumerate(pages):
-                parts.append(page.extract_text() or "")
+                parts.append(valid_text(page.extract_text() or "")[0])  # a broken ToUnicode map: U+FFFD
                 n += len(parts[-1]) + 1
                 if max_chars is not None and n > max_chars and i + 1 < len(pages):
                     return "\n".join(parts)[:max_chars], False
+                if n > limit:
+                    raise DocumentError(f"document larger than {_megabytes(limit)}")
+        except DocumentError:
+            raise
         except Exception as err:  # noqa: BLE001  a broken PDF is this document's problem only
             raise DocumentError(f"cannot read PDF: {type(err).__name__}: {err}") from None
         text = "\n".join(parts)
@@ -226,13 +356,23 @@ class PdfText(Text):
 # ------------------------------------------------------------------------------------------ documents
 @dataclass
 class Document:
-    """One input document: `text` to summarize, or the `error` that its record will carry."""
+    """One input document: `text` to summarize, or the `error` that its record will carry.
+
+    `id`, `source`, `path` and `error` are valid Unicode: names that are not are escaped (`printable`).
+    """
 
     id: str
     source: str | None = None  # the record file a record came from, as given (None for files and stdin)
     text: Text | None = None
     error: str | None = None
     path: str | None = None  # the resolved path of the file it came from (None for stdin and pipes)
+
+    def __post_init__(self):
+        # A file name that is not UTF-8 would stop the writer (a lone surrogate cannot be encoded).
+        self.id = printable(self.id)
+        for name in ("source", "error", "path"):
+            if getattr(self, name) is not None:
+                setattr(self, name, printable(getattr(self, name)))
 
     @property
     def key(self) -> tuple[str | None, str | None]:
@@ -264,12 +404,36 @@ def read_text_file(path: Path) -> Document:
         return Document(doc_id, error=str(err), path=real)
     if complete and not text.strip():
         return Document(doc_id, error="empty document", path=real)
-    return Document(doc_id, text=FileText(path, encoding, size), path=real)
+    # The codec without what the head needed replaced ('utf-8 (1 invalid byte replaced)'): FileText
+    # decodes with it and its `encoding` then says what the part read needed.
+    return Document(doc_id, text=FileText(path, encoding.split(" ", 1)[0], size), path=real)
 
 
-def read_stream(data: bytes, prefix: str) -> Document:
-    """Piped text: its id is `prefix:` + a hash of the content (the path of a pipe means nothing)."""
+def read_stream(stream: BinaryIO, prefix: str) -> Document:
+    """Piped text (stdin, a FIFO), read whole but never past `max_document_bytes()`: an endless
+    stream (`- < /dev/zero`, `yes |`) is an error Document after a bounded read. Binary data is
+    known from its first HEAD_BYTES. The id is `prefix:` + a hash of what was read (the path of a
+    pipe means nothing)."""
+    limit = max_document_bytes()
+    data = bytearray()
+    binary_known = False
+    while len(data) <= limit:
+        try:
+            block = stream.read(min(1 << 20, limit + 1 - len(data)))
+        except OSError as err:
+            return Document(f"{prefix}:{hashlib.sha256(data).hexdigest()[:12]}",
+                            error=f"cannot read: {err.strerror or err}")  # fmt: skip
+        if not block:
+            break
+        data += block
+        if not binary_known and len(data) >= HEAD_BYTES:  # stop at once on binary data (/dev/zero, urandom)
+            binary_known = True
+            head = bytes(data[:HEAD_BYTES])
+            if b"\x00" in head and sniff_encoding(head, complete=False) is None:
+                return Document(f"{prefix}:{hashlib.sha256(head).hexdigest()[:12]}", error="binary file, not text")
     doc_id = f"{prefix}:{hashlib.sha256(data).hexdigest()[:12]}"
+    if len(data) > limit:
+        return Document(doc_id, error=f"document larger than {_megabytes(limit)}")
     try:
         text, encoding = decode_bytes(data)
     except DocumentError as err:
@@ -280,26 +444,50 @@ def read_stream(data: bytes, prefix: str) -> Document:
 
 
 # ------------------------------------------------------------------------------------------ records
-def _binary_lines(f, encoding: str) -> Iterator[tuple[int, str | None]]:
-    """(line number, text or None if undecodable) of a byte stream, line endings kept."""
-    first = True
-    for n, raw in enumerate(f, 1):
-        if first and encoding == "utf-8-sig" and raw.startswith(codecs.BOM_UTF8):
+Line = tuple[int, str | None, str | None]  # (line number, text or None, why there is no text)
+
+
+def _binary_lines(f, encoding: str) -> Iterator[Line]:
+    """The lines of a byte stream, decoded, line endings kept.
+
+    A line is read only up to `max_document_bytes()`: a longer one is reported, and skipped to its
+    end in bounded blocks in a regular file; in a pipe (which may never end: `cat /dev/zero`), it is
+    the last line read.
+    """
+    limit = max_document_bytes()
+    try:
+        regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError):  # not a file (a test's stream)
+        regular = False
+    for n in itertools.count(1):
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            del raw
+            problem = f"line longer than the document limit of {_megabytes(limit)}"
+            if not regular:
+                yield n, None, problem + "; the rest of the stream is not read"
+                return
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield n, None, problem
+            continue
+        if n == 1 and encoding == "utf-8-sig" and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8) :]
-        first = False
         try:
-            yield n, raw.decode("utf-8" if encoding == "utf-8-sig" else encoding)
+            yield n, raw.decode("utf-8" if encoding == "utf-8-sig" else encoding), None
         except UnicodeDecodeError:
-            yield n, None
+            yield n, None, "line is not valid text in the file's encoding (UTF-8 expected)"
 
 
-def _record_lines(f) -> tuple[Iterator[tuple[int, str | None]], str]:
+def _record_lines(f) -> tuple[Iterator[Line], str]:
     """Lines of a record file opened in binary mode, decoded with its sniffed encoding."""
     head = f.peek(HEAD_BYTES)[:HEAD_BYTES] if hasattr(f, "peek") else b""
     encoding = sniff_encoding(head, complete=False) or "utf-8"
     if encoding.startswith(("utf-16", "utf-32")):  # NUL bytes inside lines: decode as a stream
         stream = codecs.getreader(encoding)(f)
-        return ((n, line) for n, line in enumerate(stream, 1)), encoding
+        return ((n, line, None) for n, line in enumerate(stream, 1)), encoding
     return _binary_lines(f, encoding), encoding
 
 
@@ -309,9 +497,9 @@ Row = tuple[int, dict | None, str | None]  # (line or row number, record, proble
 def jsonl_rows(path: Path) -> Iterator[Row]:
     with open(path, "rb") as f:
         lines, _ = _record_lines(f)
-        for n, line in lines:
+        for n, line, problem in lines:
             if line is None:
-                yield n, None, "line is not valid text in the file's encoding (UTF-8 expected)"
+                yield n, None, problem
                 continue
             if not line.strip():
                 continue
@@ -323,6 +511,10 @@ def jsonl_rows(path: Path) -> Iterator[Row]:
             yield (n, record, None) if isinstance(record, dict) else (n, None, "a JSON line must be an object")
 
 
+class _LineError(csv.Error):
+    """A line that could not be given to the CSV reader (undecodable, too long)."""
+
+
 class _LineFeed:
     """Feeds lines to `csv.reader`, remembering those of the record being read.
 
@@ -330,10 +522,10 @@ class _LineFeed:
     one bad row (an unterminated quote, say) costs that row only and the next rows are still read.
     """
 
-    def __init__(self, lines: Iterator[tuple[int, str | None]]):
+    def __init__(self, lines: Iterator[Line]):
         self._lines = lines
-        self._pending: deque[tuple[int, str | None]] = deque()
-        self.current: list[tuple[int, str | None]] = []
+        self._pending: deque[Line] = deque()
+        self.current: list[Line] = []
 
     def __iter__(self):
         return self
@@ -342,7 +534,7 @@ class _LineFeed:
         item = self._pending.popleft() if self._pending else next(self._lines)
         self.current.append(item)
         if item[1] is None:
-            raise csv.Error("line is not valid text in the file's encoding")
+            raise _LineError(item[2])
         return item[1]
 
     def start(self) -> None:
@@ -375,12 +567,12 @@ def csv_rows(path: Path) -> Iterator[Row]:
                 row = next(reader)
             except StopIteration:
                 return
+            except _LineError as err:
+                yield feed.resync(), None, str(err)
+                reader = csv.reader(feed, strict=True)
+                continue
             except csv.Error as err:
-                line = feed.resync()
-                reason = str(err)
-                if "encoding" not in reason:
-                    reason += " (an unterminated or stray quote?)"
-                yield line, None, f"malformed CSV row: {reason}"
+                yield feed.resync(), None, f"malformed CSV row: {err} (an unterminated or stray quote?)"
                 reader = csv.reader(feed, strict=True)
                 continue
             if not row:
@@ -461,10 +653,20 @@ def list_folder(folder: Path, glob: str = DEFAULT_GLOB) -> list[Path]:
     return found
 
 
+def _special(mode: int) -> str | None:
+    """What a file that is neither regular, a folder nor a pipe is (None for those)."""
+    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return None
+
+
 def _kind(path: Path) -> str:
     mode = path.stat().st_mode
     if stat.S_ISDIR(mode):
         return "folder"
+    if _special(mode):  # /dev/zero, /dev/urandom, a disk: endless or not a document; never read
+        return "device"
     suffix = path.suffix.lower()
     if suffix in RECORD_SUFFIXES:
         return "records"
@@ -477,13 +679,15 @@ def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB) -> InputPlan:
         raise LongsumError("name at least one input: a file, a folder, '-' for stdin, or a JSONL/CSV/parquet file")
     missing = [p for p in inputs if p != "-" and not Path(p).exists()]
     if missing:
-        raise LongsumError(f"input path does not exist: {missing[0]}")
+        raise LongsumError(f"input path does not exist: {printable(missing[0])}")
     if inputs.count("-") > 1:
         raise LongsumError("'-' (stdin) can be named once")
     if not _patterns(glob):
         raise LongsumError(f"--glob '{glob}' has no pattern; use e.g. '*.txt,*.md'")
+    max_document_bytes()  # a bad LONGSUM_MAX_DOCUMENT_MB: refused now, before any work
     plan = InputPlan()
-    seen: dict[str, str] = {}  # resolved path -> as given: the same file named twice is read once
+    # resolved path, escaped (the key) -> (path, as given): the same file named twice is read once
+    seen: dict[str, tuple[str, str]] = {}
     for item in inputs:
         if item == "-":
             plan.items.append(("stdin", None))
@@ -494,16 +698,23 @@ def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB) -> InputPlan:
             files = list_folder(path, glob)
             if not files:
                 plan.unmatched.append(item)
-                plan.warnings.append(f"no file in {item} matches '{glob}' (matched case-insensitively; use --glob)")
+                plan.warnings.append(
+                    f"no file in {printable(item)} matches '{glob}' (matched case-insensitively; use --glob)"
+                )
             entries = [("file", f) if f.suffix.lower() not in RECORD_SUFFIXES else ("records", f) for f in files]
         else:
             entries = [(kind, path)]
         for entry_kind, entry in entries:
             real = str(entry.resolve()) if entry_kind != "pipe" else str(entry)
-            if real in seen:
-                plan.warnings.append(f"{entry} is also named as {seen[real]}: read once")
+            key = printable(real)
+            if key in seen and seen[key][0] == real:
+                plan.warnings.append(f"{printable(str(entry))} is also named as {seen[key][1]}: read once")
                 continue
-            seen[real] = str(entry)
+            if key in seen:  # `caf\xe9.txt` written so, and a file whose name has the byte 0xE9
+                plan.warnings.append(f"{printable(str(entry))} is skipped: its name, escaped, is that of "
+                                     f"{seen[key][1]} (rename one of them)")  # fmt: skip
+                continue
+            seen[key] = (real, printable(str(entry)))
             plan.items.append((entry_kind, entry))
     if not plan.items:
         raise LongsumError(f"no input documents: {'; '.join(plan.warnings)}")
@@ -511,8 +722,9 @@ def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB) -> InputPlan:
 
 
 def source_name(path: Path, kind: str) -> tuple[str, str | None]:
-    """(`source`, `path`) of records from `path`: as given and resolved; a pipe's path changes on every run."""
-    return ("pipe", None) if kind == "pipe" else (str(path), os.path.realpath(path))
+    """(`source`, `path`) of records from `path`: as given and resolved, escaped (`printable`); a pipe's
+    path changes on every run."""
+    return ("pipe", None) if kind == "pipe" else (printable(str(path)), printable(os.path.realpath(path)))
 
 
 def iter_documents(plan: InputPlan, text_field: str | None = None, id_field: str | None = None,
@@ -524,16 +736,22 @@ def iter_documents(plan: InputPlan, text_field: str | None = None, id_field: str
     fields = (text_field,) if text_field else TEXT_FIELDS
     for kind, path in plan.items:
         if kind == "stdin":
-            yield read_stream((stdin or sys.stdin.buffer).read(), "stdin")
+            yield read_stream(stdin or sys.stdin.buffer, "stdin")
         elif kind == "file":
             yield read_text_file(path)
+        elif kind == "device":
+            try:
+                what = _special(path.stat().st_mode)
+            except OSError as err:
+                what = f"cannot read: {err.strerror or err}"
+            yield Document(str(path), error=f"not a regular file: {what}", path=os.path.realpath(path))
         elif kind == "pipe" and path.suffix.lower() not in RECORD_SUFFIXES:
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as f:  # closed before the document is handed on
+                    doc = read_stream(f, "pipe")
             except OSError as err:
-                yield Document(str(path), error=f"cannot read: {err.strerror or err}")
-                continue
-            yield read_stream(data, "pipe")
+                doc = Document(str(path), error=f"cannot read: {err.strerror or err}")
+            yield doc
         else:
             yield from _record_documents(path, *source_name(path, kind), fields, id_field)
 
@@ -542,7 +760,7 @@ def _record_documents(path: Path, source: str, real: str | None, fields: tuple[s
                       id_field: str | None) -> Iterator[Document]:  # fmt: skip
     first_line: dict[str, int] = {}  # id -> line where it first appeared (every id used in this file)
     n_records = 0
-    name = path.name if real is not None else source
+    name = printable(path.name) if real is not None else source
 
     def unused(doc_id: str) -> str:  # a positional id that a record already took as its own id
         k = 2
@@ -552,7 +770,7 @@ def _record_documents(path: Path, source: str, real: str | None, fields: tuple[s
 
     def document(doc_id: str, line: int, error: str | None = None, text: str | None = None) -> Document:
         first_line.setdefault(doc_id, line)
-        return Document(doc_id, source, None if text is None else StringText(text), error, real)
+        return Document(doc_id, source, None if text is None else record_string_text(text), error, real)
 
     try:
         for n, record, problem in iter_rows(path):
@@ -563,6 +781,10 @@ def _record_documents(path: Path, source: str, real: str | None, fields: tuple[s
                 continue
             value = record.get(id_field or "id")
             doc_id = positional if value is None or value == "" else str(value)
+            if _SURROGATES.search(doc_id):  # JSON's "\ud800": escaping it would break the user's join silently
+                yield document(unused(positional), n, error=f"id {doc_id!r} is not valid Unicode (a lone "
+                               "surrogate): give the record a valid id")  # fmt: skip
+                continue
             if doc_id in first_line:
                 yield document(unused(positional), n, error=f"duplicate id {doc_id!r} (first at line "
                                f"{first_line[doc_id]} of {source}); give every record its own id")  # fmt: skip

@@ -16,11 +16,23 @@ says what produced it: the model's weights fingerprint and every setting that ch
 * `<file>.lock` is locked (`flock`) for the whole run, so a second run into the same file stops
   with one line instead of writing every record twice. The kernel drops the lock when the process
   dies, even on `kill -9`; the lock file is removed at the end.
+* a symlink is written through: the path is resolved once, and the file, its sidecar, its lock
+  and the compaction's temporary file all live beside the target, so every name of one file (the
+  link, the target) finds the same sidecar and lock, and the link stays a link. A sidecar that an
+  older longsum put beside the link is read from there and copied beside the target (left as is).
 
 Records are keyed by `record_key` (the resolved path of the file they came from, and their id). A key whose newest record is a success is
 `done` (skipped on reruns); one whose newest record is an `error` is retried. When a run has
 replaced records, `close()` compacts the file so that every key keeps only its newest record:
-the new file is written beside it, fsynced and renamed over it (a crash leaves the old one whole).
+the new file (`.<file>.<pid>.compact`) is written beside it, fsynced and renamed over it. A crash
+or a full disk leaves the old one whole (a full disk is one line; a rerun compacts it), and what a
+killed run left behind (that temporary file, or the sidecar's `.<sidecar>.<pid>.tmp`) is removed at
+the next start: only under the lock, only files whose name is exactly ours, whose writer is gone and
+whose content is ours.
+
+A record is written as UTF-8 JSON; one that holds a lone surrogate (a file name that is not UTF-8,
+decoded with `surrogateescape`) or that the stream's encoding cannot hold is written with `\\uXXXX`
+escapes instead, which read back as the same strings, so the record is found done on a rerun.
 """
 
 from __future__ import annotations
@@ -50,6 +62,27 @@ def record_key(record: dict) -> Key:
 
 def sidecar_for(path: Path) -> Path:
     return path.with_name(path.name + ".run.json")
+
+
+def to_json_line(record: dict, encoding: str | None = "utf-8") -> str:
+    """`record` as one JSON line that `encoding` can hold: readable UTF-8 when it can be, else escaped.
+
+    A lone surrogate (a name that is not UTF-8) cannot be encoded, and `write` must not fail for one
+    record's content; `\\udce9` escapes read back as the same string, so `record_key` is unchanged.
+    """
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    try:
+        line.encode(encoding or "utf-8")
+    except (UnicodeError, LookupError):
+        line = json.dumps(record) + "\n"
+    return line
+
+
+def _non_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def is_failure(record: dict) -> bool:
@@ -188,12 +221,85 @@ def identity_difference(old: dict, new: dict) -> str:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: `path` is as it was, and no temporary file stays
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ leftovers
+def remove_leftovers(path: Path, sidecar: Path) -> list[Path]:
+    """Remove what a killed run left beside `path` (compaction) and `sidecar` (its atomic write); hold the lock.
+
+    A file goes only if all of this holds: its name is exactly `.<name>.<pid>.compact` /
+    `.<sidecar name>.<pid>.tmp` for this output (compared as strings: a user's file name is never a
+    pattern), the process `pid` is gone (or is this one: a reused pid), it is a regular file, and its
+    content is ours (result records / the start of a sidecar). The lock says no other run writes this
+    output now; the pid and the content guard against anything else that happens to share the name.
+    """
+    removed = []
+    for folder, prefix, suffix, ours in ((path.parent, f".{path.name}.", ".compact", _records_only),
+                                         (sidecar.parent, f".{sidecar.name}.", ".tmp", _sidecar_start)):  # fmt: skip
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name
+            pid = name[len(prefix) : len(name) - len(suffix)]
+            if not (name.startswith(prefix) and name.endswith(suffix) and pid.isascii() and pid.isdigit()):
+                continue
+            leftover = Path(entry.path)
+            try:
+                if entry.is_file(follow_symlinks=False) and _gone(int(pid)) and ours(leftover):
+                    leftover.unlink()
+                    removed.append(leftover)
+            except OSError:  # unreadable, or gone meanwhile: leave it be, it costs nothing but space
+                pass
+    return removed
+
+
+def _gone(pid: int) -> bool:
+    """Is no other process `pid` running now (so none can be writing a file that carries its pid)?"""
+    if pid == os.getpid():
+        return True  # this run has not compacted yet: the file is an earlier process's with our pid
+    if pid <= 0 or os.name == "nt":  # no writer's pid / os.kill would terminate it there: keep the file
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # EPERM: alive, someone else's; or no pid we can judge
+        pass
+    return False
+
+
+def _records_only(path: Path) -> bool:
+    """Every complete line a result record, and a torn last one the start of a JSON object."""
+    try:
+        for _, offset, record in scan(path):
+            if record is None:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return b'{"'.startswith(f.read(2))
+    except NotOurs:
+        return False
+    return True
+
+
+_SIDECAR_START = b'{\n  "format": "' + FORMAT.encode() + b'"'
+
+
+def _sidecar_start(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(len(_SIDECAR_START))
+    return _SIDECAR_START.startswith(head)  # empty (killed before its first write), or cut short
 
 
 # ------------------------------------------------------------------------------------------ the store
@@ -222,51 +328,71 @@ class ResultStore:
         self._written = 0
         self.streaming = str(path) == "-" or (Path(path).exists() and not Path(path).is_file())
         self.path = None if str(path) == "-" else Path(path)
+        self.shown = "stdout" if self.path is None else str(path)  # the name the user gave, for messages
         if self.streaming:  # stdout, /dev/null, a FIFO: nothing to resume or lock
             try:
                 self._file = sys.stdout if self.path is None else open(self.path, "a", encoding="utf-8")
             except OSError as err:
                 raise LongsumError(f"cannot write to {path}: {err.strerror or err}; choose {other}") from None
             return
+        named = self.path
+        if named.is_symlink():
+            # Write through the link: compacting by renaming over the link would replace it by a plain file
+            # and leave its target stale. Resolved once, so the link, lock and sidecar agree for the whole run.
+            self.path = Path(os.path.realpath(named))
+            self.shown = f"{named} (a link to {self.path})"
         self.sidecar = sidecar or sidecar_for(self.path)
+        self._legacy = None  # a sidecar beside the link, where longsum put it before links were resolved
+        legacy = sidecar_for(named)
+        if sidecar is None and named != self.path and not self.sidecar.exists() and legacy.exists():
+            if _non_empty(self.path):  # it vouches for the records in the target
+                self.sidecar, self._legacy = legacy, legacy
         self._open(overwrite, info or {})
 
     def _open(self, overwrite: bool, info: dict) -> None:
         path = self.path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = OutputLock(path.with_name(path.name + ".lock"), path)
+            self._lock = OutputLock(path.with_name(path.name + ".lock"), self.shown)
         except OSError as err:
-            raise LongsumError(f"cannot write to {path}: {err.strerror or err}; choose {self.other}") from None
+            raise LongsumError(f"cannot write to {self.shown}: {err.strerror or err}; choose {self.other}") from None
         try:
             self._check_ours(overwrite)
+            remove_leftovers(path, self.sidecar)  # the output is ours and locked: what a killed run left goes
+            if self._legacy is not None:  # checked where it was; from now on beside the target, for every name
+                self.sidecar = sidecar_for(path)
+                if not overwrite:
+                    write_json_atomic(self.sidecar, self._previous)
             if overwrite or not path.exists() or path.stat().st_size == 0:
                 self._start_fresh(info)
             else:
                 self._resume()
             self._file = open(path, "a", encoding="utf-8")
         except OSError as err:
+            if self._created:  # made by this run, and its sidecar could not be written: leave no trace
+                self.path.unlink(missing_ok=True)
             self._lock.release()
-            raise LongsumError(f"cannot write to {path}: {err.strerror or err}; choose {self.other}") from None
+            raise LongsumError(f"cannot write to {self.shown}: {err.strerror or err}; choose {self.other}") from None
         except LongsumError:
             self._lock.release()
             raise
 
     def _check_ours(self, overwrite: bool) -> None:
         """Refuse (before touching anything) a non-empty file that longsum did not write."""
-        path = self.path
+        path, shown = self.path, self.shown
         if not path.exists() or path.stat().st_size == 0:
             return
         refuse = f"not touching it: choose {self.other} (or delete it yourself)"
         try:
             meta = json.loads(self.sidecar.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise NotOurs(f"{path} was not written by longsum (there is no {self.sidecar.name} beside it); "
+            where = self.sidecar.name if shown == str(path) else self.sidecar
+            raise NotOurs(f"{shown} was not written by longsum (there is no {where} beside it); "
                           f"{refuse}") from None  # fmt: skip
         except (OSError, ValueError) as err:
-            raise NotOurs(f"cannot read {self.sidecar} ({err}), so {path} may not be longsum's; {refuse}") from None
+            raise NotOurs(f"cannot read {self.sidecar} ({err}), so {shown} may not be longsum's; {refuse}") from None
         if not isinstance(meta, dict):
-            raise NotOurs(f"{self.sidecar} is not longsum's, so neither is {path}; {refuse}")
+            raise NotOurs(f"{self.sidecar} is not longsum's, so neither is {shown}; {refuse}")
         try:
             for _ in scan(path):
                 pass
@@ -278,18 +404,21 @@ class ResultStore:
                 why = f"{self.sidecar.name} has no identity (an older longsum wrote it)"
             else:
                 why = identity_difference(meta.get("identity") or {}, self.identity)
-            raise LongsumError(f"{path} holds results of another model or settings ({why}); resuming would mix "
+            raise LongsumError(f"{shown} holds results of another model or settings ({why}); resuming would mix "
                                f"them: use the same model and settings, --overwrite to start over, or "
                                f"{self.other}")  # fmt: skip
 
     def _start_fresh(self, info: dict) -> None:
         from longsum.provenance import now
 
-        self._created = not self.path.exists()
-        write_json_atomic(self.sidecar, {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                         "identity": self.identity, **info, "created": now()})  # fmt: skip
+        created = not self.path.exists()
+        # Empty the file before the new sidecar is written: the other way round, a file that cannot be
+        # truncated would keep its old records under a sidecar that vouches for this run's identity.
         with open(self.path, "w"):
             pass
+        self._created = created  # only now: `_open` removes the file on failure only if this run made it
+        write_json_atomic(self.sidecar, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                                         "identity": self.identity, **info, "created": now()})  # fmt: skip
 
     def _resume(self) -> None:
         torn_at = None
@@ -314,11 +443,10 @@ class ResultStore:
     # -- writing ----------------------------------------------------------------------------
     def write(self, record: dict) -> None:
         try:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.write(to_json_line(record, getattr(self._file, "encoding", None)))
             self._file.flush()
         except OSError as err:
-            name = "stdout" if self.path is None else self.path
-            raise LongsumError(f"cannot write to {name}: {err.strerror or err}") from None
+            raise LongsumError(f"cannot write to {self.shown}: {err.strerror or err}") from None
         self._written += 1
         if not self.streaming:
             key = record_key(record)
@@ -340,12 +468,17 @@ class ResultStore:
                 os.fsync(self._file.fileno())
                 self._file.close()
             except OSError as err:
-                raise LongsumError(f"cannot write to {self.path}: {err.strerror or err}") from None
+                raise LongsumError(f"cannot write to {self.shown}: {err.strerror or err}") from None
             if self._created and not self._written:  # the run failed before its first record: leave no trace
                 self.path.unlink(missing_ok=True)
                 self.sidecar.unlink(missing_ok=True)
             elif self._replaced or (drop is not None and any(self._status.values())):
-                compact(self.path, drop)
+                try:
+                    compact(self.path, drop)
+                except OSError as err:  # a full disk: the file is whole (newest records last), only longer
+                    raise LongsumError(f"could not compact {self.shown}: {err.strerror or err}; it is whole and "
+                                       f"resumable but still holds the records this run replaced: free some "
+                                       f"space and rerun to compact it") from None  # fmt: skip
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -363,21 +496,26 @@ def compact(path: Path, drop: Callable[[dict], bool] | None = None) -> int:
     for n, _, record in scan(path):
         if record is not None:
             last[record_key(record)] = n
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.compact")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.compact")  # `remove_leftovers` knows this name
     removed = 0
-    with open(tmp, "wb") as out:
-        for n, _, raw in iter_lines(path):
-            if not raw.endswith(b"\n"):
-                continue
-            record = json.loads(raw)
-            if last.get(record_key(record)) == n and not (drop is not None and drop(record)):
-                out.write(raw)
-            else:
-                removed += 1
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with open(tmp, "wb") as out:
+            for n, _, raw in iter_lines(path):
+                if not raw.endswith(b"\n"):
+                    continue
+                record = json.loads(raw)
+                if last.get(record_key(record)) == n and not (drop is not None and drop(record)):
+                    out.write(raw)
+                else:
+                    removed += 1
+            out.flush()
+            os.fsync(out.fileno())
+        if removed:
+            os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: `path` is untouched, and its half copy must not stay
+        tmp.unlink(missing_ok=True)
+        raise
     if removed:
-        os.replace(tmp, path)
         _fsync_dir(path.parent)
     else:
         tmp.unlink()
@@ -409,7 +547,7 @@ class PartWriter:
 
     def write(self, record: dict) -> None:
         try:
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.write(to_json_line(record))
             self._file.flush()
         except OSError as err:
             raise LongsumError(f"cannot write to {self.path}: {err.strerror or err}") from None

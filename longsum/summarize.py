@@ -22,7 +22,7 @@ from pathlib import Path
 from longsum.console import alert, log, note
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
-from longsum.inputs import DEFAULT_GLOB, Document, InputPlan, iter_documents, plan_inputs
+from longsum.inputs import DEFAULT_GLOB, Document, InputPlan, iter_documents, plan_inputs, printable
 
 DEFAULT_MODEL = "ccdv/lsg-bart-base-4096-pubmed"
 
@@ -142,7 +142,7 @@ def run(cfg: SummarizeConfig) -> int:
     except _FailFast as err:
         alert(f"stopped at the first failure (--fail-fast): {err}")
     finally:
-        sources = {str(path) for kind, path in plan.items if kind == "records"}
+        sources = {printable(str(path)) for kind, path in plan.items if kind == "records"}  # as records name them
 
         def stale(record: dict) -> bool:
             """An error record of a record file read whole in this run, for a key it no longer has

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 from longsum.errors import LongsumError
-from longsum.store import ResultStore, compact, read_records, sidecar_for
+from longsum.store import PartWriter, ResultStore, compact, read_records, sidecar_for
 
 IDENTITY = {"model_fingerprint": "abc", "num_beams": 4, "generation": {"max_new_tokens": 8}}
 
@@ -124,3 +125,160 @@ def test_streams_are_written_without_resume(tmp_path, capsys):
     devnull = ResultStore(os.devnull, IDENTITY)
     devnull.write({"id": "a", "summary": "s"})
     devnull.close()
+
+
+# ------------------------------------------------------------------------------ issue 22, round 2
+def _dead_pid() -> int:
+    """The pid of a process that has exited (reaped, so no process has it until the kernel reuses it)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _with_a_replaced_record(path):
+    """An output whose next close() compacts: `a` failed, then succeeded."""
+    fill(path, [{"id": "a", "error": "e"}, {"id": "b", "summary": "t"}])
+    store = ResultStore(path, IDENTITY)
+    store.write({"id": "a", "summary": "s"})
+    return store
+
+
+def test_22_10_enospc_during_compaction_is_one_line_and_the_output_stays_whole(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    store = _with_a_replaced_record(path)
+    before = path.read_bytes()
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the disk fills up while the compacted copy is written (any file but the output itself)
+        if os.fstat(fd).st_ino != path.stat().st_ino:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(LongsumError) as err:
+        store.close()
+    message = str(err.value)
+    assert "No space left on device" in message and "rerun" in message and "\n" not in message
+    assert path.read_bytes() == before  # whole: every record still there, the newest of `a` last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.run.json"]  # no temp, no lock
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    resumed = ResultStore(path, IDENTITY)  # resumable, and compacted once there is room
+    assert resumed.done == {(None, "a"), (None, "b")} and not resumed.failed
+    resumed.close()
+    assert read_records(path) == [{"id": "b", "summary": "t"}, {"id": "a", "summary": "s"}]
+
+
+def test_22_10_what_a_crashed_compaction_left_is_removed_at_the_next_start_and_nothing_else(tmp_path):
+    path = tmp_path / "out[1].jsonl"  # glob characters in the name are matched literally
+    fill(path, [{"id": "a", "summary": "s"}])
+    dead, other = _dead_pid(), _dead_pid()
+    leftovers = [f".out[1].jsonl.{dead}.compact", f".out[1].jsonl.{os.getpid()}.compact",  # ours, crashed
+                 f".out[1].jsonl.run.json.{dead}.tmp"]  # fmt: skip
+    (tmp_path / leftovers[0]).write_text('{"id": "a", "summary": "s"}\n{"id": "b", "su')  # killed mid-write
+    (tmp_path / leftovers[1]).write_text("")  # killed before its first write (a pid reused by this run)
+    (tmp_path / leftovers[2]).write_text('{\n  "format": "longsum-results",\n  "ident')
+    kept = {f".out1.jsonl.{dead}.compact": '{"id": "a"}\n',  # what the glob `.out[1].jsonl.*` would match
+            f".out[1].jsonl.{os.getppid()}.compact": '{"id": "a"}\n',  # a live process's (not ours to judge)
+            f".out[1].jsonl.{dead}.compact.bak": '{"id": "a"}\n', f".out[1].jsonl.x{dead}.compact": "",
+            f".out[1].jsonl.{other}.compact": "the user's own notes\n",  # our name, not our content
+            f".out[1].jsonl.{other + 1}.compact": '{"id": "a"}\nmore notes',  # nor a torn record
+            f".out[1].jsonl.run.json.{other}.tmp": "[1, 2]\n"}  # fmt: skip
+    for name, text in kept.items():
+        (tmp_path / name).write_text(text)
+    store = ResultStore(path, IDENTITY)
+    assert store.done == {(None, "a")}
+    store.close()
+    names = {p.name for p in tmp_path.iterdir()}
+    assert not names & set(leftovers)
+    assert names == {"out[1].jsonl", "out[1].jsonl.run.json", *kept}
+    assert all((tmp_path / name).read_text() == text for name, text in kept.items())
+
+
+def test_22_10_a_sidecar_that_cannot_be_written_leaves_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(LongsumError, match="cannot write to .*No space left on device"):
+        ResultStore(path, IDENTITY)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_22_11_a_symlinked_output_is_written_through_on_every_rerun(tmp_path):
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "out.jsonl"
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    fill(link, [{"id": "a", "error": "e"}, {"id": "b", "summary": "t"}])
+    fill(link, [{"id": "a", "summary": "s"}])  # a rerun retries `a`: the file is compacted
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert read_records(target) == [{"id": "b", "summary": "t"}, {"id": "a", "summary": "s"}]
+    # The sidecar, the lock and the compaction's temp file live beside the target, whichever name is used.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.jsonl", "runs"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.jsonl", "out.jsonl.run.json"]
+    via_target = ResultStore(target, IDENTITY)
+    assert via_target.done == {(None, "a"), (None, "b")}
+    with pytest.raises(LongsumError, match="another longsum run"):  # one lock, whichever name is used
+        ResultStore(link, IDENTITY)
+    via_target.close()
+
+
+def test_22_11_a_sidecar_beside_the_link_from_an_older_longsum_is_still_found(tmp_path):
+    target = tmp_path / "out.jsonl"
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target.name)
+    fill(target, [{"id": "a", "summary": "s"}, {"id": "b", "error": "e"}])
+    sidecar_for(target).rename(sidecar_for(link))  # where longsum put it when it wrote through the link
+    store = ResultStore(link, IDENTITY)
+    assert store.done == {(None, "a")} and store.failed == {(None, "b")}
+    store.write({"id": "b", "summary": "t"})
+    store.close()  # compacts
+    assert link.is_symlink() and read_records(target) == [{"id": "a", "summary": "s"}, {"id": "b", "summary": "t"}]
+    # Copied beside the target, where the target's own name finds it too; the old one is left as it was.
+    assert sidecar_for(target).read_bytes() == sidecar_for(link).read_bytes()
+    ResultStore(target, IDENTITY).close()
+
+
+def test_22_7_a_record_with_a_lone_surrogate_is_written_and_found_done_again(tmp_path, capsys):
+    name = b"caf\xe9.jsonl".decode("utf-8", "surrogateescape")  # a file name that is not UTF-8
+    record = {"id": f"{name}:1", "source": name, "path": f"/docs/{name}", "summary": "résumé"}
+    path = tmp_path / "out.jsonl"
+    fill(path, [{"id": "x", "summary": "naïve"}, record])
+    raw = path.read_bytes()
+    assert "naïve".encode() in raw and raw.decode("utf-8")  # UTF-8 as before; the odd record is escaped
+    assert read_records(path)[1] == record  # reversibly
+    store = ResultStore(path, IDENTITY)
+    assert store.done == {(None, "x"), (f"/docs/{name}", f"{name}:1")}  # so a rerun skips it
+    store.close()
+    part = PartWriter(tmp_path / "out.jsonl.part1")
+    part.write(record)
+    part.close()
+    assert read_records(tmp_path / "out.jsonl.part1") == [record]
+    stream = ResultStore("-", IDENTITY)
+    stream.write(record)
+    stream.close()
+    assert json.loads(capsys.readouterr().out) == record
+
+
+def test_22_10_an_output_that_cannot_be_emptied_keeps_the_sidecar_of_its_records(tmp_path, monkeypatch):
+    import longsum.store
+
+    path = tmp_path / "out.jsonl"
+    fill(path, [{"id": "a", "summary": "s"}])
+    before = sidecar_for(path).read_bytes()
+
+    def refusing_open(file, mode="r", *args, **kwargs):  # e.g. a read-only file in a writable folder
+        if str(file) == str(path) and "w" in mode:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(longsum.store, "open", refusing_open, raising=False)
+    other = {**IDENTITY, "num_beams": 2}
+    with pytest.raises(LongsumError, match="cannot write to .*Permission denied"):
+        ResultStore(path, other, overwrite=True)
+    assert sidecar_for(path).read_bytes() == before  # else a rerun would take the old records for this identity
+    monkeypatch.undo()
+    with pytest.raises(LongsumError, match="another model or settings"):
+        ResultStore(path, other)
