@@ -165,20 +165,9 @@ def _part_records(part: Path):
 
     Raises NotOurs at a complete line that is not a record.
     """
-    from longsum.store import NotOurs, iter_lines
+    from longsum.store import scan
 
-    for n, _, raw in iter_lines(part):
-        if n == 1:
-            continue
-        if not raw.endswith(b"\n"):
-            return
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or "id" not in record:
-            raise NotOurs(f"line {n} of {part} is not a longsum record")
-        yield record
+    return (record for _, _, record in scan(part, first=2) if record is not None)  # (None: a torn last line)
 
 
 def _mergeable(part: Path, identity: dict) -> bool:

@@ -103,12 +103,15 @@ def iter_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
             offset += len(raw)
 
 
-def scan(path: Path) -> Iterator[tuple[int, int, dict | None]]:
-    """(line number, offset, record) of a result file; record None for a torn last line.
+def scan(path: Path, first: int = 1) -> Iterator[tuple[int, int, dict | None]]:
+    """(line number, offset, record) of a result file from line `first` on (a part file's header
+    line comes before); record None for a torn last line.
 
     Raises NotOurs at the first complete line that is not a JSON object with an `id`.
     """
     for n, offset, raw in iter_lines(path):
+        if n < first:
+            continue
         if not raw.endswith(b"\n"):
             yield n, offset, None  # torn: a crash mid-write (only ever the last line)
             return
