@@ -194,12 +194,18 @@ works offline)."""
 @app.command(epilog=SUMMARIZE_EPILOG)
 @_with_generation
 def summarize(
-    inputs: list[str] = typer.Argument(..., help="Text/Markdown/PDF files, folders, '-' for stdin, JSONL/CSV/parquet."),
+    inputs: list[str] = typer.Argument(
+        ..., help="Text/Markdown/PDF files, folders, '-' for stdin, JSONL/CSV/parquet (text, JSONL, CSV may be .gz)."
+    ),
     output: str = typer.Option("summaries.jsonl", "--output", "-o", help="The JSONL output file ('-': stdout)."),
     model: str = MODEL,
     device: str = DEVICE,
     dtype: RunDtype = DTYPE,
-    glob: str = typer.Option("*.txt,*.md", help="File patterns inside folders (comma-separated, any case)."),
+    glob: str = typer.Option(
+        "*.txt,*.md",
+        help="File patterns inside folders (comma-separated, any case; '*.txt' also finds a.txt.gz). The output "
+        "and the files longsum keeps beside it are never read from a folder.",
+    ),
     text_field: str = typer.Option(None, help="Record field with the text (default: text, then article)."),
     id_field: str = typer.Option(None, help="Record field with the id (default: id, else NAME:LINE)."),
     overwrite: bool = typer.Option(
@@ -294,7 +300,9 @@ TRAIN_EPILOG = """Examples:
   torchrun --nproc-per-node 8 -m longsum train --config examples/configs/pubmed.yaml \\
       --deepspeed examples/configs/ds_zero2.json
 
---resume alone continues from the newest complete checkpoint in --output-dir; --resume PATH from that one.
+--resume alone continues from the newest complete checkpoint in --output-dir; --resume PATH from that one
+(the run's model, data and hyper-parameters must be the same: train_run.json names them). An --output-dir
+that holds another run is refused; --overwrite removes what longsum train wrote there and starts over.
 --config FILE (YAML/JSON) sets any option below or any transformers Seq2SeqTrainingArguments field;
 options given on the command line win over the file."""
 
@@ -341,14 +349,28 @@ def _optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+# What a stopped run leaves: summarize and eval keep every finished record and pick up from there;
+# train keeps its checkpoints (see each command's epilog).
+RESUME_HINT = "rerun the same command to resume (train: with --resume)"
+
+
 class _Terminated(BaseException):
     """SIGTERM (a scheduler, `docker stop`, `kill`): stop as Ctrl-C does, through every `finally`
     (records flushed, output closed, lock released). Not an Exception: nothing may take it for a
     failing document."""
 
 
+class _Interrupted(BaseException):
+    """SIGINT (Ctrl-C), raised instead of KeyboardInterrupt: Typer turns a KeyboardInterrupt into a
+    silent exit 130, and a library's `except KeyboardInterrupt` must not swallow the user's stop."""
+
+
 def _on_sigterm(signum, frame):
     raise _Terminated
+
+
+def _on_sigint(signum, frame):
+    raise _Interrupted
 
 
 def main() -> None:
@@ -361,6 +383,8 @@ def main() -> None:
         from click.exceptions import NoArgsIsHelpError, UsageError
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a parent ignores SIGINT
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         code = app(args=_optional_values(sys.argv[1:]), prog_name="longsum", standalone_mode=False)
     except NoArgsIsHelpError as err:  # `longsum` or `longsum train` alone: show the help
@@ -374,9 +398,9 @@ def main() -> None:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except _Terminated:
-        typer.echo("terminated", err=True)
+        typer.echo(f"terminated; {RESUME_HINT}", err=True)
         sys.exit(143)
-    except (KeyboardInterrupt, typer.Abort):
-        typer.echo("interrupted", err=True)
+    except (_Interrupted, KeyboardInterrupt, typer.Abort):
+        typer.echo(f"interrupted; {RESUME_HINT}", err=True)
         sys.exit(130)
     sys.exit(code or 0)

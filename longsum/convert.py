@@ -12,11 +12,16 @@ the published ccdv/lsg-* checkpoints:
 * re-converting an LSG checkpoint only extends its positions and keeps its trained globals.
 T5 / Flan-T5 become LongT5 (`to="longt5-local"` or `"longt5-tglobal"`): the weights carry over.
 
-The result is written to a temporary folder and renamed into place only when complete.
+The result is written to a temporary folder and renamed into place only when complete. Everything a
+user can get wrong is refused before any weights are loaded: an output that is (or holds, or sits in)
+the source, a symlinked output, an output folder that is not a model folder (`check_output_folder`), a
+source without tokenizer files, a `--max-length` whose position tables do not fit in memory or on disk.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -105,29 +110,93 @@ HEADS = {
 }
 
 
-# Files a model folder may hold: what `save_pretrained` and `convert` write. `--overwrite` deletes
-# nothing else (a folder holding anything more is not a model folder, and is refused).
+# Files a model folder may hold: what `save_pretrained` and `tokenizer.save_pretrained` write (and so
+# `convert` and `train`). `--overwrite` deletes nothing else (see `check_output_folder`).
 _MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
                        "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-                       "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja")  # fmt: skip
-_MODEL_FOLDER_SUFFIXES = (".safetensors", ".bin", ".index.json")
+                       "spiece.model", "sentencepiece.bpe.model", "tokenizer.model", "chat_template.jinja",
+                       "chat_template.json")  # fmt: skip
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_MODEL_FOLDER_SUFFIXES = (*_WEIGHT_SUFFIXES, ".index.json")
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists (unless --overwrite) or that --overwrite would wrongly delete."""
+def check_output_folder(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse an output that is the source, a symlink, or an existing folder --overwrite must not delete.
+
+    `--overwrite` deletes `out` only when it is empty or is a model folder as `save_pretrained` (so
+    `convert` and `train`) writes one: a real folder (not a symlink) whose config.json is a JSON
+    object with a `model_type` that transformers or longsum knows, that holds weights (`*.safetensors`
+    or `*.bin`), and whose every entry is a plain file named as `save_pretrained` /
+    `tokenizer.save_pretrained` name theirs, the README.md being a model card (YAML front matter, as
+    convert's cards and the Hub's have). Anything else (a user's notes, a subfolder, a symlink, a git
+    clone) means the folder holds something we did not write: refused, naming what is unexpected.
+    """
+    if source is not None:
+        # resolved: a symlink or a `..` path to the source is the source
+        src, dst = source.resolve(), out.resolve()
+        if dst == src:
+            raise LongsumError(f"output {out} is the source checkpoint {source}: converting in place would destroy "
+                               f"it; choose another output folder")  # fmt: skip
+        if src in dst.parents:
+            raise LongsumError(f"output {out} is inside the source checkpoint {source}; choose a folder outside it")
+        if dst in src.parents:
+            raise LongsumError(f"the source checkpoint {source} is inside the output folder {out}, which "
+                               f"--overwrite would delete; choose another output folder")  # fmt: skip
+    if out.is_symlink():  # deleting or renaming onto a link replaces the link, not the folder the user means
+        raise LongsumError(f"output {out} is a symlink (to {os.readlink(out)}); give the real folder")
     if not out.exists():
         return
     if not out.is_dir():
         raise LongsumError(f"output {out} is a file; choose a folder name")
     if not overwrite:
         raise LongsumError(f"output folder {out} exists; pass --overwrite to replace it")
-    entries = list(out.iterdir())
-    foreign = [p.name for p in entries if not (p.is_file() and (p.name in _MODEL_FOLDER_FILES or
-                                                                p.name.endswith(_MODEL_FOLDER_SUFFIXES)))]  # fmt: skip
-    if entries and (foreign or not (out / "config.json").is_file()):
-        what = f"it holds {foreign[0]}" if foreign else "it has no config.json"
-        raise LongsumError(f"--overwrite replaces model folders only; {out} is not one ({what}): "
+    problem = _not_a_model_folder(out)
+    if problem:
+        raise LongsumError(f"--overwrite replaces model folders only; {out} is not one ({problem}): "
                            f"choose another output folder")  # fmt: skip
+
+
+def _not_a_model_folder(folder: Path) -> str | None:
+    """Why `folder` is not a model folder that --overwrite may delete (None: it is one, or is empty)."""
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return None
+    foreign = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in entries
+               if p.is_symlink() or not p.is_file()
+               or not (p.name in _MODEL_FOLDER_FILES or p.name.endswith(_MODEL_FOLDER_SUFFIXES))
+               or p.name == "README.md" and not _is_model_card(p)]  # fmt: skip
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        return f"it holds {', '.join(foreign[:5])}{more}"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "it has no config.json"
+    except (OSError, ValueError):
+        return "its config.json is not valid JSON"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        return "its config.json has no model_type"
+    if not _known_model_type(model_type):
+        return f"its config.json has an unknown model_type '{model_type}'"
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in entries):
+        return "it holds no weights"
+    return None
+
+
+def _is_model_card(path: Path) -> bool:
+    """A README.md that is a model card: YAML front matter first, as convert and the Hub write them."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n") == "---"
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _known_model_type(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES or model_type.removeprefix("lsg_") in FAMILIES
 
 
 def default_output_dir(source: str, options: ConvertOptions, model_type: str) -> Path:
@@ -202,8 +271,6 @@ def global_embeddings(positions: torch.Tensor, tokens: torch.Tensor, bos_id: int
 # ------------------------------------------------------------------------------------ convert
 def convert(source: str, output_dir: str | Path | None = None, options: ConvertOptions | None = None) -> ConvertReport:
     """Convert `source` (folder, Hub id or alias) and write the result to `output_dir`."""
-    import torch
-
     from longsum.models import is_lsg_config, locate, read_config, resolve_name
 
     options = options or ConvertOptions()
@@ -220,18 +287,26 @@ def convert(source: str, output_dir: str | Path | None = None, options: ConvertO
         raise LongsumError(f"cannot convert architecture '{model_type}'; supported: {convertible()}")
 
     out = Path(output_dir) if output_dir else default_output_dir(resolve_name(source), options, model_type)
-    check_output_folder(out, options.overwrite)
+    check_output_folder(out, options.overwrite, folder)
+    _check_tokenizer_files(folder)
+    if model_type in FAMILIES:
+        _check_sizes(folder, config, FAMILIES[model_type], options, out, _resolve_settings(config, is_lsg, options))
+
+    import torch  # (after the checks above: a refusal comes in about a second, before torch loads)
+
+    tokenizer = _load_tokenizer(folder)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(options.seed)
     try:
         if options.to:
-            report = _convert_t5(folder, config, tmp, options)
+            report = _convert_t5(folder, config, tokenizer, tmp, options)
         else:
-            report = _convert_lsg(folder, config, model_type, is_lsg, tmp, options)
+            report = _convert_lsg(folder, config, model_type, is_lsg, tokenizer, tmp, options)
         report.source, report.output = str(source), str(out)
         report.seconds = time.perf_counter() - start
         _write_card(tmp, report, options)
+        check_output_folder(out, options.overwrite, folder)  # again: the folder may have changed meanwhile
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -239,6 +314,113 @@ def convert(source: str, output_dir: str | Path | None = None, options: ConvertO
         shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# ------------------------------------------------------------------------------------ up-front checks
+def _check_tokenizer_files(folder: Path) -> None:
+    """Refuse a source without tokenizer files: transformers would build a tokenizer of special tokens
+    only, and every document summarized with the converted model would then be an empty document."""
+    from longsum.models import _TOKENIZER_FILES
+
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise LongsumError(f"{folder} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}): copy them "
+                           f"from the checkpoint these weights were trained from (its Hub repo or folder) into "
+                           f"{folder}, then convert again")  # fmt: skip
+
+
+def _load_tokenizer(folder: Path):
+    """The source's tokenizer, refused when it has no vocabulary beyond its special tokens (a
+    tokenizer_config.json without the vocabulary file it names loads as such a tokenizer)."""
+    from longsum.models import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    if not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
+        raise LongsumError(f"the tokenizer in {folder} has only special tokens (its vocabulary file is missing): "
+                           f"copy the tokenizer files from the checkpoint these weights were trained from into "
+                           f"{folder}, then convert again")  # fmt: skip
+    return tokenizer
+
+
+# While converting, each new position table exists about 3 times in fp32: the new model's own, the
+# tiled table, and the repeated rows it is cut from (measured: 2.4x the tables' size in peak memory);
+# the source model and the new one each hold the other weights once in fp32.
+_TABLE_COPIES = 3
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def _check_sizes(folder: Path, config: dict, family: Family, options: ConvertOptions, out: Path,
+                 settings: dict) -> None:  # fmt: skip
+    """Refuse a --max-length whose position tables do not fit in memory or on disk, before anything is
+    loaded: past that, the OOM killer ends the process with no message (or the disk fills at the end)."""
+    hidden = config.get("d_model", config.get("hidden_size"))
+    if not isinstance(hidden, int) or hidden < 1:
+        return  # a broken config: loading it says what is wrong
+    tables = 2 if family.kind == "seq2seq" else 1  # encoder and decoder positions; encoders have one table
+    rows = options.max_length + family.position_offset
+    table_bytes = tables * rows * hidden * 4
+    saved_dtype = {"fp32": 4, "bf16": 2, "fp16": 2}[options.dtype]
+    weights = _weights_bytes(folder, config)
+    shape = f"{tables} position table{'s' if tables > 1 else ''} of {rows:,} x {hidden}"
+    block = settings["block_size"]
+
+    def advice(budget: int, per_row: int, otherwise: str) -> str:
+        fit = (budget // per_row - family.position_offset) // block * block
+        return f"use --max-length {fit} or less, or {otherwise}" if fit >= block else otherwise
+
+    memory = _available_memory()
+    need = _TABLE_COPIES * table_bytes + 2 * weights
+    if memory is not None and need > memory:
+        what = advice(memory - 2 * weights, _TABLE_COPIES * tables * hidden * 4, "use a machine with more memory")
+        raise LongsumError(f"--max-length {options.max_length} needs {shape} ({_size(table_bytes)} in fp32, about "
+                           f"{_size(need)} of memory to convert) but {_size(max(memory, 0))} is available; {what}")  # fmt: skip
+    saved = (table_bytes + weights) // 4 * saved_dtype
+    parent = next((p for p in (out.absolute(), *out.absolute().parents) if p.is_dir()), None)
+    free = shutil.disk_usage(parent).free if parent is not None else None
+    if free is not None and saved > free:
+        what = advice(free - weights // 4 * saved_dtype, tables * hidden * saved_dtype, "write to a larger disk")
+        raise LongsumError(f"--max-length {options.max_length} needs {shape}: about {_size(saved)} to save in "
+                           f"{options.dtype}, but {parent} has {_size(free)} free; {what}")  # fmt: skip
+
+
+def _weights_bytes(folder: Path, config: dict) -> int:
+    """The source's weights in fp32 bytes, from its files' sizes (safetensors, else .bin)."""
+    files = [p for p in folder.glob("*.safetensors") if p.is_file()] or [
+        p for p in folder.glob("*.bin") if p.is_file() and p.name != "training_args.bin"
+    ]
+    stored = sum(p.stat().st_size for p in files)
+    half = str(config.get("dtype", config.get("torch_dtype"))) in ("float16", "bfloat16")
+    return stored * 2 if half else stored
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this process can still get (None: unknown). A container's cgroup limit counts:
+    that is what the OOM killer enforces, whatever the host has."""
+    available = None
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+            available = int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable:")).split()[1])
+            available *= 1024
+        except (OSError, StopIteration, ValueError, IndexError):
+            try:
+                available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (AttributeError, OSError, ValueError):
+                pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = left if available is None else min(available, left)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def _task_for(config: dict, family: Family) -> tuple[str, str]:
@@ -260,10 +442,9 @@ def _resolve_settings(config: dict, is_lsg: bool, options: ConvertOptions) -> di
     return settings
 
 
-def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, out: Path,
+def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, tokenizer, out: Path,
                  options: ConvertOptions) -> ConvertReport:  # fmt: skip
     import torch
-    from transformers import AutoTokenizer
 
     from longsum.lsg import lsg_family
     from longsum.lsg.attention import LSGSpec
@@ -285,7 +466,6 @@ def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, out:
         raise LongsumError(f"{architecture} has no LSG counterpart; supported heads: {', '.join(classes)}")
 
     source_model = _load_source(folder, config, model_type, is_lsg, task, classes)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     state = source_model.state_dict()
     source_config = source_model.config
     positions_before = source_config.max_position_embeddings - family.config_offset
@@ -382,9 +562,9 @@ def _special_ids(tokenizer, config) -> tuple[int, int | None]:
     return bos, tokenizer.mask_token_id
 
 
-def _convert_t5(folder: Path, config: dict, out: Path, options: ConvertOptions) -> ConvertReport:
+def _convert_t5(folder: Path, config: dict, tokenizer, out: Path, options: ConvertOptions) -> ConvertReport:
     import torch
-    from transformers import AutoTokenizer, LongT5Config, LongT5ForConditionalGeneration, T5ForConditionalGeneration
+    from transformers import LongT5Config, LongT5ForConditionalGeneration, T5ForConditionalGeneration
 
     from longsum.models import load_weights, resolve_dtype
 
@@ -420,7 +600,6 @@ def _convert_t5(folder: Path, config: dict, out: Path, options: ConvertOptions) 
     model.to(resolve_dtype(options.dtype))
     model.generation_config = source.generation_config
     model.save_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     tokenizer.model_max_length = options.max_length
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in source.parameters())

@@ -14,8 +14,10 @@ and reports how many, train leaves it out of training.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -196,20 +198,62 @@ def _id_scheme(data: EvalData) -> str:
     return "row numbers (ids not unique)" if data.named_ids else "row numbers"
 
 
+HUB_PROBE_SECONDS = 3.0  # a connection to the Hub's host takes well under this where there is network
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def unreachable_hub() -> str | None:
+    """Why the Hub cannot be reached from here, found in at most `HUB_PROBE_SECONDS` (None: it can,
+    offline mode is already on, or a proxy decides). `datasets` retries a failed connection five
+    times with backoff (~30 s of "Retrying in Ns" lines) before it falls back to its cache; this
+    probe lets a machine without network go straight to the cache."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or any(os.environ.get(name) for name in _PROXIES):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as err:
+        return f"{host}: {err.strerror or type(err).__name__}"
+    return None
+
+
+@contextmanager
+def _offline():
+    """Hub libraries in offline mode for this block: they read their caches and never connect."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
 def _hub(hub_id: str, config: str | None, split: str, revision: str | None, text_column: str,
          summary_column: str) -> EvalData:  # fmt: skip
     import datasets
 
+    unreachable = unreachable_hub()
     try:
-        ds = datasets.load_dataset(hub_id, config, split=split, revision=revision)
+        with _offline() if unreachable else nullcontext():
+            ds = datasets.load_dataset(hub_id, config, split=split, revision=revision)
     except ValueError as err:
         if "split" in str(err).lower():
             raise LongsumError(f"dataset '{hub_id}' has no split '{split}': {str(err).splitlines()[0]}") from None
         raise LongsumError(f"cannot load dataset '{hub_id}': {str(err).splitlines()[0]}") from None
     except Exception as err:  # noqa: BLE001  offline, unknown repo, gated...
+        why = f"the Hub is unreachable: {unreachable}" if unreachable else type(err).__name__
         raise LongsumError(
             f"dataset '{hub_id}' is not cached and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}); connect to the Hub or pass a local JSONL/CSV/parquet file"
+            f"({why}); connect to the Hub or pass a local JSONL/CSV/parquet file"
         ) from None
     _check_columns(hub_id, ds.column_names, text_column, summary_column)
     source = {"hub_id": hub_id, "config": config, "revision": revision or "main", "fingerprint": ds._fingerprint}

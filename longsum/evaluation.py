@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from longsum import errors
 from longsum.console import alert, log, note, stderr_console, stdout_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
@@ -85,7 +86,10 @@ def model_identity(name: str) -> dict:
 class _Plan:
     """What a pass over the examples found: what counts, what is left out, what is still to do."""
 
-    wanted: set = field(default_factory=set)  # ids that are scored
+    # ids that are scored -> their position in the dataset: the scores are aggregated in that order,
+    # so the bootstrap's resamples (seeded) are the same whatever order the records were written in
+    # (one process, a resume, or parts gathered from ranks under a launcher)
+    wanted: dict = field(default_factory=dict)
     excluded: Counter = field(default_factory=Counter)  # reason -> count
     excluded_ids: list = field(default_factory=list)
     pending: int = 0
@@ -103,6 +107,7 @@ def run(cfg: EvalConfig) -> int:
     from longsum.provenance import now
 
     started, t0 = now(), time.perf_counter()
+    other = check_config(cfg)  # what is wrong with the command fails before any data or model is read
     dist = distributed.init()
     data = load_examples(cfg.dataset, cfg.split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
                          cfg.revision, cfg.config)  # fmt: skip
@@ -125,7 +130,7 @@ def run(cfg: EvalConfig) -> int:
             if len(plan.excluded_ids) < SHOWN_EXCLUDED_IDS:
                 plan.excluded_ids.append(ex.id)
             continue
-        plan.wanted.add(ex.id)
+        plan.wanted[ex.id] = len(plan.wanted)
         plan.pending += (None, ex.id) not in results.done
     if not plan.wanted:
         results.close()
@@ -141,7 +146,32 @@ def run(cfg: EvalConfig) -> int:
         results.close()
     if not dist.main:
         return 0
-    return _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0)
+    return _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other)
+
+
+MAX_SEED = 2**32 - 1  # what every seeded generator in the run (random, numpy, torch) accepts
+
+
+def check_config(cfg: EvalConfig) -> dict | None:
+    """The values known up front, checked before the run reads data or generates anything (a bad
+    --seed or --compare used to fail only at scoring, after the whole generation). Returns the
+    --compare results, read now."""
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise LongsumError(f"--seed must be between 0 and {MAX_SEED}, not {cfg.seed}")
+    return read_comparison(cfg.compare) if cfg.compare else None
+
+
+def read_comparison(path: str) -> dict:
+    """Another run's results.json (for --compare): its metrics, or a one-line error."""
+    try:
+        other = json.loads(Path(path).read_text())
+        metrics = other["metrics"]
+        if not isinstance(metrics, dict) or not all(isinstance(m, dict) and "mean" in m for m in metrics.values()):
+            raise ValueError("its 'metrics' have no means")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LongsumError(f"cannot read --compare file {path} ({errors.describe(err)}); "
+                           f"give the results.json of an earlier longsum eval") from None  # fmt: skip
+    return other
 
 
 def _excluded_text(plan: _Plan) -> str:
@@ -206,12 +236,12 @@ def _generate(cfg, data, results, settings, dist, stats, device) -> dict:
     return summarizer.settings()
 
 
-def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0) -> int:
+def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other) -> int:
     from longsum.metrics import METRIC_RECIPE, ROUGE_TYPES, aggregate
     from longsum.provenance import now, provenance
     from longsum.store import latest_records
 
-    scores, failed, first_error = [], 0, None
+    scores, failed, first_error = {}, 0, None  # scores: dataset position -> the example's scores
     tokens = words = truncated = 0
     found = set()
     for r in latest_records(predictions):
@@ -222,7 +252,7 @@ def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, s
             failed += 1
             first_error = first_error or r["error"]
             continue
-        scores.append(r["scores"])
+        scores[plan.wanted[r["id"]]] = r["scores"]
         tokens += r["output_tokens"]
         words += len(r["prediction"].split())
         truncated += bool(r.get("truncated"))
@@ -231,7 +261,7 @@ def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, s
         raise LongsumError(f"{missing} examples have no prediction in {predictions}; run the same command again")
     if not scores:
         raise LongsumError(f"every example failed (first error: {first_error}); no score to report")
-    metrics = aggregate(scores, seed=cfg.seed)
+    metrics = aggregate([scores[i] for i in sorted(scores)], seed=cfg.seed)
     results = {
         "schema": RESULTS_SCHEMA,
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -261,8 +291,8 @@ def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, s
     }
     kept = _write_results(out_dir / "results.json", results)
     _print_table(results, ROUGE_TYPES)
-    if cfg.compare:
-        print_comparison(results, cfg.compare)
+    if other is not None:
+        print_comparison(results, other, cfg.compare)
     log(f"wrote {out_dir / 'results.json'} and {predictions}")
     if kept:
         note(f"the earlier results.json is kept as {kept}")
@@ -309,14 +339,11 @@ def _print_table(results: dict, rouge_types) -> None:
     stdout_console().print(table)
 
 
-def print_comparison(results: dict, other_path: str) -> None:
+def print_comparison(results: dict, other: dict, other_path: str) -> None:
+    """This run's means beside another run's (`other`: its results.json, from `read_comparison`)."""
     from rich.table import Table
 
-    try:
-        other = json.loads(Path(other_path).read_text())
-        other_metrics = other["metrics"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise LongsumError(f"cannot read --compare file {other_path}: {err}") from None
+    other_metrics = other["metrics"]
     table = Table(title=f"this run vs {other_path}")
     for column in ("metric", "this", "other", "difference"):
         table.add_column(column, justify="right" if column != "metric" else "left")

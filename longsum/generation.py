@@ -25,7 +25,7 @@ from typing import Literal
 
 from longsum.errors import LongsumError, describe
 from longsum.inputs import DocumentError, StringText, Text
-from longsum.registry import LONG_INPUT_MODES
+from longsum.registry import LONG_INPUT_MODES, UNBOUNDED_POSITIONS
 from longsum.settings import check, setting
 from longsum.text import sentence_windows
 
@@ -129,6 +129,18 @@ def model_max_source_length(config, tokenizer) -> int:
     return 16384 if config.model_type == "longt5" else 512  # relative positions: the trained length
 
 
+def position_limit(config) -> int | None:
+    """The rows of the model's encoder position table: an input longer than this fails. None where
+    positions are unbounded (`registry.UNBOUNDED_POSITIONS`) or the config does not say."""
+    if config.model_type in UNBOUNDED_POSITIONS:
+        return None
+    for name in ("max_encoder_position_embeddings", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def minimum_gives_way(options: GenerationOptions, minimum: int | None) -> bool:
     """Whether a minimum length you did not choose (a dataset preset's, the model's) is dropped: you
     chose a shorter maximum, and keeping it would force every summary to that maximum's length."""
@@ -165,7 +177,14 @@ def resolve_settings(config, generation_config, tokenizer, options: GenerationOp
 
     Computed from the config objects alone, so a run can be checked against an existing output
     before any weights are loaded. The batch size is not here: it does not change the summaries.
+    A `max_source_length` past the model's position table is refused here, before any document
+    (each would fail on its own).
     """
+    limit = position_limit(config)
+    if options.max_source_length and limit and options.max_source_length > limit:
+        raise LongsumError(f"--max-source-length {options.max_source_length} is more than the model's {limit} "
+                           f"positions; use at most {limit} (--long-input chunk reads longer documents in "
+                           f"windows)")  # fmt: skip
     return {**resolve_generation_kwargs(generation_config, options),
             "max_source_length": options.max_source_length or model_max_source_length(config, tokenizer),
             "long_input": options.long_input, "exact": options.exact}  # fmt: skip

@@ -1,9 +1,16 @@
 """Documents for `longsum summarize`, read one at a time (memory grows with the batch, not the corpus).
 
 Inputs are text/Markdown/PDF files, folders (recursive; `--glob` patterns matched case-insensitively),
-`-` for stdin, and record files (JSONL, CSV, parquet) streamed row by row. A text file is not read
-when it is found: its `Text` is read later, only as far as the model can use (`Text.read(max_chars)`),
-so a 30 MB file costs a few hundred KB in truncate mode.
+`-` for stdin, and record files (JSONL, CSV with a `,` `;` tab or `|` delimiter, parquet) streamed row
+by row. A text file is not read when it is found: its `Text` is read later, only as far as the model
+can use (`Text.read(max_chars)`), so a 30 MB file costs a few hundred KB in truncate mode. A `.gz`
+file is decompressed as it is read, as the name without `.gz` says (`a.txt.gz` text, `r.jsonl.gz`
+records; `*.txt` finds `a.txt.gz` too), its limits on its decompressed bytes; a damaged one, or
+any file that cannot be read at all, is one error record.
+
+A folder never gives the run's output or the files beside it (sidecar, lock, part files:
+`output_files`), so a rerun sees what the first run saw. A file in a folder that cannot be read
+(a dangling link, a loop of links, a FIFO) is an error record, not left out.
 
 Every document gets one key, unique in the output and the same on every rerun, however its file
 is named (`docs/a.txt`, `./docs/a.txt`, `/home/me/docs/a.txt`, through a symlink...):
@@ -11,9 +18,10 @@ is named (`docs/a.txt`, `./docs/a.txt`, `/home/me/docs/a.txt`, through a symlink
 * a file: `path` = its resolved absolute path is the key; `id` = its path as given (for display);
   the same file named twice is read once;
 * a record: the key is (`path` of its record file, `id`); `id` = its `--id-field` value (default
-  `id`), else `NAME:LINE` (the file's name and line); `source` = the record file as given. Records
-  of different files never collide; a record whose id repeats an earlier one of the same file gets
-  an error record under its `NAME:LINE` id;
+  `id`) as JSON has it (a string, or a number, `true`, `{"a": 1}`: `record_id`), else `NAME:LINE`
+  (the file's name and line); `source` = the record file as given. Records of different files never
+  collide; a record whose id repeats an earlier one of the same file (as the store keys ids: by
+  their text, so 1 and "1" are alike there) gets an error record under its `NAME:LINE` id;
 * stdin (`-`) or a pipe (`<(...)`): `id` = `stdin:` or `pipe:` + 12 hex digits of the content's
   sha256 (the key), so a second, different piped document is a new document and the same one is "done".
 
@@ -40,21 +48,26 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import fnmatch
+import gzip
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import stat
 import sys
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from longsum.errors import LongsumError
+from longsum.store import record_key
 
 DEFAULT_GLOB = "*.txt,*.md"
 TEXT_FIELDS = ("text", "article")  # record fields tried for the text, in order, without --text-field
@@ -68,6 +81,11 @@ CSV_FIELD_LIMIT = 64 << 20  # a larger CSV field is reported (an unterminated qu
 # with LONGSUM_MAX_DOCUMENT_MB (`max_document_bytes`).
 MAX_DOCUMENT_BYTES = 64 << 20
 PARQUET_BATCH = 1024
+GZIP_SUFFIX = ".gz"  # read decompressed, as the name without it says (`notes.txt.gz` is text)
+CSV_DELIMITERS = ",\t;|"  # tried on a CSV header; a tie goes to the first (see `_csv_delimiter`)
+# What reading a gzip file raises besides OSError (BadGzipFile is one): cut short, or damaged inside.
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+_READ_ERRORS = (OSError, *_GZIP_ERRORS)
 
 
 class DocumentError(Exception):
@@ -257,6 +275,36 @@ def _megabytes(limit: int) -> str:
     return f"{limit / (1 << 20):g} MB (LONGSUM_MAX_DOCUMENT_MB)"
 
 
+# ------------------------------------------------------------------------------------------ files
+def format_suffix(path: Path) -> str:
+    """The suffix that says how `path` is read, lower-case, after a `.gz` is taken off: `.jsonl` for
+    `a.jsonl.gz`, `.txt` for `notes.TXT.gz`, `` for `notes.gz` (read as text, like any other name)."""
+    name = path.name.lower()
+    if name.endswith(GZIP_SUFFIX):
+        name = name[: -len(GZIP_SUFFIX)]
+    return os.path.splitext(name)[1]
+
+
+def gzipped(path: Path) -> bool:
+    return path.name.lower().endswith(GZIP_SUFFIX)
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """`path` opened for reading bytes, decompressed when its name ends in `.gz`.
+
+    A gzip file is decompressed as it is read: `read(n)` inflates about n bytes and no more, so the
+    document limit bounds the decompressed size and a gzip bomb costs only what is read of it.
+    """
+    return gzip.open(path, "rb") if gzipped(path) else open(path, "rb")
+
+
+def _read_problem(err: BaseException, what: str = "cannot read file") -> str:
+    """One line for an error of reading (a damaged gzip file says so: its OSError has no strerror)."""
+    if isinstance(err, _GZIP_ERRORS):
+        return f"corrupt gzip data: {err}"
+    return f"{what}: {getattr(err, 'strerror', None) or err}"
+
+
 # ------------------------------------------------------------------------------------------ texts
 class Text:
     """A document's text, read only as far as needed.
@@ -296,20 +344,21 @@ def record_string_text(value: str) -> StringText:
 
 class FileText(Text):
     """A text file, read lazily from disk: at most ~4 bytes per character asked for, and never more
-    than `max_document_bytes()` (a larger file gives a prefix, but not the whole)."""
+    than `max_document_bytes()` (a larger file gives a prefix, but not the whole). A `.gz` file is
+    decompressed as it is read, so these bounds are on its decompressed bytes."""
 
-    def __init__(self, path: Path, encoding: str, size: int):
+    def __init__(self, path: Path, encoding: str, size: int | None = None):
         self.path, self.codec, self.encoding, self.size = path, encoding, encoding, size
 
     def read(self, max_chars: int | None) -> tuple[str, bool]:
         limit = max_document_bytes()
         n = limit if max_chars is None else min(4 * max_chars + 4, limit)
         try:
-            with open(self.path, "rb") as f:
+            with open_binary(self.path) as f:
                 data = f.read(n)
                 complete = len(data) < n or not f.read(1)
-        except OSError as err:
-            raise DocumentError(f"cannot read file: {err.strerror or err}") from None
+        except _READ_ERRORS as err:  # a gzip file damaged past the head that was sniffed, too
+            raise DocumentError(_read_problem(err)) from None
         # The encoding is decided on all that was read (a bad byte past the sniffed head included).
         text, self.encoding = decode(data, self.codec, complete)
         if max_chars is not None and len(text) >= max_chars:
@@ -359,9 +408,11 @@ class Document:
     """One input document: `text` to summarize, or the `error` that its record will carry.
 
     `id`, `source`, `path` and `error` are valid Unicode: names that are not are escaped (`printable`).
+    `id` is a string, but for a record whose id is another JSON value (`1`, `true`, `{"a": 1}`):
+    that value, which its record carries as it is (`record_id`).
     """
 
-    id: str
+    id: Any
     source: str | None = None  # the record file a record came from, as given (None for files and stdin)
     text: Text | None = None
     error: str | None = None
@@ -369,17 +420,20 @@ class Document:
 
     def __post_init__(self):
         # A file name that is not UTF-8 would stop the writer (a lone surrogate cannot be encoded).
-        self.id = printable(self.id)
+        if isinstance(self.id, str):
+            self.id = printable(self.id)
         for name in ("source", "error", "path"):
             if getattr(self, name) is not None:
                 setattr(self, name, printable(getattr(self, name)))
 
     @property
-    def key(self) -> tuple[str | None, str | None]:
-        """What identifies this document in the output, on every rerun (`longsum.store.record_key`)."""
-        if self.path is None:
-            return (None, self.id)
-        return (self.path, self.id if self.source is not None else None)
+    def key(self) -> tuple:
+        """What identifies this document in the output, on every rerun: the key that the store makes
+        of its record (`longsum.store.record_key`), so a rerun finds it done, whatever the id's type."""
+        record = {"id": self.id, "path": self.path}
+        if self.source is not None:
+            record["source"] = self.source
+        return record_key(record)
 
     @property
     def encoding(self) -> str | None:
@@ -389,24 +443,29 @@ class Document:
 def read_text_file(path: Path) -> Document:
     """A text file as a lazily read Document (binary, empty or unreadable: an error Document)."""
     doc_id, real = str(path), os.path.realpath(path)
-    if path.suffix.lower() == ".pdf":
+    if format_suffix(path) == ".pdf":
+        if gzipped(path):  # pypdf seeks all over a file: a gzip stream cannot be read so
+            return Document(doc_id, error="a gzipped PDF is not read: gunzip it first", path=real)
         return Document(doc_id, text=PdfText(path), path=real)
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             head = f.read(HEAD_BYTES)
-            size = os.fstat(f.fileno()).st_size
-    except OSError as err:
-        return Document(doc_id, error=f"cannot read file: {err.strerror or err}", path=real)
-    complete = len(head) >= size
+            # The size on disk says nothing of a gzip file's text: whether more follows is read.
+            complete = len(head) < HEAD_BYTES or not f.read(1)
+    except _READ_ERRORS as err:
+        return Document(doc_id, error=_read_problem(err), path=real)
     try:
         text, encoding = decode_bytes(head, complete)
     except DocumentError as err:
-        return Document(doc_id, error=str(err), path=real)
+        problem = str(err)
+        if head.startswith(b"\x1f\x8b") and not gzipped(path):  # gzip's magic bytes: say how to have it read
+            problem += f" (gzip data: name it {printable(path.name)}.gz to have it decompressed)"
+        return Document(doc_id, error=problem, path=real)
     if complete and not text.strip():
         return Document(doc_id, error="empty document", path=real)
     # The codec without what the head needed replaced ('utf-8 (1 invalid byte replaced)'): FileText
     # decodes with it and its `encoding` then says what the part read needed.
-    return Document(doc_id, text=FileText(path, encoding.split(" ", 1)[0], size), path=real)
+    return Document(doc_id, text=FileText(path, encoding.split(" ", 1)[0]), path=real)
 
 
 def read_stream(stream: BinaryIO, prefix: str) -> Document:
@@ -420,9 +479,9 @@ def read_stream(stream: BinaryIO, prefix: str) -> Document:
     while len(data) <= limit:
         try:
             block = stream.read(min(1 << 20, limit + 1 - len(data)))
-        except OSError as err:
+        except _READ_ERRORS as err:  # (a pipe named .gz is decompressed: it may be damaged)
             return Document(f"{prefix}:{hashlib.sha256(data).hexdigest()[:12]}",
-                            error=f"cannot read: {err.strerror or err}")  # fmt: skip
+                            error=_read_problem(err, "cannot read"))  # fmt: skip
         if not block:
             break
         data += block
@@ -495,7 +554,7 @@ Row = tuple[int, dict | None, str | None]  # (line or row number, record, proble
 
 
 def jsonl_rows(path: Path) -> Iterator[Row]:
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         lines, _ = _record_lines(f)
         for n, line, problem in lines:
             if line is None:
@@ -548,39 +607,68 @@ class _LineFeed:
         return first
 
 
-def csv_rows(path: Path) -> Iterator[Row]:
-    """Rows of a CSV file; a malformed row (or one with the wrong number of fields) is reported alone."""
-    csv.field_size_limit(CSV_FIELD_LIMIT)
-    with open(path, "rb") as f:
-        lines, _ = _record_lines(f)
-        feed = _LineFeed(lines)
+_DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "'|'"}
+
+
+def _csv_delimiter(header: str) -> str:
+    """The delimiter of a CSV file, judged on its header line: the one of CSV_DELIMITERS that splits it
+    into the most fields, quotes honoured (`"a,b";c` is two fields split by `;`); a tie (a header of
+    one column) goes to the comma. csv.Sniffer is not used: on one line it takes a comma whenever
+    there is one, so `id;text,notes;x` would be read as two fields."""
+
+    def fields(delimiter: str) -> int:
         try:
-            header = next(csv.reader(feed, strict=True))
+            return len(next(csv.reader([header], delimiter=delimiter), []))
+        except csv.Error:  # an unterminated quote in the header: not this delimiter's doing
+            return 0
+
+    return max(CSV_DELIMITERS, key=lambda d: (fields(d), -CSV_DELIMITERS.index(d)))
+
+
+def csv_rows(path: Path) -> Iterator[Row]:
+    """Rows of a CSV file; a malformed row (or one with the wrong number of fields) is reported alone.
+
+    The delimiter (comma, tab, semicolon or `|`) is the one the header line is written with (`_csv_delimiter`).
+    """
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with open_binary(path) as f:
+        lines, _ = _record_lines(f)
+        first = next(lines, None)
+        if first is None:
+            return
+        delimiter = _csv_delimiter(first[1]) if first[1] is not None else ","
+        feed = _LineFeed(itertools.chain([first], lines))
+
+        def reader():
+            return csv.reader(feed, strict=True, delimiter=delimiter)
+
+        try:
+            header = next(reader())
         except StopIteration:
             return
         except csv.Error as err:
             raise DocumentError(f"cannot read the CSV header: {err}") from None
-        reader = csv.reader(feed, strict=True)
+        rows = reader()
         while True:
             feed.start()
             try:
-                row = next(reader)
+                row = next(rows)
             except StopIteration:
                 return
             except _LineError as err:
                 yield feed.resync(), None, str(err)
-                reader = csv.reader(feed, strict=True)
+                rows = reader()
                 continue
             except csv.Error as err:
                 yield feed.resync(), None, f"malformed CSV row: {err} (an unterminated or stray quote?)"
-                reader = csv.reader(feed, strict=True)
+                rows = reader()
                 continue
             if not row:
                 continue
             line = feed.current[0][0]
             if len(row) != len(header):
                 yield line, None, (f"CSV row has {len(row)} fields but the header has {len(header)} "
-                                   f"(an unquoted comma or quote?)")  # fmt: skip
+                                   f"(an unquoted {_DELIMITER_NAMES[delimiter]} or quote?)")  # fmt: skip
                 continue
             yield line, dict(zip(header, row)), None
 
@@ -600,12 +688,20 @@ ROW_READERS: dict[str, Callable[[Path], Iterator[Row]]] = {".jsonl": jsonl_rows,
 
 
 def iter_rows(path: Path) -> Iterator[Row]:
-    """(number, record, problem) for each row of a JSONL/CSV/parquet file, streamed.
+    """(number, record, problem) for each row of a JSONL/CSV/parquet file, streamed; `.jsonl.gz` and
+    `.csv.gz` are decompressed as they are read.
 
-    Raises DocumentError when the file as a whole cannot be read.
+    Raises DocumentError when the file as a whole (or the rest of it) cannot be read.
     """
+    suffix = format_suffix(path)
+    if suffix not in ROW_READERS:
+        raise DocumentError(f"not a record file (JSONL, CSV or parquet): {printable(path.name)}")
+    if suffix == ".parquet" and gzipped(path):  # parquet reads its footer first: a gzip stream has none to seek to
+        raise DocumentError("a gzipped parquet file is not read (parquet is compressed inside): gunzip it first")
     try:
-        yield from ROW_READERS[path.suffix.lower()](path)
+        yield from ROW_READERS[suffix](path)
+    except _GZIP_ERRORS as err:  # damaged or cut short: the rows before it were read
+        raise DocumentError(f"cannot read records: {_read_problem(err)}") from None
     except (OSError, ValueError) as err:  # unreadable file, broken parquet footer...
         raise DocumentError(f"cannot read records: {err}") from None
 
@@ -636,21 +732,101 @@ def _patterns(glob: str) -> list[str]:
 
 
 def _matches(relative: str, name: str, patterns: list[str]) -> bool:
-    """Case-insensitive: `*.txt` matches `NOTES.TXT`; a pattern with `/` matches the relative path."""
-    return any(fnmatch.fnmatchcase(relative.lower() if "/" in p else name.lower(), p) for p in patterns)
+    """Case-insensitive: `*.txt` matches `NOTES.TXT`; a pattern with `/` matches the relative path.
+
+    A gzipped file matches as its name without `.gz` does (`*.txt` finds `notes.txt.gz`): it is read
+    decompressed, as that name says, so a folder of compressed texts needs no other --glob.
+    """
+
+    def match(relative: str, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(relative.lower() if "/" in p else name.lower(), p) for p in patterns)
+
+    if match(relative, name):
+        return True
+    return name.lower().endswith(GZIP_SUFFIX) and match(relative[: -len(GZIP_SUFFIX)], name[: -len(GZIP_SUFFIX)])
 
 
-def list_folder(folder: Path, glob: str = DEFAULT_GLOB) -> list[Path]:
-    """Files under `folder` (recursive, sorted) whose name matches one of the comma-separated patterns."""
-    patterns = _patterns(glob)
-    found = []
-    for root, dirs, files in os.walk(folder):
+def _own_name(name: str, output: str) -> bool:
+    """Is `name` the output file's name `output` or that of a file longsum keeps beside it?
+
+    Those files (their names are made in `longsum.store` and `longsum.distributed`; the test
+    `test_22_12_every_file_beside_the_output_is_left_out` checks them against those functions):
+    OUTPUT, OUTPUT.run.json (the sidecar), OUTPUT.lock, OUTPUT.part<N> (a launched run's part files),
+    .OUTPUT.<PID>.compact (compaction) and .OUTPUT.run.json.<PID>.tmp (the sidecar's atomic write).
+    Names are compared as strings: an output named `out[1].jsonl` is no pattern.
+    """
+
+    def number(text: str) -> bool:
+        return text.isascii() and text.isdigit()
+
+    if name in (output, f"{output}.run.json", f"{output}.lock"):
+        return True
+    if name.startswith(f"{output}.part"):
+        return number(name[len(output) + 5 :])
+    for prefix, suffix in ((f".{output}.", ".compact"), (f".{output}.run.json.", ".tmp")):
+        if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+            return number(name[len(prefix) : -len(suffix)])
+    return False
+
+
+def output_files(output: str | None) -> Callable[[str], bool]:
+    """Whether a resolved path (`os.path.realpath`) is the output `output` or one of longsum's files
+    beside it (`_own_name`), which a folder input never reads: so an output inside an input folder
+    that the --glob matches (`summarize docs/ --glob '*' -o docs/out.jsonl`) is left out alike on the
+    first run, when it does not exist yet, and on every rerun, which then resumes. They are looked
+    for beside the output as named and beside the file it links to (where a symlinked output's
+    sidecar, lock and part files are, `longsum.store.ResultStore`). None or `-`: nothing is.
+    """
+    if not output or output == "-":
+        return lambda real: False
+    named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(output))), os.path.basename(output))
+    places = {os.path.split(named), os.path.split(os.path.realpath(output))}
+
+    def own(real: str) -> bool:
+        folder, name = os.path.split(real)
+        return any(folder == place and _own_name(name, output_name) for place, output_name in places)
+
+    return own
+
+
+def _folder_entries(folder: Path, patterns: list[str],
+                    skip: Callable[[str], bool]) -> tuple[list[tuple[str, Path]], list[Path]]:  # fmt: skip
+    """((kind, path) of each file under `folder` whose name matches, sorted; the matching files that
+    `skip` left out, by their resolved path).
+
+    kind: `file` or `records` (by `format_suffix`); `broken` for a link that leads nowhere (a dangling
+    link, a loop, a target that cannot be reached) and `device` for a FIFO, socket or device: they
+    get an error record each, never silence (a dangling `a.txt` is a document the user expects read).
+    """
+    found, skipped = [], []
+    for root, dirs, files in os.walk(folder):  # a link to a folder is in `dirs` and not followed
         dirs.sort()
+        real_root = os.path.realpath(root)
         for name in sorted(files):
             path = Path(root) / name
-            if _matches(path.relative_to(folder).as_posix(), name, patterns) and path.is_file():
-                found.append(path)
-    return found
+            if not _matches(path.relative_to(folder).as_posix(), name, patterns):
+                continue
+            # Non-strict: a dangling link to the output (first run) resolves to it as the output will (rerun).
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_root, name)
+            if skip(real):
+                skipped.append(path)
+                continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                found.append(("broken", path))
+                continue
+            if stat.S_ISREG(mode):
+                found.append(("records" if format_suffix(path) in RECORD_SUFFIXES else "file", path))
+            elif not stat.S_ISDIR(mode):  # (a folder only when made meanwhile: walked next time)
+                found.append(("device", path))  # a FIFO would block with no writer: never read
+    return found, skipped
+
+
+def list_folder(folder: Path, glob: str = DEFAULT_GLOB, output: str | None = None) -> list[Path]:
+    """Files under `folder` (recursive, sorted) whose name matches one of the comma-separated patterns,
+    but the output's (`output_files`)."""
+    return [path for _, path in _folder_entries(folder, _patterns(glob), output_files(output))[0]]
 
 
 def _special(mode: int) -> str | None:
@@ -661,20 +837,41 @@ def _special(mode: int) -> str | None:
     return None
 
 
+def _not_a_document(path: Path) -> str:
+    """Why a folder's entry of kind `device` or `broken` (or a device named on the command line) is not read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if os.path.islink(path) and err.errno == errno.ENOENT:
+            return f"broken link: its target {printable(os.readlink(path))} does not exist"
+        if err.errno == errno.ELOOP:
+            return "broken link: a loop of symbolic links"
+        return f"cannot read: {err.strerror or err}"
+    return f"not a regular file: {_special(mode) or ('FIFO' if stat.S_ISFIFO(mode) else 'an unknown kind')}"
+
+
 def _kind(path: Path) -> str:
     mode = path.stat().st_mode
     if stat.S_ISDIR(mode):
         return "folder"
     if _special(mode):  # /dev/zero, /dev/urandom, a disk: endless or not a document; never read
         return "device"
-    suffix = path.suffix.lower()
-    if suffix in RECORD_SUFFIXES:
+    if format_suffix(path) in RECORD_SUFFIXES:
         return "records"
     return "file" if stat.S_ISREG(mode) else "pipe"
 
 
-def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB) -> InputPlan:
-    """Resolve the command line's inputs; raises LongsumError for a missing path or when nothing matched."""
+def _some(paths: list[Path], most: int = 2) -> str:
+    names = [printable(p.name) for p in paths[:most]]
+    return ", ".join(names) + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB, output: str | None = None) -> InputPlan:
+    """Resolve the command line's inputs; raises LongsumError for a missing path or when nothing matched.
+
+    `output`: the run's output; its files are left out of folders (`output_files`), with a warning.
+    Named on the command line, it is an input still (the caller refuses that).
+    """
     if not inputs:
         raise LongsumError("name at least one input: a file, a folder, '-' for stdin, or a JSONL/CSV/parquet file")
     missing = [p for p in inputs if p != "-" and not Path(p).exists()]
@@ -682,9 +879,11 @@ def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB) -> InputPlan:
         raise LongsumError(f"input path does not exist: {printable(missing[0])}")
     if inputs.count("-") > 1:
         raise LongsumError("'-' (stdin) can be named once")
-    if not _patterns(glob):
+    patterns = _patterns(glob)
+    if not patterns:
         raise LongsumError(f"--glob '{glob}' has no pattern; use e.g. '*.txt,*.md'")
     max_document_bytes()  # a bad LONGSUM_MAX_DOCUMENT_MB: refused now, before any work
+    skip = output_files(output)
     plan = InputPlan()
     # resolved path, escaped (the key) -> (path, as given): the same file named twice is read once
     seen: dict[str, tuple[str, str]] = {}
@@ -695,17 +894,20 @@ def plan_inputs(inputs: list[str], glob: str = DEFAULT_GLOB) -> InputPlan:
         path = Path(item)
         kind = _kind(path)
         if kind == "folder":
-            files = list_folder(path, glob)
-            if not files:
+            entries, skipped = _folder_entries(path, patterns, skip)
+            if skipped:
+                plan.warnings.append(f"left out of {printable(item)}: {_some(skipped)} (the output {printable(output)} "
+                                     f"and the files beside it are not inputs)")  # fmt: skip
+            if not entries:
                 plan.unmatched.append(item)
                 plan.warnings.append(
                     f"no file in {printable(item)} matches '{glob}' (matched case-insensitively; use --glob)"
                 )
-            entries = [("file", f) if f.suffix.lower() not in RECORD_SUFFIXES else ("records", f) for f in files]
         else:
             entries = [(kind, path)]
         for entry_kind, entry in entries:
-            real = str(entry.resolve()) if entry_kind != "pipe" else str(entry)
+            # os.path.realpath, not Path.resolve: that raises on a loop of links (kind `broken`)
+            real = os.path.realpath(entry) if entry_kind != "pipe" else str(entry)
             key = printable(real)
             if key in seen and seen[key][0] == real:
                 plan.warnings.append(f"{printable(str(entry))} is also named as {seen[key][1]}: read once")
@@ -739,15 +941,11 @@ def iter_documents(plan: InputPlan, text_field: str | None = None, id_field: str
             yield read_stream(stdin or sys.stdin.buffer, "stdin")
         elif kind == "file":
             yield read_text_file(path)
-        elif kind == "device":
+        elif kind in ("device", "broken"):
+            yield Document(str(path), error=_not_a_document(path), path=os.path.realpath(path))
+        elif kind == "pipe" and format_suffix(path) not in RECORD_SUFFIXES:
             try:
-                what = _special(path.stat().st_mode)
-            except OSError as err:
-                what = f"cannot read: {err.strerror or err}"
-            yield Document(str(path), error=f"not a regular file: {what}", path=os.path.realpath(path))
-        elif kind == "pipe" and path.suffix.lower() not in RECORD_SUFFIXES:
-            try:
-                with open(path, "rb") as f:  # closed before the document is handed on
+                with open_binary(path) as f:  # closed before the document is handed on
                     doc = read_stream(f, "pipe")
             except OSError as err:
                 doc = Document(str(path), error=f"cannot read: {err.strerror or err}")
@@ -756,20 +954,53 @@ def iter_documents(plan: InputPlan, text_field: str | None = None, id_field: str
             yield from _record_documents(path, *source_name(path, kind), fields, id_field)
 
 
+def record_id(value: Any) -> Any:
+    """The id of a record (its --id-field value) as its output record will carry it; None: it has none.
+
+    JSON's view of the id is kept: a string stays that string, any other JSON value stays that value
+    (`1`, `true`, `{"a": 1}`: not Python's `True` or `{'a': 1}`), as it reads back from JSON (a
+    parquet map's tuples become lists). A value that JSON cannot hold (a parquet timestamp, bytes,
+    NaN) is its text.
+    """
+    if value is None or value == "" or isinstance(value, str):
+        return value or None
+    if type(value) in (int, bool) or (type(value) is float and math.isfinite(value)):
+        return value  # (the common case, a number: no round trip through JSON)
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def shown_id(value: Any) -> str:
+    """An id as messages show it: `'a'` for a string, its compact JSON text for any other value (`1`, `true`)."""
+    return repr(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _id_key(value: Any) -> str:
+    """What tells two ids of one record file apart in the output: the store's key for them. Ids it
+    does not tell apart are duplicates here, so no two documents ever share a key."""
+    return record_key({"id": value, "source": "", "path": ""})[1]
+
+
 def _record_documents(path: Path, source: str, real: str | None, fields: tuple[str, ...],
                       id_field: str | None) -> Iterator[Document]:  # fmt: skip
-    first_line: dict[str, int] = {}  # id -> line where it first appeared (every id used in this file)
+    # `_id_key` of every id used in this file -> the line where it first appeared, negative for an id
+    # that is not a string (one int per record: this grows with the file)
+    first: dict[str, int] = {}
     n_records = 0
+    unreadable = False  # the file (or its rest) could not be read: that one error record says so
     name = printable(path.name) if real is not None else source
 
     def unused(doc_id: str) -> str:  # a positional id that a record already took as its own id
         k = 2
-        while f"{doc_id}#{k}" in first_line:
+        while f"{doc_id}#{k}" in first:
             k += 1
-        return doc_id if doc_id not in first_line else f"{doc_id}#{k}"
+        return doc_id if doc_id not in first else f"{doc_id}#{k}"
 
-    def document(doc_id: str, line: int, error: str | None = None, text: str | None = None) -> Document:
-        first_line.setdefault(doc_id, line)
+    def document(doc_id: Any, line: int, error: str | None = None, text: str | None = None) -> Document:
+        if isinstance(doc_id, str):  # (its own key; another id was taken before it got here)
+            first.setdefault(doc_id, line)
         return Document(doc_id, source, None if text is None else record_string_text(text), error, real)
 
     try:
@@ -779,20 +1010,28 @@ def _record_documents(path: Path, source: str, real: str | None, fields: tuple[s
             if record is None:
                 yield document(unused(positional), n, error=problem)
                 continue
-            value = record.get(id_field or "id")
-            doc_id = positional if value is None or value == "" else str(value)
-            if _SURROGATES.search(doc_id):  # JSON's "\ud800": escaping it would break the user's join silently
-                yield document(unused(positional), n, error=f"id {doc_id!r} is not valid Unicode (a lone "
+            doc_id = record_id(record.get(id_field or "id"))
+            if doc_id is None:
+                doc_id = positional
+            string = isinstance(doc_id, str)
+            # JSON's "\ud800" (in a string, or in a list or object): escaping it would break the user's join
+            if _SURROGATES.search(doc_id if string else shown_id(doc_id) if isinstance(doc_id, (list, dict)) else ""):
+                yield document(unused(positional), n, error=f"id {shown_id(doc_id)} is not valid Unicode (a lone "
                                "surrogate): give the record a valid id")  # fmt: skip
                 continue
-            if doc_id in first_line:
-                yield document(unused(positional), n, error=f"duplicate id {doc_id!r} (first at line "
-                               f"{first_line[doc_id]} of {source}); give every record its own id")  # fmt: skip
+            key = doc_id if string else _id_key(doc_id)
+            if key in first:
+                line = first[key]
+                # The store keys ids by their text: 1 and "1" are one key there, and this says why
+                how = "" if (line >= 0) == string else ", as a string there" if line >= 0 else ", not as a string there"
+                yield document(unused(positional), n, error=f"duplicate id {shown_id(doc_id)} (first at line "
+                               f"{abs(line)} of {source}{how}); give every record its own id")  # fmt: skip
                 continue
-            first_line[doc_id] = n
+            first[key] = n if string else -n
             text, problem = record_text(record, fields)
             yield document(doc_id, n, error=problem) if problem else document(doc_id, n, text=text)
     except DocumentError as err:
+        unreadable = True
         yield document(unused(name), 0, error=str(err))
-    if n_records == 0:
+    if n_records == 0 and not unreadable:  # (an unreadable file has its record already: one per file)
         yield document(unused(name), 0, error="no records in this file")

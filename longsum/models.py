@@ -369,11 +369,41 @@ def load_weights(cls, folder: Path, **kwargs):
                              f"loading refused a pickle that could run code); use safetensors weights") from None  # fmt: skip
     except OSError as err:
         raise ModelLoadError(f"cannot load weights from {folder}: {_first_line(err)}") from None
+    except RuntimeError as err:  # transformers: "ignore_mismatched_sizes ..." / "size mismatch for ..."
+        if "mismatched_sizes" not in str(err) and "size mismatch" not in str(err):
+            raise
+        example = _first_mismatch(cls, kwargs.get("config"), folder)
+        raise ModelLoadError(f"the config.json in {folder} does not match its weights{example}: restore the "
+                             f"checkpoint's own config.json (or save the model again)") from None  # fmt: skip
     except Exception as err:  # noqa: BLE001  safetensors' own error type: a cut or corrupt file
         if type(err).__name__ != "SafetensorError" and "safetensors" not in type(err).__module__:
             raise
         raise ModelLoadError(f"the weights in {folder} are incomplete or corrupt ({_first_line(err)}): an interrupted "
                              f"download or copy? Fetch or copy them again") from None  # fmt: skip
+
+
+def _first_mismatch(cls, config, folder: Path) -> str:
+    """' (KEY: WEIGHTS in the weights, CONFIG from config.json)' for the first tensor whose shape
+    differs, read from the safetensors headers and a model built on the meta device (no memory);
+    '' when it cannot tell (.bin weights, renamed keys)."""
+    import torch
+    from safetensors import safe_open
+
+    if config is None:
+        return ""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls._from_config(config).state_dict().items()}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                for key in f.keys():
+                    shape = tuple(f.get_slice(key).get_shape())
+                    want = expected.get(key)
+                    if want is not None and want != shape:
+                        return f" ({key}: {list(shape)} in the weights, {list(want)} from config.json)"
+    except Exception:  # noqa: BLE001  only an example for the message: never in the way of the error
+        return ""
+    return ""
 
 
 def _first_line(err: BaseException) -> str:

@@ -75,6 +75,11 @@ FAMILIES = {
 }
 T5_TYPES = ("t5", "mt5")  # converted to LongT5 (`--to`), not to LSG
 
+# Model types whose encoder positions are relative (T5), rotary (T5Gemma) or sinusoids computed for
+# any length (PEGASUS-X): an input past `max_position_embeddings` still runs. Every other family looks
+# its positions up in a table, and an input past the table fails.
+UNBOUNDED_POSITIONS = ("t5", "mt5", "longt5", "pegasus_x", "t5gemma", "t5gemma2")
+
 # Stock seq2seq model types `load_model` is tested with (LSG ones come from FAMILIES).
 STOCK_SEQ2SEQ = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "led", "pegasus_x", "bigbird_pegasus")
 

@@ -61,7 +61,9 @@ def run(cfg: SummarizeConfig) -> int:
     from longsum.generation import plan_settings
     from longsum.models import fingerprint, locate
 
-    plan = plan_inputs(cfg.inputs, cfg.glob)  # a missing path, or nothing at all to read: error now
+    # A missing path, or nothing at all to read: error now. The output's own files are left out of
+    # folders (a rerun must see the inputs the first run saw); named as an input, the output is refused.
+    plan = plan_inputs(cfg.inputs, cfg.glob, output=cfg.output)
     _check_output_is_not_an_input(cfg.output, plan)
     dist = distributed.init()
     device = dist.device(cfg.device)

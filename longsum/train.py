@@ -5,6 +5,19 @@ DDP/DeepSpeed/FSDP under `accelerate launch` or `torchrun`. longsum adds: its da
 Hub ids, local files), tokenization cached on disk, LSG-aware padding (inputs padded to whole
 blocks), ROUGE through the eval code, a JSONL log and PNG curves, loud NaN and out-of-memory
 messages, and the effective configuration saved beside the final model.
+
+An output folder holds one run, named by its `train_run.json` (written when training starts): the model's
+weights (fingerprint), the training data and the settings that define the run (`RUN_SETTINGS`). `train`
+into a folder that holds a run is refused unless it is `--resume`d (then the model, data and those
+settings must be the run's: the checkpoint's weights, optimizer, scheduler and data position carry
+them, so a changed value would be ignored or silently mixed in) or `--overwrite` (then what longsum
+train wrote there is removed first, and nothing else). What may change on `--resume`: how long the run
+goes (--max-steps, --num-train-epochs), evaluation, checkpoint and logging settings, precision,
+memory and parallelism options (--bf16, --fp16, --gradient-checkpointing, --deepspeed, --fsdp),
+--report-to, and the training_args fields named in `_CHANGEABLE_PREFIXES`.
+
+Every setting is checked before a model or data is loaded: the transformers arguments are built
+first (they check most values) and their refusals become one `LongsumError` line.
 """
 
 from __future__ import annotations
@@ -55,7 +68,7 @@ class TrainConfig:
     num_train_epochs: float = setting(3.0, "Epochs (ignored when --max-steps is set).", OPTIM, low=0, strict=True)
     max_steps: int = setting(-1, "Total optimizer steps, overriding epochs (-1: use epochs).", OPTIM, low=-1)
     weight_decay: float = setting(0.0, "AdamW weight decay.", OPTIM, low=0)
-    seed: int = setting(42, "Random seed.", OPTIM)
+    seed: int = setting(42, "Random seed.", OPTIM, low=0, high=2**32 - 1)  # numpy's seed range
     bf16: bool = setting(False, "bf16 mixed precision.", MEMORY)
     fp16: bool = setting(False, "fp16 mixed precision.", MEMORY)
     gradient_checkpointing: bool = setting(False, "Trade compute for memory.", MEMORY)
@@ -67,8 +80,10 @@ class TrainConfig:
     save_steps: int = setting(500, "Checkpoint every N steps.", EVAL, low=1)
     save_total_limit: int | None = setting(2, "Checkpoints kept.", EVAL, low=1)
     logging_steps: int = setting(10, "Log every N steps.", EVAL, low=1)
-    resume: str | None = setting(None, "Continue: alone = the newest complete checkpoint, or a checkpoint path.",
-                                 EVAL)  # fmt: skip
+    resume: str | None = setting(None, "Continue: alone = the newest complete checkpoint, or a checkpoint path "
+                                       "(the run's model, data and hyper-parameters must match).", EVAL)  # fmt: skip
+    overwrite: bool = setting(False, "Start a new run in an --output-dir that holds one: first removes what "
+                                     "longsum train wrote there (checkpoints, final/, logs).", EVAL)  # fmt: skip
     report_to: str = setting("none", "none, tensorboard, wandb... (passed to the Trainer).", EVAL)
     # Any other Seq2SeqTrainingArguments field, from --config only.
     training_args: dict = setting({}, "Seq2SeqTrainingArguments fields.", cli=False)
@@ -82,6 +97,8 @@ class TrainConfig:
             raise LongsumError("--max-steps must be >= 1, or -1 to train for --num-train-epochs")
         if self.bf16 and self.fp16:
             raise LongsumError("choose one of --bf16 and --fp16")
+        if self.resume and self.overwrite:
+            raise LongsumError("choose one of --resume (continue the run) and --overwrite (start it over)")
 
 
 def load_config_file(path: str) -> dict:
@@ -106,16 +123,28 @@ def load_config_file(path: str) -> dict:
     ours = {f.name for f in dataclasses.fields(TrainConfig)} - {"training_args"}
     theirs = typing.get_type_hints(Seq2SeqTrainingArguments)
     config = from_mapping(TrainConfig, {k: v for k, v in data.items() if str(k).replace("-", "_") in ours}, where)
+    # Seq2SeqTrainingArguments fields go at the top level or, as the setting is named, under `training_args:`.
+    nested = data.get("training_args", {})
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, dict):
+        raise LongsumError(f"{where}: training_args must be a mapping of Seq2SeqTrainingArguments fields to values")
+    entries = [(k, v, str(k)) for k, v in data.items() if k != "training_args"]
+    entries += [(k, v, f"training_args.{k}") for k, v in nested.items()]
     extra = {}
-    for key, value in data.items():
+    for key, value, shown in entries:
         name = str(key).replace("-", "_")
         if name in ours:
+            if shown != str(key):  # would reach Seq2SeqTrainingArguments beside longsum's own value of it
+                raise LongsumError(f"{where}: {shown} is a longsum train option: write {key} at the top level")
             continue
         if name not in theirs:
-            raise LongsumError(f"unknown key '{key}' in {where} (not a longsum train option nor a "
+            raise LongsumError(f"unknown key '{shown}' in {where} (not a longsum train option nor a "
                                f"Seq2SeqTrainingArguments field)")  # fmt: skip
+        if name in extra:
+            raise LongsumError(f"{where}: {name} is given twice (at the top level and under training_args); keep one")
         simple = theirs[name] in (int, float, bool, str) or _optional_simple(theirs[name])
-        extra[name] = coerce(theirs[name], value, str(key), where) if simple else value
+        extra[name] = coerce(theirs[name], value, shown, where) if simple else value
     if extra:
         config["training_args"] = extra
     return config
@@ -201,7 +230,7 @@ def _tokenized(cfg: TrainConfig, data, split: str, tokenizer, max_source: int):
 def run(cfg: TrainConfig) -> Path:
     """Train; returns the final model folder."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
     from longsum.generation import model_max_source_length
     from longsum.models import load_model
@@ -210,8 +239,10 @@ def run(cfg: TrainConfig) -> Path:
         raise LongsumError(f"--save-steps ({cfg.save_steps}) must be a multiple of --eval-steps ({cfg.eval_steps}) "
                            f"to keep the best checkpoint by rougeLsum")  # fmt: skip
     out = Path(cfg.output_dir)
+    args = training_arguments(cfg)  # every setting checked, before minutes of loading and tokenizing
     _check_output_dir(out)
     resume = _resume_point(cfg, out)
+    folder = RunFolder(cfg, out, resume, main=args.process_index == 0)
 
     model, tokenizer = load_model(cfg.model, device="cpu", dtype="fp32")
     model.train()
@@ -222,8 +253,80 @@ def run(cfg: TrainConfig) -> Path:
 
     block = getattr(model.config, "block_size", None) if hasattr(model.config, "sparsity_type") else None
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=block)
-    args = Seq2SeqTrainingArguments(
-        output_dir=str(out),
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    log_path = out / "train_log.jsonl"
+    guard = _make_guard(log_path)
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=_rouge_metrics(tokenizer) if eval_set is not None else None,
+        callbacks=[guard],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
+    if trainer.is_world_process_zero():
+        log(f"training {cfg.model} on {len(train_set)} examples "
+            f"({'resuming from ' + str(resume) if resume else 'from the start'})")  # fmt: skip
+    try:
+        if trainer.is_world_process_zero():
+            folder.start()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except torch.OutOfMemoryError:
+        raise LongsumError("out of memory: lower --per-device-batch-size (raise --gradient-accumulation-steps to "
+                           "keep the effective batch), add --gradient-checkpointing, or lower "
+                           "--max-source-length") from None  # fmt: skip
+    except OSError as err:  # a checkpoint or log that cannot be written (disk full, permissions)
+        if err.errno == errno.ENOSPC:
+            raise LongsumError(f"disk full while training into {out}: free some space (or lower --save-total-limit), "
+                               f"then continue with --resume") from None  # fmt: skip
+        raise LongsumError(
+            f"cannot write into {out}: {err.strerror or err}; fix it, then continue with --resume"
+        ) from None
+    if guard.bad_loss is not None:
+        step, value = guard.bad_loss
+        precision = "--bf16 instead of --fp16" if cfg.fp16 else ("fp32 (drop --bf16)" if cfg.bf16 else "a lower "
+                                                                  "--learning-rate")  # fmt: skip
+        raise LongsumError(f"training stopped: the loss became {value} at step {step}; try {precision}, "
+                           f"or a lower --learning-rate / more --warmup-ratio")  # fmt: skip
+
+    final = out / "final"
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
+        effective = {"longsum": asdict(cfg), "training_arguments": json.loads(args.to_json_string())}
+        (out / "train_config.json").write_text(json.dumps(effective, indent=2, default=str))
+        plot_curves(log_path, out / "train_curves.png")
+        log(f"final model: {final} (log {log_path}, curves {out / 'train_curves.png'})")
+    return final
+
+
+# ------------------------------------------------------------------------------------------ settings
+# training_args fields set by longsum itself, and the option that sets each (None: longsum's choice).
+_SET_BY = {"output_dir": "--output-dir", "per_device_train_batch_size": "--per-device-batch-size",
+           "per_device_eval_batch_size": "--per-device-batch-size", "warmup_steps": "--warmup-ratio",
+           "activation_checkpointing": "--gradient-checkpointing", "gradient_checkpointing": "--gradient-checkpointing",
+           "eval_strategy": "--eval-steps", "load_best_model_at_end": "--eval-steps",
+           "metric_for_best_model": "--eval-steps", "save_strategy": "--save-steps",
+           "generation_max_length": "--max-target-length", "generation_num_beams": "--eval-num-beams"}  # fmt: skip
+
+
+def training_arguments(cfg: TrainConfig):
+    """The run's `Seq2SeqTrainingArguments`, built before anything is loaded so that every bad
+    setting (on the command line, in --config or under training_args) is one line now, not a
+    traceback after minutes of loading. What transformers does not check here (the seed range, whether
+    a --report-to integration or DeepSpeed is installed) is checked first."""
+    import torch
+    from transformers import Seq2SeqTrainingArguments
+
+    _check_trainer_settings(cfg)
+    ours = dict(
+        output_dir=str(cfg.output_dir),
         per_device_train_batch_size=cfg.per_device_batch_size,
         per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -258,57 +361,87 @@ def run(cfg: TrainConfig) -> Path:
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         deepspeed=cfg.deepspeed,
         fsdp=cfg.fsdp or "",
-        **cfg.training_args,
     )
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False
-    log_path = out / "train_log.jsonl"
-    guard = _make_guard(log_path)
-    trainer = Seq2SeqTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=_rouge_metrics(tokenizer) if eval_set is not None else None,
-        callbacks=[guard],
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
-    if trainer.is_world_process_zero():
-        log(f"training {cfg.model} on {len(train_set)} examples "
-            f"({'resuming from ' + str(resume) if resume else 'from the start'})")  # fmt: skip
+    for key in sorted(set(cfg.training_args) & set(ours)):  # else a TypeError: "got multiple values"
+        option = _SET_BY.get(key) or (flag(key) if key in {f.name for f in dataclasses.fields(cfg)} else None)
+        how = f"use {option}" if option else "longsum train needs its own value"
+        raise LongsumError(f"training_args field {key} is set by longsum train itself ({how}): remove it from "
+                           f"--config")  # fmt: skip
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except torch.OutOfMemoryError:
-        raise LongsumError("out of memory: lower --per-device-batch-size (raise --gradient-accumulation-steps to "
-                           "keep the effective batch), add --gradient-checkpointing, or lower "
-                           "--max-source-length") from None  # fmt: skip
-    except OSError as err:  # a checkpoint or log that cannot be written (disk full, permissions)
-        if err.errno == errno.ENOSPC:
-            raise LongsumError(f"disk full while training into {out}: free some space (or lower --save-total-limit), "
-                               f"then continue with --resume") from None  # fmt: skip
-        raise LongsumError(
-            f"cannot write into {out}: {err.strerror or err}; fix it, then continue with --resume"
-        ) from None
-    if guard.bad_loss is not None:
-        step, value = guard.bad_loss
-        precision = "--bf16 instead of --fp16" if cfg.fp16 else ("fp32 (drop --bf16)" if cfg.bf16 else "a lower "
-                                                                  "--learning-rate")  # fmt: skip
-        raise LongsumError(f"training stopped: the loss became {value} at step {step}; try {precision}, "
-                           f"or a lower --learning-rate / more --warmup-ratio")  # fmt: skip
+        return Seq2SeqTrainingArguments(**ours, **cfg.training_args)
+    except (ValueError, TypeError, KeyError, ImportError, OSError, NotImplementedError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if cfg.fsdp and "fsdp" in first.lower():
+            raise LongsumError(f"--fsdp {cfg.fsdp!r} was refused by transformers ({first}); pass FSDP options such "
+                               f"as 'full_shard auto_wrap'") from None  # fmt: skip
+        raise LongsumError(f"transformers refused the training settings ({first}); fix that option or --config "
+                           f"key") from None  # fmt: skip
 
-    final = out / "final"
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(final)
-        effective = {"longsum": asdict(cfg), "training_arguments": json.loads(args.to_json_string())}
-        (out / "train_config.json").write_text(json.dumps(effective, indent=2, default=str))
-        plot_curves(log_path, out / "train_curves.png")
-        log(f"final model: {final} (log {log_path}, curves {out / 'train_curves.png'})")
-    return final
+
+def _check_trainer_settings(cfg: TrainConfig) -> None:
+    """What Seq2SeqTrainingArguments would only fail on later (or with a long list): one line each."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler_type not in schedulers:
+        raise LongsumError(f"--lr-scheduler-type {cfg.lr_scheduler_type!r} is not a scheduler; choose one of "
+                           f"{', '.join(schedulers)}")  # fmt: skip
+    optim = cfg.training_args.get("optim")
+    optimizers = [o.value for o in OptimizerNames]
+    if optim is not None and optim not in optimizers:
+        raise LongsumError(f"optim {optim!r} (--config) is not an optimizer; choose one of {', '.join(optimizers)}")
+    _check_report_to(cfg.report_to)
+    if cfg.deepspeed:
+        _check_deepspeed(cfg.deepspeed)
+
+
+# --report-to name -> (transformers' availability check, the package to install); None: no package to check.
+_INTEGRATIONS = {"azure_ml": ("is_azureml_available", "azureml-core"), "comet_ml": ("is_comet_available", "comet-ml"),
+                 "mlflow": ("is_mlflow_available", "mlflow"), "neptune": ("is_neptune_available", "neptune"),
+                 "tensorboard": ("is_tensorboard_available", "tensorboard"),
+                 "trackio": ("is_trackio_available", "trackio"), "wandb": ("is_wandb_available", "wandb"),
+                 "codecarbon": ("is_codecarbon_available", "codecarbon"),
+                 "clearml": ("is_clearml_available", "clearml"), "dagshub": ("is_dagshub_available", "dagshub"),
+                 "flyte": ("is_flyte_deck_standard_available", "flytekitplugins-deck-standard"),
+                 "dvclive": ("is_dvclive_available", "dvclive"), "swanlab": ("is_swanlab_available", "swanlab"),
+                 "kubeflow": None}  # fmt: skip
+
+
+def _check_report_to(name: str) -> None:
+    """A known integration that is installed; the Trainer would fail on either only after the loading."""
+    from transformers.integrations import integration_utils
+
+    if name in ("none", "all"):
+        return
+    known = list(getattr(integration_utils, "INTEGRATION_TO_CALLBACK", _INTEGRATIONS))
+    if name not in known:
+        raise LongsumError(f"--report-to {name!r} is not an integration transformers knows; choose none, all, or "
+                           f"one of {', '.join(known)}")  # fmt: skip
+    check, package = _INTEGRATIONS.get(name) or (None, None)
+    available = getattr(integration_utils, check, None) if check else None
+    if available is not None and not available():
+        raise LongsumError(f"--report-to {name} needs the {package} package, which is not installed: "
+                           f"pip install {package}, or --report-to none")  # fmt: skip
+
+
+def _check_deepspeed(path: str) -> None:
+    import importlib.util
+
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise LongsumError(f"cannot read --deepspeed {path}: {err.strerror or err}; pass a DeepSpeed JSON config "
+                           f"(for example examples/configs/ds_zero2.json)") from None  # fmt: skip
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise LongsumError(f"--deepspeed {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise LongsumError(f"--deepspeed {path} must hold a JSON object (a DeepSpeed config)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LongsumError("--deepspeed needs the deepspeed package, which is not installed: pip install deepspeed "
+                           "(on a machine with CUDA), or leave out --deepspeed")  # fmt: skip
 
 
 def _checkpointing_argument(arguments_class, enabled: bool) -> dict:
@@ -363,9 +496,7 @@ def last_complete_checkpoint(out: Path, report: bool = False) -> Path | None:
 
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     if cfg.resume is None:
-        if last_complete_checkpoint(out):
-            note(f"{out} already has checkpoints; pass --resume to continue from the last one")
-        return None
+        return None  # a folder that already holds a run is refused (or emptied by --overwrite) by RunFolder
     if cfg.resume == "auto":
         last = last_complete_checkpoint(out, report=True)
         if last is None:
@@ -378,6 +509,243 @@ def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
         raise LongsumError(f"--resume {cfg.resume} is an incomplete checkpoint (interrupted while being saved); "
                            f"pass an earlier one, or --resume alone for the newest complete one")  # fmt: skip
     return path
+
+
+# ------------------------------------------------------------------------------------------ run folder
+RUN_RECORD = "train_run.json"  # not "run.json": `longsum eval` writes that name into its --output-dir
+RUN_FORMAT = "longsum-train-run"
+# Settings that define a run besides its model and training data: a checkpoint carries them (its
+# optimizer and scheduler state, its position in the seeded, batched data), so a resumed run must have
+# the values it started with. The held-out rows (--eval-steps without --eval-dataset on a local file)
+# and the training_args fields not in _CHANGEABLE_PREFIXES count too.
+RUN_SETTINGS = ("dataset_config", "train_split", "text_column", "summary_column", "limit", "max_source_length",
+                "max_target_length", "per_device_batch_size", "gradient_accumulation_steps", "learning_rate",
+                "lr_scheduler_type", "warmup_ratio", "weight_decay", "seed")  # fmt: skip
+# Settings that may change on --resume: they take effect in the continued run.
+RESUMABLE_SETTINGS = ("output_dir", "eval_dataset", "eval_split", "num_train_epochs", "max_steps", "bf16", "fp16",
+                      "gradient_checkpointing", "deepspeed", "fsdp", "eval_steps", "eval_limit", "eval_num_beams",
+                      "save_steps", "save_total_limit", "logging_steps", "resume", "overwrite", "report_to")  # fmt: skip
+_CHANGEABLE_PREFIXES = ("logging_", "save_", "eval_", "dataloader_", "report_", "hub_", "push_to_hub", "run_name",
+                        "disable_tqdm", "torch_empty_cache_steps", "ddp_timeout")  # fmt: skip
+_DATA_KEYS = {"model", "dataset", "dataset_config", "train_split", "text_column", "summary_column", "limit",
+              "held_out", "max_source_length", "max_target_length"}  # fmt: skip
+# What longsum train (and the Trainer under it) writes in --output-dir: all that --overwrite removes.
+_WRITTEN = (RUN_RECORD, "train_log.jsonl", "train_config.json", "train_curves.png", "final", "cache", "runs")
+_RUN_MARKS = (RUN_RECORD, "train_log.jsonl", "train_config.json", "final")  # with checkpoint-N: "holds a run"
+
+
+class RunFolder:
+    """The run an --output-dir holds, checked before anything is loaded (module docstring): a new run
+    into a folder that holds one is refused (or, with --overwrite, what longsum train wrote there is
+    removed); a --resume must be of the same model, data and RUN_SETTINGS. `start()` (main process,
+    when training starts) records the run in RUN_RECORD."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, resume: Path | None, *, main: bool = True):
+        from longsum import __version__
+
+        self.out, self.main, self.path = out, main, out / RUN_RECORD
+        self.identity = run_identity(cfg)  # the model fingerprint and the data first: a bad --model fails here
+        self.info = {"model": cfg.model, "dataset": cfg.dataset, "longsum": __version__}
+        self.resume_step = _global_step(resume) if resume is not None else 0
+        found = _run_entries(out) if cfg.resume is None else []
+        if found:
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            if not cfg.overwrite:
+                raise LongsumError(f"--output-dir {out} already holds a training run ({shown}): use --resume to "
+                                   f"continue it, or --overwrite / another --output-dir to start a new one")  # fmt: skip
+            if not _is_ours(out):
+                raise LongsumError(f"--output-dir {out} holds {shown} but no record of longsum train ({RUN_RECORD}, "
+                                   f"train_log.jsonl): --overwrite leaves them; remove them yourself or choose "
+                                   f"another --output-dir")  # fmt: skip
+            _wait_for_everyone()  # every process has looked before the main one removes anything
+            if main:
+                removed = _remove_run(out)
+                note(f"--overwrite: removed the previous run in {out} ({', '.join(removed)}); other files there "
+                     f"are left")  # fmt: skip
+        elif cfg.resume is not None:
+            folders = [out] + ([resume.parent] if resume is not None else [])
+            checked = [f for f in dict.fromkeys(p.resolve() for p in folders) if self._check(f)]
+            if not checked and resume is not None and main:
+                note(f"{resume.parent} has no {RUN_RECORD} (an older longsum started the run): its model, data and "
+                     f"settings cannot be checked; this run's are recorded now")  # fmt: skip
+        _wait_for_everyone()  # nothing is written (run record, tokenization cache) before every process checked
+
+    def _check(self, folder: Path) -> bool:
+        """Whether `folder` has a run record; refuses (one line) one whose identity is not this run's."""
+        record = _read_record(folder / RUN_RECORD)
+        if record is None:
+            return False
+        parts, data = identity_changes(record.get("identity") or {}, self.identity, record, self.info)
+        if not parts:
+            return True
+        if data:
+            raise LongsumError(f"--resume: {folder} is a run of another model or data ({'; '.join(parts)}); pass "
+                               f"the run's --model, --dataset and data options to continue it, or start a new run "
+                               f"in another --output-dir (or with --overwrite)")  # fmt: skip
+        raise LongsumError(f"--resume cannot change what the checkpoint's optimizer, scheduler and data position "
+                           f"carry ({'; '.join(parts)}): pass the run's values to continue it, or start a new run "
+                           f"in another --output-dir")  # fmt: skip
+
+    def start(self) -> None:
+        """Record the run (once: a resumed run keeps its record) and drop log lines past the step it
+        starts from (what a killed run logged after its last checkpoint would repeat, mixed)."""
+        from longsum.provenance import now
+        from longsum.store import write_json_atomic
+
+        if not self.path.exists():
+            write_json_atomic(self.path, {"format": RUN_FORMAT, "format_version": 1, "identity": self.identity,
+                                          **self.info, "created": now()})  # fmt: skip
+        log_path = self.out / "train_log.jsonl"
+        if not log_path.exists():
+            return
+        kept, dropped = [], 0
+        for line in log_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                keep = isinstance(row, dict) and row.get("step", 0) <= self.resume_step
+            except ValueError:  # a line torn by a kill
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += bool(line.strip())
+        if dropped:
+            tmp = log_path.with_name(f".{log_path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, log_path)
+            note(f"left out {dropped} line(s) of {log_path} logged after step {self.resume_step}, where this run "
+                 f"continues")  # fmt: skip
+
+
+def run_identity(cfg: TrainConfig) -> dict:
+    """What a resumed run must match (JSON values): the model's weights, the training data and RUN_SETTINGS."""
+    from longsum.models import fingerprint
+
+    identity = {"model": fingerprint(cfg.model), "dataset": _dataset_identity(cfg.dataset)}
+    identity.update({name: getattr(cfg, name) for name in RUN_SETTINGS})
+    holds_out = bool(cfg.eval_steps and not cfg.eval_dataset and _is_local(cfg.dataset))
+    identity["held_out"] = cfg.eval_limit if holds_out else None  # at most this many rows are not trained on
+    identity["training_args"] = {k: v for k, v in cfg.training_args.items() if not k.startswith(_CHANGEABLE_PREFIXES)}
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def _dataset_identity(name: str) -> str:
+    """A local file by its content (moving it is fine, editing it is not); a Hub dataset by its id."""
+    from longsum.data import DATASET_ALIASES
+
+    path = Path(name)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"sha256:{digest.hexdigest()[:16]}"
+    return DATASET_ALIASES[name].hub_id if name in DATASET_ALIASES else name
+
+
+def identity_changes(old: dict, new: dict, then: dict, now: dict) -> tuple[list[str], bool]:
+    """('--learning-rate 8e-05 then, 0.001 now', ...) for what differs between two identities (`then`
+    and `now`: their run records' names of the model and dataset), and whether the model or data does."""
+    parts, data = [], False
+
+    def shown(value) -> str:
+        return "unset" if value is None else json.dumps(value)
+
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        data = data or key in _DATA_KEYS
+        if key in ("model", "dataset"):
+            what = "weights" if key == "model" else "data"
+            parts.append(f"--{key} {then.get(key)} then ({what} {a}), {now.get(key)} now ({what} {b})")
+        elif key == "held_out":
+            parts.append(f"rows held out of training for evaluation (--eval-steps without --eval-dataset, on a "
+                         f"local file) {'up to ' + str(a) if a else 'none'} then, "
+                         f"{'up to ' + str(b) if b else 'none'} now")  # fmt: skip
+        elif key == "training_args":
+            for name in sorted(set(a or {}) | set(b or {})):
+                if (a or {}).get(name) != (b or {}).get(name):
+                    parts.append(f"training_args {name} {shown((a or {}).get(name))} then, "
+                                 f"{shown((b or {}).get(name))} now")  # fmt: skip
+        else:
+            parts.append(f"{flag(key)} {shown(a)} then, {shown(b)} now")
+    return parts, data
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise LongsumError(f"cannot read {path} ({err}), which names the run in {path.parent}: restore it, or start "
+                           f"a new run in another --output-dir (or with --overwrite)") from None  # fmt: skip
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise LongsumError(f"{path} is not a longsum train run record: remove it, or choose another --output-dir")
+    return record
+
+
+def _run_entries(out: Path) -> list[str]:
+    """The names in `out` that make it a folder holding a run."""
+    import re
+
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir())
+    return [n for n in names if n in _RUN_MARKS or re.fullmatch(r"checkpoint-\d+", n)]
+
+
+def _is_ours(out: Path) -> bool:
+    """Whether longsum train recorded the run in `out` (its run record; before run records: its log or
+    its saved configuration)."""
+    if (out / RUN_RECORD).exists():
+        return _read_record(out / RUN_RECORD) is not None
+    try:
+        config = json.loads((out / "train_config.json").read_text())
+        return isinstance(config, dict) and "longsum" in config
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(out / "train_log.jsonl") as f:
+            first = json.loads(f.readline())
+        return isinstance(first, dict) and "step" in first
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_run(out: Path) -> list[str]:
+    """Remove what longsum train wrote in `out` (its names only); returns them."""
+    import re
+    import shutil
+
+    removed = []
+    for path in sorted(out.iterdir()):
+        if path.name not in _WRITTEN and not re.fullmatch(r"checkpoint-\d+", path.name):
+            continue
+        folder = path.is_dir() and not path.is_symlink()  # a link is removed, never what it points to
+        try:
+            shutil.rmtree(path) if folder else path.unlink()
+        except OSError as err:
+            raise LongsumError(f"--overwrite: cannot remove {path}: {err.strerror or err}; remove it yourself, or "
+                               f"choose another --output-dir") from None  # fmt: skip
+        removed.append(path.name + ("/" if folder else ""))
+    return removed
+
+
+def _global_step(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+def _wait_for_everyone() -> None:
+    """A barrier between the processes of a distributed run (nothing when there is one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _rouge_metrics(tokenizer):
@@ -400,8 +768,8 @@ def _rouge_metrics(tokenizer):
 
 
 def _make_guard(path: Path):
-    """A callback that writes the JSONL log and a progress line on stderr (main process), and
-    stops at the first non-finite loss."""
+    """A callback that writes the JSONL log and a progress line on stderr (main process), applies
+    this run's logging, evaluation and save intervals on --resume, and stops at the first non-finite loss."""
     import time
 
     from transformers import TrainerCallback
@@ -410,6 +778,21 @@ def _make_guard(path: Path):
         def __init__(self):
             self.bad_loss = None
             self.start = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # A resumed Trainer takes these intervals from the checkpoint's trainer_state.json, silently
+            # (a warning hidden with the library logs): the values given now are meant, so they apply.
+            changed = []
+            for kind in ("logging", "eval", "save"):
+                value = getattr(args, f"{kind}_steps")
+                strategy = getattr(args, "eval_strategy" if kind == "eval" else f"{kind}_strategy")
+                if value is None or value < 1 or getattr(strategy, "value", strategy) != "steps":
+                    continue
+                if getattr(state, f"{kind}_steps", value) != value:
+                    changed.append(f"--{kind}-steps {value} (the checkpoint's: {getattr(state, f'{kind}_steps')})")
+                    setattr(state, f"{kind}_steps", int(value))
+            if changed and state.is_world_process_zero:
+                log(f"continuing with {', '.join(changed)}")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}

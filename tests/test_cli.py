@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 from typer.testing import CliRunner
 
 from longsum import __version__
 from longsum.cli import app
+from longsum.store import read_records
 
 runner = CliRunner()
 
@@ -135,3 +138,25 @@ def test_help_shows_defaults_and_choices():
     train = runner.invoke(app, ["train", "--help"], terminal_width=300).output
     for panel in ("Model and data", "Optimization", "Precision and memory"):
         assert panel in train
+
+
+def test_22_14_an_interrupted_run_says_so_in_one_line_and_keeps_its_records(tmp_path, tiny_model_dir):
+    """Ctrl-C used to end in a silent exit 130 (Typer swallows KeyboardInterrupt): now one line that
+    says how to go on, with the records done so far on disk."""
+    N = 30  # noqa: N806  enough that the run is still going when the first record is on disk
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(N):
+        (docs / f"d{i:03}.txt").write_text(f"Document {i}. " + "Long reports need long-context models. " * 20)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "longsum", "summarize", str(docs), "-m", str(tiny_model_dir), "-o", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "interrupted; rerun the same command to resume (train: with --resume)"
+    assert "Traceback" not in err
+    assert 0 < len(read_records(out)) < N  # what was done is kept: a rerun resumes (test_summarize)

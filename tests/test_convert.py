@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from longsum.convert import order_positions, tile_positions
 from tests.conftest import random_ids
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+# Subprocesses run this checkout's code, whatever copy of longsum is installed.
+ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
 SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
              encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
              decoder_start_token_id=2)  # fmt: skip
@@ -267,7 +272,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, bart_source, tokeniz
     for name, value in subs.items():
         message = message.replace(name, value)
     proc = subprocess.run([sys.executable, "-m", "longsum", "convert", *args], capture_output=True, text=True,
-                          cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+                          cwd=tmp_path, env=ENV)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
@@ -398,3 +403,160 @@ def test_real_minilm_checkpoint_stays_close_to_the_original(tmp_path):
     with torch.no_grad():  # and it reads 4,096 tokens
         long = tokenizer(text * 3, return_tensors="pt", truncation=True, max_length=4096)
         assert lsg(**long).last_hidden_state.shape == (1, 4096, 384)
+
+
+# ------------------------------------------------------------------------------------ issue 22
+
+
+def refused(*args, cwd) -> str:
+    """Run `longsum convert ARGS` in a fresh process and return its one error line (exit code 2)."""
+    command = [sys.executable, "-m", "longsum", "convert", *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: equal snapshots mean nothing was touched."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("{src}", "output {src} is the source checkpoint {src}: converting in place would destroy it"),
+        ("{tmp}/./bart/../bart", "is the source checkpoint {src}"),
+        ("{link}", "output {link} is the source checkpoint {src}"),
+        ("{src}/lsg", "output {src}/lsg is inside the source checkpoint {src}; choose a folder outside it"),
+        ("{tmp}", "the source checkpoint {src} is inside the output folder {tmp}, which --overwrite would delete"),
+    ],
+)
+def test_22_4_output_that_is_holds_or_sits_in_the_source_is_refused(tmp_path, bart_source, output, message):
+    source, _ = bart_source
+    (tmp_path / "link").symlink_to(source, target_is_directory=True)
+    subs = {"{src}": str(source), "{tmp}": str(tmp_path), "{link}": str(tmp_path / "link")}
+    for name, value in subs.items():
+        output, message = output.replace(name, value), message.replace(name, value)
+    before = snapshot(source)
+    assert message in refused(source, output, "--max-length", 2048, "--overwrite", cwd=tmp_path)
+    assert snapshot(source) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bart", "link"]
+
+
+def test_22_4_overwrite_deletes_only_model_folders(tmp_path, bart_source):
+    from transformers import AutoTokenizer
+
+    source, stock = bart_source
+    folders = {  # name -> (files, what the refusal names)
+        "project": ({"README.md": "# My project\n", "config.json": '{"name": "app", "debug": true}'}, "it holds README.md"),
+        "notes": ({"README.md": "my notes on this model\n"}, "it holds README.md"),
+        "app": ({"config.json": '{"model_type": "my-app"}', "model.safetensors": "x"},
+                "its config.json has an unknown model_type 'my-app'"),
+        "tok": ({"config.json": (source / "config.json").read_text(), "tokenizer.json": "{}"}, "it holds no weights"),
+    }  # fmt: skip
+    for name, (files, why) in folders.items():
+        folder = tmp_path / name
+        if name == "notes":  # a real model folder, plus a user's README.md (not a model card)
+            save(stock, AutoTokenizer.from_pretrained(source), folder)
+        folder.mkdir(exist_ok=True)
+        for file, text in files.items():
+            (folder / file).write_text(text)
+        before = snapshot(folder)
+        line = refused(source, folder, "--max-length", 2048, "--overwrite", cwd=tmp_path)
+        assert f"--overwrite replaces model folders only; {folder} is not one ({why}" in line, line
+        assert snapshot(folder) == before
+    # what convert (or save_pretrained) wrote is a model folder: --overwrite replaces it
+    out = tmp_path / "lsg"
+    assert convert(source, out, "--max-length", 2048).exit_code == 0
+    result = convert(source, out, "--max-length", 4096, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 4096
+
+
+def test_22_4_source_without_a_real_tokenizer_is_refused(tmp_path, bart_source):
+    from transformers import AutoTokenizer
+
+    source, stock = bart_source
+    bare = tmp_path / "bare"
+    stock.save_pretrained(bare)  # weights and config, no tokenizer files
+    line = refused(bare, tmp_path / "out", "--max-length", 2048, cwd=tmp_path)
+    assert f"error: {bare} has no tokenizer files (none of tokenizer.json, vocab.json" in line
+    assert f"copy them from the checkpoint these weights were trained from (its Hub repo or folder) into {bare}" in line
+    # what the old convert wrote for such a source: a tokenizer.json with the special tokens only
+    AutoTokenizer.from_pretrained(bare).save_pretrained(bare)
+    assert (bare / "tokenizer.json").is_file()
+    line = refused(bare, tmp_path / "out", "--max-length", 2048, cwd=tmp_path)
+    assert f"the tokenizer in {bare} has only special tokens (its vocabulary file is missing)" in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_22_9_max_length_too_large_for_memory_or_disk_is_refused_up_front(tmp_path, bart_source, monkeypatch):
+    import longsum.convert as module
+    from longsum.convert import ConvertOptions
+    from longsum.errors import LongsumError
+
+    source, _ = bart_source
+    # 2 x 10^12 positions of 32 floats: more memory than any machine has. Refused in one line before
+    # torch is even imported (the old code was killed by the OOM killer, or died on the allocation).
+    code = (f"import sys; sys.argv = ['longsum', 'convert', {str(source)!r}, 'out', '--max-length', '1000000000000']"
+            "\nfrom longsum.cli import main\ntry:\n    main()\nexcept SystemExit:\n"
+            "    print('torch' in sys.modules, 'transformers' in sys.modules)")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=ENV)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith("error: --max-length 1000000000000 needs 2 position tables of "
+                                                "1,000,000,000,002 x 32 (238418.6 GiB in fp32"), line  # fmt: skip
+    assert "GiB is available; use --max-length" in line and not (tmp_path / "out").exists()
+
+    # with 1 GiB available: the length it advises passes the checks, one block more does not
+    monkeypatch.setattr(module, "_available_memory", lambda: 2**30)
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the checks passed: weights are being loaded")
+
+    monkeypatch.setattr(module, "_load_source", loaded)
+    with pytest.raises(LongsumError, match="GiB is available; use --max-length") as err:
+        module.convert(str(source), tmp_path / "out", ConvertOptions(max_length=10_000_000))
+    advised = int(str(err.value).split("use --max-length ")[1].split()[0])
+    assert advised > 2048 and advised % 128 == 0
+    with pytest.raises(AssertionError, match="the checks passed"):
+        module.convert(str(source), tmp_path / "out", ConvertOptions(max_length=advised))
+    with pytest.raises(LongsumError, match=f"--max-length {advised + 128} needs 2 position tables"):
+        module.convert(str(source), tmp_path / "out", ConvertOptions(max_length=advised + 128))
+    # and a disk with 1 MiB free: the saved tables (2 x 16,386 x 32 in fp32: 4 MiB) do not fit
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**40, used=0, free=2**20))
+    with pytest.raises(LongsumError, match=r"needs 2 position tables of 16,386 x 32: about 4\.\d MiB to save in fp32"):
+        module.convert(str(source), tmp_path / "out", ConvertOptions(max_length=16384))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key, value", [("encoder_ffn_dim", 128), ("max_position_embeddings", 512)])
+def test_22_13_config_that_does_not_match_the_weights_is_one_line(tmp_path, bart_source, key, value):
+    from longsum.convert import ConvertOptions
+    from longsum.convert import convert as run_convert
+    from longsum.errors import LongsumError
+
+    source, _ = bart_source
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(LongsumError) as err:  # (the CLI prints it as one `error:` line: test_cli)
+        run_convert(str(source), tmp_path / "out", ConvertOptions(max_length=2048))
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"the config.json in {source} does not match its weights"), line
+    assert line.endswith(": restore the checkpoint's own config.json (or save the model again)"), line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_22_13_symlinked_output_is_refused(tmp_path, bart_source):
+    source, _ = bart_source
+    real = tmp_path / "real"
+    assert convert(source, real, "--max-length", 2048).exit_code == 0
+    before = snapshot(real)
+    for target in (real, tmp_path / "gone"):  # a link to a model folder, a dangling link
+        link = tmp_path / "link"
+        link.unlink(missing_ok=True)
+        link.symlink_to(target, target_is_directory=True)
+        line = refused(source, link, "--max-length", 4096, "--overwrite", cwd=tmp_path)
+        assert line == f"error: output {link} is a symlink (to {target}); give the real folder"
+        assert link.is_symlink() and snapshot(real) == before and not (tmp_path / "gone").exists()

@@ -176,7 +176,13 @@ def test_two_processes_gather_before_scoring(tmp_path, tiny_model_dir, dataset):
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p["id"] for p in read_records(out / "predictions.jsonl")) == [f"ex{i}" for i in range(8)]
-    assert json.loads((out / "results.json").read_text())["examples"] == 8
+    launched = json.loads((out / "results.json").read_text())
+    assert launched["examples"] == 8
+    # 22.6: same seed, same numbers, whatever the process count (the ranks' records come in another order)
+    alone = tmp_path / "alone"
+    result = evaluate(dataset, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", alone)
+    assert result.exit_code == 0, result.output
+    assert launched["metrics"] == json.loads((alone / "results.json").read_text())["metrics"]
 
 
 def test_examples_without_reference_or_document_are_left_out_and_reported(tmp_path, tiny_model_dir):
@@ -235,3 +241,58 @@ def test_eval_reads_a_large_local_dataset_through_arrow(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert n == len(data) == 20_000 and peak < 24 << 20, f"peak {peak / 2**20:.1f} MiB"  # file: 16 MB
+
+
+def test_22_6_the_bootstrap_does_not_depend_on_the_order_records_were_written(tmp_path, tiny_model_dir, dataset):
+    """Records in another order (ranks' parts gathered, a resume) give the same intervals for the same seed."""
+    out = tmp_path / "run"
+    args = [dataset, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", out]
+    assert evaluate(*args).exit_code == 0
+    path = out / "predictions.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, r in enumerate(records):  # the tiny model's summaries all score 0: give each its own scores
+        r["scores"] = {name: float((i + j) ** 2) for j, name in enumerate(r["scores"])}
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert evaluate(*args).exit_code == 0
+    first = json.loads((out / "results.json").read_text())["metrics"]
+    assert all(m["low"] < m["mean"] < m["high"] for m in first.values())
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[3:] + records[:3]))
+    result = evaluate(*args)
+    assert result.exit_code == 0 and "0 to generate" in result.output
+    assert json.loads((out / "results.json").read_text())["metrics"] == first
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "--seed must be between 0 and 4294967295, not -1"),
+        (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
+        (["--limit", "-3"], "--limit must be >= 1, got -3"),
+        (["--compare", "{missing}"], "cannot read --compare file"),
+        (["--compare", "{not_results}"], "its 'metrics' have no means"),
+    ],
+)
+def test_22_13_eval_values_known_up_front_fail_before_any_work(tmp_path, dataset, args, message):
+    """One line, exit 2, before the data or the model is read: the model path here does not even exist."""
+    (tmp_path / "other.json").write_text(json.dumps({"metrics": {"rouge1": 3}}))
+    args = [a.replace("{missing}", str(tmp_path / "nope.json")).replace("{not_results}", str(tmp_path / "other.json"))
+            for a in args]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", str(dataset), "-m", str(tmp_path / "no-model"),
+                           *args, "--output-dir", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_22_14_a_hub_dataset_without_network_fails_fast_in_one_line(tmp_path):
+    """Where the Hub cannot be reached, `datasets` used to retry five times with backoff (six
+    "Retrying in Ns" lines, ~30 s); the probe sends it straight to its cache. `.invalid` never resolves."""
+    drop = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *(p for p in os.environ if p.lower().endswith("_proxy"))}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", "nobody/no-such-dataset", "-m", "m",
+                           "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "not cached and could not be fetched" in proc.stderr and "the Hub is unreachable: hub.invalid" in proc.stderr

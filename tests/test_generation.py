@@ -135,3 +135,44 @@ def test_linear_layers_are_packed_once_for_a_whole_run(tiny_lsg_bart, tokenizer,
         assert len(results) == 5 and len(seen) == 3 and all(s == during for s in seen), (exact, seen)
         assert all(type(m) is torch.nn.Linear and not hasattr(m, "packed")
                    for m in model.modules() if isinstance(m, torch.nn.Linear))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model_type, positions, refused",
+    [("bart", {"max_position_embeddings": 1024}, True), ("lsg_bart", {"max_position_embeddings": 1024}, True),
+     ("led", {"max_encoder_position_embeddings": 1024}, True), ("pegasus_x", {"max_position_embeddings": 1024}, False),
+     ("longt5", {}, False)],
+)  # fmt: skip
+def test_22_13_a_source_length_past_the_position_table_is_refused_up_front(tokenizer, model_type, positions, refused):
+    """Each document would fail on its own (an index past the table); a model whose positions are
+    relative or computed runs past its config's number, so it is not refused."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from longsum.errors import LongsumError
+    from longsum.generation import resolve_settings
+
+    config = SimpleNamespace(model_type=model_type, **positions)
+    ok = resolve_settings(config, GenerationConfig(), tokenizer, GenerationOptions(max_source_length=1024))
+    assert ok["max_source_length"] == 1024
+    options = GenerationOptions(max_source_length=1025)
+    if refused:
+        with pytest.raises(LongsumError, match="--max-source-length 1025 is more than the model's 1024 positions"):
+            resolve_settings(config, GenerationConfig(), tokenizer, options)
+    else:
+        assert resolve_settings(config, GenerationConfig(), tokenizer, options)["max_source_length"] == 1025
+
+
+def test_22_13_summarize_refuses_a_source_length_past_the_positions_before_any_output(tmp_path, tiny_model_dir):
+    from longsum.errors import LongsumError
+    from longsum.summarize import SummarizeConfig, run
+
+    (tmp_path / "a.txt").write_text("A short document.")
+    out = tmp_path / "out.jsonl"
+    config = SummarizeConfig(inputs=[str(tmp_path / "a.txt")], output=str(out), model=str(tiny_model_dir),
+                             device="cpu", dtype="fp32", generation=GenerationOptions(max_source_length=257))  # fmt: skip
+    with pytest.raises(LongsumError, match="^--max-source-length 257 is more than the model's 256 positions; use at "
+                                           "most 256 "):  # fmt: skip
+        run(config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]

@@ -37,7 +37,7 @@ def test_ids_that_collide_across_files_stay_distinct(tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "text": f"doc b{i}"} for i in range(1, 6)])
     docs = documents(a, b)
     assert len(docs) == 10 and len({d.key for d in docs}) == 10
-    assert [d.id for d in docs[:5]] == ["1", "2", "3", "4", "5"] == [d.id for d in docs[5:]]
+    assert [d.id for d in docs[:5]] == [1, 2, 3, 4, 5] == [d.id for d in docs[5:]]  # JSON numbers stay numbers
     assert {d.source for d in docs} == {str(a), str(b)} and all(d.error is None for d in docs)
 
 
@@ -47,7 +47,7 @@ def test_a_duplicate_id_inside_one_file_is_an_error_of_its_own(tmp_path):
                                              {"text": "no id"}])  # fmt: skip
     docs = documents(src)
     assert len(docs) == 5 and len({d.key for d in docs}) == 5  # one per record, none dropped
-    assert [d.id for d in docs] == ["a", "r.jsonl:2", "7", "r.jsonl:4", "r.jsonl:5"]
+    assert [d.id for d in docs] == ["a", "r.jsonl:2", 7, "r.jsonl:4", "r.jsonl:5"]
     assert docs[1].error == f"duplicate id 'a' (first at line 1 of {src}); give every record its own id"
     assert docs[3].error.startswith("duplicate id '7' (first at line 3")
     assert docs[0].error is docs[2].error is docs[4].error is None
@@ -205,7 +205,7 @@ def test_keys_do_not_depend_on_how_a_path_is_written(tmp_path, monkeypatch):
                  ["./link/r.jsonl", "link/../corpus/a.txt"]]  # fmt: skip
     keys = [[d.key for d in documents(*names)] for names in spellings]
     assert keys[0] == keys[1] == keys[2] and len(set(keys[0])) == 3
-    assert [d.id for d in documents(*spellings[0])] == ["1", "r.jsonl:2", "corpus/a.txt"]  # ids as given
+    assert [d.id for d in documents(*spellings[0])] == [1, "r.jsonl:2", "corpus/a.txt"]  # ids as given
 
 
 # ------------------------------------------------------------------------------------------ issue 22
@@ -365,3 +365,318 @@ def test_22_8_a_record_line_past_the_limit_is_an_error_and_the_next_lines_are_re
         (1, None, "line longer than the document limit of 1 MB (LONGSUM_MAX_DOCUMENT_MB); the rest of the stream "
          "is not read")]  # fmt: skip
     assert endless.raw.served <= (1 << 20) + (1 << 17)
+
+
+# 12: the output inside an input folder ------------------------------------------------------------
+def _own_files_by_the_store(out):
+    """The files longsum itself makes beside the output `out`, made by the functions that make them (so
+    a name changed there is a name this test looks for): sidecar, lock, part file, the leftovers of
+    a compaction and of the sidecar's atomic write that a killed run leaves."""
+    from longsum import store
+    from longsum.distributed import part_path
+
+    made = []
+
+    def keep(src, dst):  # os.replace that leaves the temporary file where a killed run would leave it
+        made.append(os.path.basename(src))
+
+    store.write_json_atomic(store.sidecar_for(out), {"format": "longsum-results"})
+    out.write_text('{"id": "a", "summary": "s"}\n{"id": "a", "summary": "t"}\n')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", keep)
+        store.write_json_atomic(store.sidecar_for(out), {"format": "longsum-results"})
+        store.compact(out)
+    part_path(out, 3).write_text("")
+    lock = store.OutputLock(out.with_name(out.name + ".lock"), out)  # (unlocked and removed at release: kept here)
+    os.close(lock.fd)
+    assert len(made) == 2 and made[0].endswith(".tmp") and made[1].endswith(".compact")
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(("out", ".out")))
+
+
+def test_22_12_every_file_beside_the_output_is_left_out(tmp_path):
+    """`summarize docs/ --glob '*' -o docs/out.jsonl`: the output, its sidecar, lock, part files and
+    what a killed run left are never inputs, alike before the first run (none there) and after it;
+    files whose names only look alike are inputs."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("a document")
+    out = docs / "out.jsonl"
+    first = plan_inputs([str(docs)], glob="*", output=str(out))
+    own = _own_files_by_the_store(out)
+    pid = os.getpid()
+    assert own == sorted([f".out.jsonl.{pid}.compact", f".out.jsonl.run.json.{pid}.tmp", "out.jsonl",
+                          "out.jsonl.lock", "out.jsonl.part3", "out.jsonl.run.json"])  # fmt: skip
+    alike = ["out.jsonl.part", "out.jsonl.partx", "out.jsonl.bak", "out.jsonl.run.json.bak", ".out.jsonl.compact",
+             ".out.jsonl.x.compact", "out.jsonl2", "xout.jsonl"]  # fmt: skip
+    for name in alike:
+        (docs / name).write_text("a user's file")
+    plan = plan_inputs([str(docs)], glob="*", output=str(out))
+    assert sorted(p.name for _, p in plan.items) == sorted(["a.txt", *alike])
+    assert [p for _, p in first.items] == [docs / "a.txt"]
+    assert plan.warnings == [f"left out of {docs}: .out.jsonl.{pid}.compact, .out.jsonl.run.json.{pid}.tmp "
+                             f"and 4 more (the output {out} and the files beside it are not "
+                             f"inputs)"]  # fmt: skip
+    assert [p.name for _, p in plan_inputs([str(docs)], glob="*").items] == sorted([*own, *alike, "a.txt"])
+
+
+def test_22_12_a_linked_output_and_a_link_to_it_are_left_out(tmp_path):
+    """A symlinked output writes beside its target: those files are left out too, and so is a link in the
+    folder that leads to the output (dangling before the first run: left out then as well)."""
+    docs, elsewhere = tmp_path / "docs", tmp_path / "elsewhere"
+    docs.mkdir(), elsewhere.mkdir()
+    (docs / "a.txt").write_text("a document")
+    (docs / "out.jsonl").symlink_to(elsewhere / "real.jsonl")
+    (docs / "to-output.txt").symlink_to(docs / "out.jsonl")
+    for folder in (docs, elsewhere):
+        assert [p.name for _, p in plan_inputs([str(folder), str(docs / "a.txt")], glob="*",
+                                               output=str(docs / "out.jsonl")).items] == ["a.txt"]  # fmt: skip
+    (elsewhere / "real.jsonl").write_text("")
+    (elsewhere / "real.jsonl.run.json").write_text("{}")
+    (docs / "out.jsonl.run.json").write_text("{}")  # an older longsum's sidecar beside the link
+    for folder in (docs, elsewhere):
+        assert [p.name for _, p in plan_inputs([str(folder), str(docs / "a.txt")], glob="*",
+                                               output=str(docs / "out.jsonl")).items] == ["a.txt"]  # fmt: skip
+
+
+def test_22_12_summarize_into_an_input_folder_resumes(tmp_path, tiny_model_dir):
+    """End to end: the first run and every rerun read the same documents, so a rerun resumes instead of
+    being refused; naming the output itself as an input is still refused in one line."""
+    from typer.testing import CliRunner
+
+    from longsum.cli import app
+    from longsum.store import read_records
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("Solar microgrids bring electricity to rural districts.")
+    write_jsonl(docs / "r.jsonl", [{"id": "r1", "text": "Rivers and towns."}])
+    out = docs / "out.jsonl"
+    args = ["summarize", str(docs), "-m", str(tiny_model_dir), "-o", str(out), "--glob"]
+    runs = [
+        CliRunner().invoke(app, [*args, glob], catch_exceptions=False)
+        for glob in ("*.jsonl,*.txt", "*.jsonl,*.txt", "*")
+    ]
+    assert [r.exit_code for r in runs] == [0, 0, 0], runs[1].output
+    assert "done 2, skipped 0" in runs[0].output and "left out" not in runs[0].output
+    assert "done 0, skipped 2, failed 0" in runs[1].output and "done 0, skipped 2, failed 0" in runs[2].output
+    assert f"left out of {docs}: out.jsonl (the output {out}" in runs[1].output
+    assert sorted(r["id"] for r in read_records(out)) == sorted([str(docs / "a.txt"), "r1"])
+    with pytest.raises(LongsumError, match=r"^the output .*out.jsonl is also an input; choose another --output$"):
+        CliRunner().invoke(app, [*args, "*.txt", str(out)], catch_exceptions=False)
+
+
+# 15: one record per unreadable file, links, gzip, CSV delimiters, JSON ids ------------------------
+def test_22_15a_a_corrupt_record_file_is_one_error_record(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not a parquet file at all")
+    (doc,) = documents(bad)
+    assert doc.id == "bad.parquet" and doc.error.startswith("cannot read records: ") and "magic bytes" in doc.error
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert [(d.id, d.error) for d in documents(empty)] == [("empty.jsonl", "no records in this file")]
+
+
+def test_22_15b_dangling_links_and_loops_in_a_folder_are_error_records(tmp_path):
+    """Matched by the glob, they are documents that cannot be read: each gets its record, with the same
+    key on every run (its resolved path: once the target is there, the document's own)."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ok.txt").write_text("fine")
+    (docs / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    (docs / "loop.md").symlink_to("loop.md")
+    (docs / "gone.rst").symlink_to(tmp_path / "nowhere.rst")  # not matched: not a document
+    os.mkfifo(docs / "fifo.txt")  # never read: it would block with no writer
+    docs_found = documents(docs)
+    assert [(d.id, d.error) for d in docs_found] == [
+        (str(docs / "fifo.txt"), "not a regular file: FIFO"),
+        (str(docs / "gone.txt"), f"broken link: its target {tmp_path / 'nowhere.txt'} does not exist"),
+        (str(docs / "loop.md"), "broken link: a loop of symbolic links"),
+        (str(docs / "ok.txt"), None),
+    ]
+    assert docs_found[1].key == (os.path.realpath(tmp_path / "nowhere.txt"), None)
+    assert [d.key for d in documents(docs)] == [d.key for d in docs_found]
+    (tmp_path / "nowhere.txt").write_text("here now")
+    assert documents(docs)[1].key == docs_found[1].key and documents(docs)[1].error is None
+
+
+def gz(path, data: bytes):
+    import gzip
+
+    with gzip.open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def test_22_15c_gzip_files_are_read_decompressed_by_the_name_under_gz(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    gz(docs / "a.txt.gz", "Le café, compressé.".encode())
+    gz(docs / "b.MD.GZ", b"# Markdown, compressed")
+    gz(docs / "c.rst.gz", b"not matched by *.txt,*.md")
+    by_name = {os.path.basename(d.id): d for d in documents(docs)}  # the default --glob finds them
+    assert sorted(by_name) == ["a.txt.gz", "b.MD.GZ"]
+    assert by_name["a.txt.gz"].text.read(None) == ("Le café, compressé.", True)
+    assert by_name["b.MD.GZ"].text.read(5) == ("# Mar", False)
+    records = gz(tmp_path / "r.jsonl.gz", b'{"id": "x", "text": "one"}\n{"id": "y", "text": "two"}\n')
+    table = gz(tmp_path / "t.csv.gz", b"id,text\nz,three\n")
+    assert [(d.id, d.text.read(None)[0]) for d in documents(records, table)] == [("x", "one"), ("y", "two"),
+                                                                                ("z", "three")]  # fmt: skip
+    assert [d.source for d in documents(records)] == [str(records)] * 2
+    gz(tmp_path / "p.parquet.gz", b"PAR1")
+    gz(tmp_path / "d.pdf.gz", b"%PDF-1.4")
+    assert [d.error for d in documents(tmp_path / "p.parquet.gz", tmp_path / "d.pdf.gz")] == [
+        "a gzipped parquet file is not read (parquet is compressed inside): gunzip it first",
+        "a gzipped PDF is not read: gunzip it first"]  # fmt: skip
+    (tmp_path / "unnamed.txt").write_bytes((docs / "a.txt.gz").read_bytes())
+    assert documents(tmp_path / "unnamed.txt")[0].error == (
+        "binary file, not text (gzip data: name it unnamed.txt.gz to have it decompressed)"
+    )
+
+
+def test_22_15c_a_corrupt_gzip_is_one_error_record(tmp_path):
+    whole = gz(tmp_path / "w.txt.gz", b"a text " * 50_000)
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(whole.read_bytes()[:-200])  # cut short past its sniffed head
+    garbage = tmp_path / "garbage.txt.gz"
+    garbage.write_bytes(b"plain text, not gzip")
+    bad_records = tmp_path / "r.jsonl.gz"
+    bad_records.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    got = documents(cut, garbage, bad_records)
+    assert len(got) == 3
+    assert got[0].error is None and got[0].text.read(10) == ("a text a t", False)
+    with pytest.raises(DocumentError, match="^corrupt gzip data: Compressed file ended before the end-of-stream"):
+        got[0].text.read(None)
+    assert got[1].error == "corrupt gzip data: Not a gzipped file (b'pl')"
+    assert got[2].id == "r.jsonl.gz" and got[2].error.startswith("cannot read records: corrupt gzip data: ")
+    rows = b"".join(json.dumps({"id": i, "text": "word " * 20}).encode() + b"\n" for i in range(5000))
+    cut_records = tmp_path / "cut.jsonl.gz"
+    cut_records.write_bytes(gz(tmp_path / "x.jsonl.gz", rows).read_bytes()[:-500])
+    got = documents(cut_records)  # the rows before the damage, then one record for the rest
+    assert [d.error for d in got[:-1]] == [None] * (len(got) - 1) and 1000 < len(got) < 5000
+    assert got[-1].id == "cut.jsonl.gz" and "corrupt gzip data" in got[-1].error
+
+
+def test_22_15c_the_document_limit_bounds_the_decompressed_size(tmp_path, monkeypatch):
+    """A gzip bomb (40 MB of text in 40 KB) costs what the limit allows, not what it inflates to."""
+    monkeypatch.setenv("LONGSUM_MAX_DOCUMENT_MB", "1")
+    bomb = gz(tmp_path / "bomb.txt.gz", b"y " * (20 << 20))
+    line_bomb = gz(
+        tmp_path / "bomb.jsonl.gz", b'{"id": "a", "text": "' + b"y" * (40 << 20) + b'"}\n{"id": "b", "text": "ok"}\n'
+    )
+    assert bomb.stat().st_size < 100_000 and line_bomb.stat().st_size < 100_000
+    tracemalloc.start()
+    text = read_text_file(bomb).text
+    assert text.read(1000) == ("y " * 500, False)
+    with pytest.raises(DocumentError, match=r"^document larger than 1 MB \(LONGSUM_MAX_DOCUMENT_MB\)$"):
+        text.read(None)
+    got = [(d.id, d.error) for d in documents(line_bomb)]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert got == [("bomb.jsonl.gz:1", "line longer than the document limit of 1 MB (LONGSUM_MAX_DOCUMENT_MB)"),
+                   ("b", None)]  # fmt: skip
+    assert peak < 6 << 20, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])  # (commas: the tests above)
+def test_22_15d_the_csv_delimiter_is_the_headers(tmp_path, delimiter):
+    path = tmp_path / "t.csv"
+    rows = [["id", "text", "notes"], ["a", "one, with a comma; and a semicolon", "n"], ["b", "two", "n|x"]]
+    with open(path, "w", newline="") as f:
+        csv.writer(f, delimiter=delimiter).writerows(rows)
+    with open(path, "a") as f:
+        f.write(delimiter.join(["c", "an extra", "field", "here"]) + "\n")
+    docs = documents(path)
+    assert [(d.id, d.text and d.text.read(None)[0]) for d in docs[:2]] == [("a", rows[1][1]), ("b", "two")]
+    name = {";": "semicolon", "\t": "tab", "|": "'|'"}[delimiter]
+    assert docs[2].error == f"CSV row has 4 fields but the header has 3 (an unquoted {name} or quote?)"
+
+
+def test_22_15d_a_header_is_split_where_it_has_the_most_fields(tmp_path):
+    """Quotes honoured; a tie (one column, or as many fields either way) is a comma's."""
+    path = tmp_path / "t.csv"
+    cases = [("id;text;notes,more\n1;a, b;n\n", {}, ("1", "a, b")),
+             ('id,"text;body"\n2,"x;y"\n', {"text_field": "text;body"}, ("2", "x;y")),
+             ('"id,key";text\n"3,4";z\n', {"id_field": "id,key"}, ("3,4", "z")),
+             ("text\njust one column\n", {}, ("t.csv:2", "just one column"))]  # fmt: skip
+    for content, fields, expected in cases:
+        path.write_text(content)
+        assert [(d.id, d.text.read(None)[0]) for d in documents(path, **fields)] == [expected], content
+
+
+def test_22_15e_ids_keep_their_json_view_and_their_key(tmp_path):
+    """`true` and `{"a":1}` are not Python's `True` and `{'a': 1}`: a record carries the id as the input
+    has it, and the key of the record as written and read back is the document's (a rerun finds it done)."""
+    from longsum.store import record_key, to_json_line
+
+    src = write_jsonl(tmp_path / "r.jsonl", ['{"id": true, "text": "t"}', '{"id": {"a": 1}, "text": "t"}',
+                                             '{"id": [1, "x"], "text": "t"}', '{"id": 1.5, "text": "t"}',
+                                             '{"id": 0, "text": "t"}', '{"id": false, "text": "t"}',
+                                             '{"id": "plain", "text": "t"}', '{"id": 1e400, "text": "t"}',
+                                             '{"id": true, "text": "t"}'])  # fmt: skip
+    docs = documents(src)
+    assert [d.id for d in docs] == [True, {"a": 1}, [1, "x"], 1.5, 0, False, "plain", "inf", "r.jsonl:9"]
+    assert docs[-1].error == f"duplicate id true (first at line 1 of {src}); give every record its own id"
+    for doc in docs:
+        written = json.loads(to_json_line({"id": doc.id, "source": doc.source, "path": doc.path, "summary": "s"}))
+        assert written["id"] == doc.id and record_key(written) == doc.key
+    assert len({d.key for d in docs}) == len(docs)
+
+
+def test_22_15e_parquet_ids(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "when": [datetime.datetime(2024, 1, 2)] * 2,
+                             "m": pa.array([[("k", 1)], [("k", 2)]], pa.map_(pa.string(), pa.int64())),
+                             "text": ["a", "b"]}), path)  # fmt: skip
+    assert [d.id for d in documents(path)] == [1, 2]
+    assert [d.id for d in documents(path, id_field="when")] == ["2024-01-02 00:00:00", "t.parquet:2"]
+    assert [d.id for d in documents(path, id_field="m")] == [[["k", 1]], [["k", 2]]]  # as JSON reads it back
+
+
+def test_22_15e_a_number_and_a_string_that_the_store_keys_alike_never_share_a_key(tmp_path):
+    """The store keys ids by their text (`record_key`), so the number 1 and the string "1" of one file
+    would be one document there: the later one is a duplicate, which its message explains."""
+    src = write_jsonl(tmp_path / "r.jsonl", [{"id": 1, "text": "t"}, {"id": "1", "text": "t"}])
+    docs = documents(src)
+    assert [d.id for d in docs] == [1, "r.jsonl:2"] and len({d.key for d in docs}) == 2
+    assert docs[1].error == (f"duplicate id '1' (first at line 1 of {src}, not as a string there); give every "
+                             f"record its own id")  # fmt: skip
+    docs = documents(write_jsonl(src, [{"id": "1", "text": "t"}, {"id": 1, "text": "t"}]))
+    assert docs[1].error.startswith("duplicate id 1 (first at line 1 of ") and ", as a string there); " in docs[1].error
+
+
+def test_22_15_summarize_gzip_broken_links_and_json_ids(tmp_path, tiny_model_dir):
+    """End to end: a gzipped text found by the default --glob, a dangling link's error record, gzipped
+    records whose ids stay JSON values; a rerun finds every summary done and retries the error."""
+    from typer.testing import CliRunner
+
+    from longsum.cli import app
+    from longsum.store import read_records
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    gz(docs / "t.txt.gz", b"Solar microgrids bring electricity to rural districts.")
+    (docs / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    records = gz(
+        tmp_path / "r.jsonl.gz",
+        b'{"id": true, "text": "Rivers and towns."}\n'
+        b'{"id": {"a": 1}, "text": "Bridges."}\n{"id": 7, "text": "Markets."}\n',
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["summarize", str(docs), str(records), "-m", str(tiny_model_dir), "-o", str(out)]
+    first = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert first.exit_code == 1 and "done 4, skipped 0, failed 1" in first.output, first.output
+    by_id = {json.dumps(r["id"]): r for r in read_records(out)}
+    assert sorted(by_id) == sorted(['true', '{"a": 1}', "7", json.dumps(str(docs / "t.txt.gz")),
+                                    json.dumps(str(docs / "gone.txt"))])  # fmt: skip
+    assert by_id[json.dumps(str(docs / "gone.txt"))]["error"] == (
+        f"broken link: its target {tmp_path / 'nowhere.txt'} does not exist"
+    )
+    assert all("summary" in r for k, r in by_id.items() if "gone" not in k)
+    again = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert "done 0, skipped 4, failed 1, retried 1" in again.output, again.output
+    assert len(read_records(out)) == 5

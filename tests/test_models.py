@@ -261,3 +261,16 @@ def test_every_advertised_task_loads_a_stock_encoder(tmp_path, tokenizer):
         assert model.config.model_type == "bert"
     masked, _ = load_model(tmp_path, task="masked_lm", device="cpu")
     assert type(masked).__name__ == "BertForMaskedLM"
+
+
+def test_22_13_a_config_that_does_not_match_the_weights_is_one_line_naming_a_tensor(tmp_path, tiny_model_dir):
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["encoder_ffn_dim"] *= 2  # a hand-edited (or another checkpoint's) config.json
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(folder, device="cpu")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "does not match its weights" in message
+    assert "fc1.bias: [64] in the weights, [128] from config.json" in message
