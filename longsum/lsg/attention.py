@@ -151,7 +151,9 @@ def select_norm(q, k, v, mask, spec):
     chunk = min(spec.block_size, spec.sparse_block_size)
     keep = chunk // spec.sparsity_factor
     with torch.no_grad():  # the selection itself carries no gradient
-        norms = k.detach().norm(dim=-1) * mask.unsqueeze(1)  # [b, h, t]
+        # Ranked in fp32 whatever the input dtype: a bf16/fp16 norm rounds near-ties apart and picks other
+        # keys than fp32 would on the same inputs (identical for fp32 inputs, as the original computes it).
+        norms = k.detach().float().norm(dim=-1) * mask.unsqueeze(1)  # [b, h, t]
         idx = norms.view(b, h, t // chunk, chunk).topk(keep, dim=-1).indices  # [b, h, t/chunk, keep]
         idx = idx + torch.arange(0, t, chunk, device=k.device).view(1, 1, -1, 1)
     return _gather_tokens(k, v, mask, idx.flatten(2))  # [b, h, t/f, d]

@@ -296,3 +296,18 @@ def test_block_index_cached_under_inference_mode_still_trains():
         x.requires_grad_()
     lsg_attention(q, k, v, mask, spec).sum().backward()
     assert all(x.grad is not None for x in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_norm_selection_in_half_precision_picks_the_keys_fp32_picks(dtype):
+    """Issue 23.1: the norms are ranked in fp32, so half-precision inputs keep the keys that fp32
+    keeps on the same (rounded) inputs; ranked in bf16, near-ties flipped (~1% of outputs moved)."""
+    from longsum.lsg.attention import select_norm
+
+    spec = LSGSpec(block_size=16, sparse_block_size=16, sparsity_factor=4, sparsity_type="norm")
+    _, k, v, mask = qkv_mask(b=2, h=4, n=256, d=64, seed=3, dtype=torch.float32, lengths=[256, 200])
+    k, v = k.to(dtype), v.to(dtype)  # the rounded inputs both runs see
+    k_half, v_half, m_half = select_norm(None, k, v, mask, spec)
+    k_ref, v_ref, m_ref = select_norm(None, k.float(), v.float(), mask, spec)
+    assert k_half.dtype == dtype and torch.equal(m_half, m_ref)
+    assert torch.equal(k_half.float(), k_ref) and torch.equal(v_half.float(), v_ref)
