@@ -149,13 +149,12 @@ def run(cfg: EvalConfig) -> int:
     return _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other)
 
 
-MAX_SEED = 2**32 - 1  # what every seeded generator in the run (random, numpy, torch) accepts
-
-
 def check_config(cfg: EvalConfig) -> dict | None:
     """The values known up front, checked before the run reads data or generates anything (a bad
     --seed or --compare used to fail only at scoring, after the whole generation). Returns the
     --compare results, read now."""
+    from longsum.registry import MAX_SEED
+
     if not 0 <= cfg.seed <= MAX_SEED:
         raise LongsumError(f"--seed must be between 0 and {MAX_SEED}, not {cfg.seed}")
     return read_comparison(cfg.compare) if cfg.compare else None

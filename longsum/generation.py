@@ -117,12 +117,20 @@ def keep_freed_memory() -> bool:
                 and libc.mallopt(m_top_pad, 1 << 28))  # fmt: skip
 
 
-def model_max_source_length(config, tokenizer) -> int:
-    """The longest input the model accepts, from its config (positions) or its tokenizer."""
+def _config_positions(config) -> int | None:
+    """The encoder positions its config names (None: it names none)."""
     for name in ("max_encoder_position_embeddings", "max_position_embeddings"):
         value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0 and config.model_type not in ("t5", "mt5", "longt5"):
+        if isinstance(value, int) and value > 0:
             return value
+    return None
+
+
+def model_max_source_length(config, tokenizer) -> int:
+    """The longest input the model accepts, from its config (positions) or its tokenizer."""
+    positions = _config_positions(config)
+    if positions and config.model_type not in ("t5", "mt5", "longt5"):
+        return positions
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 1_000_000:
         return limit
@@ -132,13 +140,7 @@ def model_max_source_length(config, tokenizer) -> int:
 def position_limit(config) -> int | None:
     """The rows of the model's encoder position table: an input longer than this fails. None where
     positions are unbounded (`registry.UNBOUNDED_POSITIONS`) or the config does not say."""
-    if config.model_type in UNBOUNDED_POSITIONS:
-        return None
-    for name in ("max_encoder_position_embeddings", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return None if config.model_type in UNBOUNDED_POSITIONS else _config_positions(config)
 
 
 def minimum_gives_way(options: GenerationOptions, minimum: int | None) -> bool:

@@ -20,6 +20,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # command-l
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEVICE_TYPES = ("cpu", "cuda", "mps")  # `auto` picks cuda when present
 LONG_INPUT_MODES = ("truncate", "chunk")
+MAX_SEED = 2**32 - 1  # the largest seed every seeded generator of a run (random, numpy, torch) accepts
 
 # ------------------------------------------------------------------------------------------ LSG
 SPARSITY_TYPES = ("norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none")

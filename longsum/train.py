@@ -33,6 +33,7 @@ from pathlib import Path
 
 from longsum.console import log, note
 from longsum.errors import LongsumError
+from longsum.registry import MAX_SEED
 from longsum.settings import check, coerce, flag, from_mapping, setting
 
 DATA, LENGTHS, OPTIM, MEMORY, EVAL = ("Model and data", "Lengths and batches", "Optimization",
@@ -68,7 +69,7 @@ class TrainConfig:
     num_train_epochs: float = setting(3.0, "Epochs (ignored when --max-steps is set).", OPTIM, low=0, strict=True)
     max_steps: int = setting(-1, "Total optimizer steps, overriding epochs (-1: use epochs).", OPTIM, low=-1)
     weight_decay: float = setting(0.0, "AdamW weight decay.", OPTIM, low=0)
-    seed: int = setting(42, "Random seed.", OPTIM, low=0, high=2**32 - 1)  # numpy's seed range
+    seed: int = setting(42, "Random seed.", OPTIM, low=0, high=MAX_SEED)
     bf16: bool = setting(False, "bf16 mixed precision.", MEMORY)
     fp16: bool = setting(False, "fp16 mixed precision.", MEMORY)
     gradient_checkpointing: bool = setting(False, "Trade compute for memory.", MEMORY)
@@ -631,15 +632,11 @@ def run_identity(cfg: TrainConfig) -> dict:
 
 def _dataset_identity(name: str) -> str:
     """A local file by its content (moving it is fine, editing it is not); a Hub dataset by its id."""
-    from longsum.data import DATASET_ALIASES
+    from longsum.data import DATASET_ALIASES, _sha256
 
     path = Path(name)
     if path.is_file():
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return f"sha256:{digest.hexdigest()[:16]}"
+        return f"sha256:{_sha256(path)[:16]}"
     return DATASET_ALIASES[name].hub_id if name in DATASET_ALIASES else name
 
 
