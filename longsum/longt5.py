@@ -12,11 +12,13 @@ transient-global side keys tiled once per block, and the global aggregates as a 
   each global block `[G + 1, h, G]` (G = n // global_block_size; the bias depends only on the
   query's global block). It travels to the other layers in the `position_bias` slot, as the stock
   tensor does.
-* Query blocks are processed in chunks (`CHUNK_BYTES` of mask each): a chunk writes its 3-block
-  keys/values (a strided view of the padded keys) next to the side keys/values (written once per
-  layer when autograd is off), builds its additive mask (bias + -1e10 where masked, exactly the
-  stock sum; one shared `[h, block, 3*block]` mask for interior blocks of local attention) and
-  calls SDPA with `scale=1.0` (T5 does not scale scores). No whole-sequence score tensor exists.
+* Query blocks are processed in chunks (`CHUNK_BYTES` of mask each on CPU, `DEVICE_CHUNK_BYTES`
+  elsewhere): a chunk writes its 3-block keys/values (a strided view of the padded keys) next to
+  the side keys/values (written once per layer when autograd is off), builds its additive mask
+  (bias + -1e10 where masked, exactly the stock sum; on CPU, one shared `[h, block, 3*block]` mask
+  for chunks of interior blocks, see `skips_interior_masks`) and calls SDPA with `scale=1.0` (T5
+  does not scale scores). No whole-sequence score tensor exists, and no step reads tensor values
+  on the host outside CPU (no device sync per chunk or layer).
 * Global aggregates are sums over fixed blocks (`index_add_`), not a one-hot einsum.
 
 `LocalAttention` / `TransientGlobalAttention` inherit the stock modules one level and override
@@ -37,7 +39,12 @@ from transformers.models.longt5 import modeling_longt5 as stock
 
 from longsum.errors import describe
 
-CHUNK_BYTES = 32 << 20  # the additive mask of one chunk of query blocks (its keys/values are similar)
+CHUNK_BYTES = 32 << 20  # on CPU: the additive mask of one chunk of query blocks (its keys/values are similar)
+# On any other device (CUDA...): cache sizes do not matter there, kernel launches and filling the SMs do. At
+# base size (h 12, blocks of 128) one block's mask is 2.4 MB local and ~8.6 MB transient-global at 16k
+# tokens (1024 side keys), so 256 MiB holds ~100 / ~30 blocks: SDPA calls over >= ~350 (block, head)
+# tiles, 2 / 5 chunks per layer at 16k, and mask + keys + values stay under ~1 GB in fp32 at any length.
+DEVICE_CHUNK_BYTES = 256 << 20
 MASKED = -1e10  # what transformers' LongT5 (after the original) adds where attention is masked
 
 
@@ -73,8 +80,25 @@ def _locality(bl: int, device) -> torch.Tensor:
     return offsets.abs() < bl
 
 
-def _chunk_blocks(b: int, h: int, bl: int, keys: int, itemsize: int) -> int:
-    return max(1, CHUNK_BYTES // max(1, b * h * bl * keys * itemsize))
+def _chunk_bytes(device: torch.device) -> int:
+    """The mask bytes of one chunk of query blocks on `device` (see CHUNK_BYTES, DEVICE_CHUNK_BYTES)."""
+    return CHUNK_BYTES if device.type == "cpu" else DEVICE_CHUNK_BYTES
+
+
+def _chunk_blocks(b: int, h: int, bl: int, keys: int, itemsize: int, device: torch.device) -> int:
+    return max(1, _chunk_bytes(device) // max(1, b * h * bl * keys * itemsize))
+
+
+def skips_interior_masks(device: torch.device) -> bool:
+    """Whether a chunk of interior blocks (no padding in reach) uses the one shared [h, bl, 3bl] mask.
+
+    Telling interior chunks apart compares masks on the host (`torch.equal` -> a bool): free on CPU,
+    where the shared mask saves building the [b, C, h, bl, 3bl] one (~7% of a 16k transient-global
+    layer on one thread), but a device-to-host sync per chunk and layer on an accelerator, whose large
+    chunks (`DEVICE_CHUNK_BYTES`) nearly always reach a sequence end (masked) anyway. Chosen once per
+    call from the device.
+    """
+    return device.type == "cpu"
 
 
 class _BlockedAttention:
@@ -98,10 +122,12 @@ class _BlockedAttention:
         v = _pad_blocks(self._heads(self.v(hidden_states)), bl, nb)
         q = F.pad(q, (0, 0, 0, 0, 0, nb * bl - n)).view(b, nb, bl, h, -1)  # [b, nb, bl, h, d]
         G = 0 if side_k is None else side_k.shape[1]
-        step = min(nb, _chunk_blocks(b, h, bl, 3 * bl + G, 4))
-        # Interior blocks (no padding in reach) all have the same mask: the bias where |i - j| < bl.
-        locality = _locality(bl, q.device)  # [bl, 3bl]
-        interior = shared.bias.to(q.dtype) + torch.where(locality, 0.0, MASKED).to(q.dtype)  # [h, bl, 3bl]
+        step = min(nb, _chunk_blocks(b, h, bl, 3 * bl + G, q.element_size(), q.device))
+        bias = shared.bias.to(q.dtype)  # [h, bl, 3bl]
+        skip_interior = shared.allowed is not None and skips_interior_masks(q.device)
+        if skip_interior:  # interior blocks (no padding in reach) all have the same mask: the bias where |i - j| < bl
+            locality = _locality(bl, q.device)  # [bl, 3bl]
+            interior = bias + torch.where(locality, 0.0, MASKED).to(q.dtype)  # [h, bl, 3bl]
         dropout = self.dropout if self.training else 0.0
         # Without autograd a chunk's key/value/mask buffers are reused, and the side keys/values
         # (the same for every block) are written into them once; with autograd each chunk gets its own.
@@ -113,14 +139,14 @@ class _BlockedAttention:
             local_k, local_v = _three_blocks(k, i0, i1, bl), _three_blocks(v, i0, i1, bl)  # [b, C, h, 3bl, d]
             # The local part of the mask, [b, C, h, bl, 3bl]: the bias plus -1e10 where not allowed.
             allowed = None if shared.allowed is None else shared.allowed[:, i0:i1]  # [b, C, bl, 3bl]
-            if allowed is not None and torch.equal(allowed, locality.expand_as(allowed)):
-                local_mask = interior.expand(b, C, h, bl, 3 * bl)  # one [h, bl, 3bl] mask for all blocks
+            if skip_interior and torch.equal(allowed, locality.expand_as(allowed)):
+                local_mask, masked = interior.expand(b, C, h, bl, 3 * bl), None  # one [h, bl, 3bl] mask for all
             else:
-                local_mask = shared.bias.to(q.dtype).expand(b, C, h, bl, 3 * bl)
-                if allowed is not None:
-                    local_mask = local_mask + torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2)
+                local_mask = bias.expand(b, C, h, bl, 3 * bl)
+                masked = None if allowed is None else torch.where(allowed, 0.0, MASKED).to(q.dtype).unsqueeze(2)
             if not G:
-                keys, values, mask = local_k, local_v, local_mask
+                keys, values = local_k, local_v
+                mask = local_mask if masked is None else local_mask + masked  # [b, C, h, bl, 3bl]
             else:
                 if buffers is None or not reuse or C != buffers[0].shape[1]:
                     buffers = self._chunk_buffers(b, C, 3 * bl + G, q, side_k, side_v)
@@ -128,6 +154,8 @@ class _BlockedAttention:
                 keys[..., : 3 * bl, :].copy_(local_k)
                 values[..., : 3 * bl, :].copy_(local_v)
                 mask[..., : 3 * bl].copy_(local_mask)
+                if masked is not None:  # the same sum as bias + masked, made in the buffer (no temporary)
+                    mask[..., : 3 * bl].add_(masked)  # [b, C, 1, bl, 3bl] over the heads
                 self._side_bias(shared, i0 * bl, i1 * bl, n, mask[..., 3 * bl :])
             query = q[:, i0:i1].permute(0, 1, 3, 2, 4)  # [b, C, h, bl, d]
             out = F.scaled_dot_product_attention(
@@ -185,7 +213,11 @@ class TransientGlobalAttention(_BlockedAttention, stock.LongT5TransientGlobalAtt
         device = hidden_states.device
         if mask is None:
             mask = torch.ones(b, n, device=device)
-        block_ids, segments = stock._make_global_fixed_block_ids(mask, self.global_block_size)
+        # transformers' helpers build small index tensors with default-device factories and copy them over:
+        # made on `device` here, with the same values, instead of a host-to-device copy (a sync on CUDA) each.
+        with torch.device(device):
+            block_ids, segments = stock._make_global_fixed_block_ids(mask, self.global_block_size)
+            allowed = stock._get_local_attention_mask(mask, self.block_len, device)[:, 0] > 0  # [b, nb, bl, 3bl]
         G = segments.shape[1]
         side_rows = visibility = None
         if G:
@@ -199,7 +231,6 @@ class TransientGlobalAttention(_BlockedAttention, stock.LongT5TransientGlobalAtt
             side_rows = table[index].permute(0, 2, 1).contiguous()  # [G + 1, G, h] -> [G + 1, h, G]
             seen = torch.stack([segments == 0, segments == 1], dim=1)  # [b, 2, G]
             visibility = torch.where(seen, 0.0, MASKED)
-        allowed = stock._get_local_attention_mask(mask, self.block_len, device)[:, 0] > 0  # [b, nb, bl, 3bl]
         return Shared(self._local_bias(hidden_states.dtype), allowed, block_ids.long(), segments, mask, side_rows,
                       visibility)  # fmt: skip
 

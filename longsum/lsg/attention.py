@@ -18,8 +18,8 @@ How it is computed, and why:
 * Blocks are processed a chunk at a time so the gathered keys/values stay a bounded size.
 
 The sparse selectors (how the compressed sequence is built) are small functions in
-`SPARSE_SELECTORS`, chosen by name. The kernels (how the whole pattern is computed) are functions in
-`LSG_KERNELS`, chosen once per attention module from the config by `select_kernel`.
+`SPARSE_SELECTORS`, chosen by name. This file's `lsg_attention` is one kernel (how the whole pattern is
+computed); `longsum.lsg.kernels` lists them all and picks one per attention module from the config.
 
 Sparse windows (`LSGSpec.sparse_windows`): "intended" reads the `sbs` compressed positions just
 left and just right of a block's local window, as docs/lsg.md says. The original code computes those
@@ -42,9 +42,21 @@ import torch.nn.functional as F
 from longsum.errors import LSGConfigError
 from longsum.registry import SPARSE_WINDOWS, SPARSITY_TYPES
 
-# Elements (per keys and per values tensor) gathered at once: bounds the extra memory of a forward
-# to ~2 x 16 MiB in fp32 whatever the length; small chunks also stay in cache (faster on CPU).
+# Elements (per keys and per values tensor) gathered at once on CPU: bounds the extra memory of a
+# forward to ~2 x 16 MiB in fp32 whatever the length; small chunks also stay in cache (faster on CPU).
 GATHER_BUDGET = 1 << 22
+# Bytes (per keys and per values tensor) gathered at once on any other device (CUDA...). There the cache
+# argument does not hold: each chunk costs ~10 kernel launches and one SDPA call over `h * c` blocks, and
+# at the CPU budget a base-size layer (h 12, K 641, d 64) makes SDPA calls of 8 blocks, 96 query tiles
+# for a GPU's ~132 SMs, 16 times per 16k tokens. 256 MiB covers a whole 16k base-size layer in one chunk
+# in fp32 (b 1) or bf16 (b 2): ~1500 tiles per call, one launch sequence per layer, and still a bound
+# (~0.5 GB for keys + values) that a long or large batch cannot pass.
+DEVICE_GATHER_BYTES = 256 << 20
+
+
+def gather_budget(device: torch.device, itemsize: int) -> int:
+    """Elements of keys (and of values) that `lsg_attention` gathers per chunk of blocks on `device`."""
+    return GATHER_BUDGET if device.type == "cpu" else DEVICE_GATHER_BYTES // itemsize
 
 
 @dataclass(frozen=True)
@@ -399,7 +411,7 @@ def lsg_attention(
     hm = bank_mask.shape[1]
 
     q_blocks = q[:, :, G:].reshape(b, h, n_blocks, bs, d)  # [b, h, blocks, bs, d] (a view)
-    step = max(1, GATHER_BUDGET // (b * h * K * d))
+    step = max(1, gather_budget(q.device, q.element_size()) // (b * h * K * d))
     for i in range(0, n_blocks, step):
         idx = index[i : i + step]  # [c, K]
         c = idx.shape[0]
@@ -407,60 +419,11 @@ def lsg_attention(
         k_blk = bank_k.index_select(2, flat).view(b, h * c, K, d)  # [b, h*c, K, d]
         v_blk = bank_v.index_select(2, flat).view(b, h * c, K, d)
         m_blk = bank_mask.index_select(2, flat).view(b, hm, c, 1, K) & valid[i : i + step].view(1, 1, c, 1, K)
-        # The mask broadcasts over the bs queries of a block; interior blocks without padding need none.
-        m_blk = None if m_blk.all() else m_blk.expand(b, h, c, 1, K).reshape(b, h * c, 1, K)
+        # The mask broadcasts over the bs queries of a block. It is passed even when every key is visible:
+        # finding that out (`m_blk.all()`) is a host sync per chunk and layer on an accelerator, and the
+        # unmasked kernel saves nothing measurable on CPU (same numbers, within 1-4% either way, 4k-16k).
+        m_blk = m_blk.expand(b, h, c, 1, K).reshape(b, h * c, 1, K)  # [b, h*c, 1, K]
         q_blk = q_blocks[:, :, i : i + step].reshape(b, h * c, bs, d)
         o_blk = _sdpa(q_blk, k_blk, v_blk, m_blk, dropout_p).view(b, h, c * bs, d)
         out[:, G + i * bs : G + (i + c) * bs] = o_blk.transpose(1, 2)  # [b, c*bs, h, d]
     return out[:, :n].transpose(1, 2)  # [b, h, n, d]
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels: (q, k, v, mask, spec, dropout_p) -> out, the signature of `lsg_attention`
-#   q, k, v: [b, h, n, d] (globals first); mask: [b, n] bool or None; returns [b, h, n, d]
-# A module picks its kernel once, in `__init__` (`select_kernel`), and calls it in forward.
-# ---------------------------------------------------------------------------------------------
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, LSGSpec, float], torch.Tensor]
-
-LSG_KERNELS: dict[str, Kernel] = {
-    # Blocks gathered from one key bank, softmax in torch's SDPA: exact, any device and float dtype.
-    "sdpa_blocked": lsg_attention,
-}
-
-# transformers' `config._attn_implementation` -> LSG kernel. Those backends name how *dense* attention
-# is computed; none of them computes LSG's block pattern, so each maps to the LSG kernel that serves
-# it best. Today that is the blocked SDPA kernel for all of them:
-# * None / "sdpa": the same backend;
-# * "eager": eager exists to return attention weights; LSG forms none (each block's softmax runs inside
-#   SDPA, and a dense t x t map is what LSG avoids), so an eager LSG kernel would only be slower. The
-#   encoder warns when weights are asked for (`common.warn_no_attention_weights`); the stock decoder
-#   still runs eager and returns its weights;
-# * "flash_attention_2": SDPA already dispatches to its flash/memory-efficient kernels on CUDA where
-#   the mask allows; a dedicated CUDA path will get its own entry;
-# * "flex_attention": a flex (BlockMask) kernel is planned; until then the blocked SDPA kernel.
-# The device and dtype play no part yet: the kernel runs on every device and float dtype, and both are
-# only known after `__init__` (`.to()`, `from_pretrained` on meta). An unlisted value is an error.
-ATTN_IMPLEMENTATION_KERNELS: dict[str | None, str] = {
-    None: "sdpa_blocked",
-    "eager": "sdpa_blocked",
-    "sdpa": "sdpa_blocked",
-    "flash_attention_2": "sdpa_blocked",
-    "flex_attention": "sdpa_blocked",
-}
-
-
-def kernel_name(attn_implementation: str | None) -> str:
-    """The LSG kernel for a `config._attn_implementation` value (a one-line LSGConfigError if it has none)."""
-    try:
-        return ATTN_IMPLEMENTATION_KERNELS[attn_implementation]
-    except (KeyError, TypeError):  # TypeError: an unhashable value (a per-sub-config dict)
-        known = ", ".join(repr(k) for k in ATTN_IMPLEMENTATION_KERNELS if k is not None)
-        raise LSGConfigError(
-            f"LSG encoder attention has no kernel for attn_implementation {attn_implementation!r}; use one of {known}"
-            " (all run LSG's blocked SDPA kernel)"
-        ) from None
-
-
-def select_kernel(config) -> Kernel:
-    """The kernel an LSG attention module built from `config` uses (chosen once, in its `__init__`)."""
-    return LSG_KERNELS[kernel_name(getattr(config, "_attn_implementation", None))]

@@ -33,7 +33,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from longsum.errors import InputTooLongError
-from longsum.lsg.attention import LSGSpec, intended_sparse_offsets, original_sparse_offsets, select_kernel
+from longsum.lsg.attention import LSGSpec, intended_sparse_offsets, original_sparse_offsets
+from longsum.lsg.kernels import select_kernel
 from longsum.registry import LSG_DEFAULTS, MAX_GLOBAL_TOKENS  # noqa: F401  (re-exported)
 
 
@@ -135,7 +136,7 @@ class LSGSelfAttention:
     * `attention_dropout()`: the stock attention-dropout probability (a float attribute in BART, an
       `nn.Dropout` in BERT), read at each call so that changing it on a built model takes effect.
 
-    The kernel is chosen once, here, from `config._attn_implementation` (`attention.select_kernel`).
+    The kernel is chosen once, here, from `config._attn_implementation` (`kernels.select_kernel`).
     """
 
     def __init__(self, *args, **kwargs):

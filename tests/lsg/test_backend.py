@@ -15,11 +15,13 @@ from transformers.models.bart import modeling_bart as bart
 from transformers.models.bert import modeling_bert as bert
 
 from longsum.errors import LSGConfigError
-from longsum.lsg import attention, common
-from longsum.lsg.attention import ATTN_IMPLEMENTATION_KERNELS, LSG_KERNELS, kernel_name, lsg_attention, select_kernel
+from longsum.lsg import common, kernels
+from longsum.lsg.attention import lsg_attention
 from longsum.lsg.bart import LSGBartAttention, LSGBartConfig, LSGBartForConditionalGeneration
 from longsum.lsg.bert import LSGBertConfig, LSGBertModel, LSGBertSelfAttention
 from longsum.lsg.common import LSGSelfAttention
+from longsum.lsg.flex import flex_lsg_attention
+from longsum.lsg.kernels import ATTN_IMPLEMENTATION_KERNELS, LSG_KERNELS, kernel_name, select_kernel
 from longsum.lsg.mbart import LSGMBartAttention
 from longsum.lsg.pegasus import LSGPegasusAttention
 from longsum.lsg.roberta import LSGRobertaSelfAttention, LSGXLMRobertaSelfAttention
@@ -27,7 +29,8 @@ from tests.conftest import random_ids
 from tests.lsg.test_models import SMALL
 
 ATOL = 1e-5  # fp32, a few hundred keys: summation order only
-DOCUMENTED = [None, "eager", "sdpa", "flash_attention_2", "flex_attention"]
+DOCUMENTED = {None: "sdpa_blocked", "eager": "sdpa_blocked", "sdpa": "sdpa_blocked", "flash_attention_2": "sdpa_blocked",
+              "flex_attention": "flex"}  # fmt: skip
 BERT_SMALL = dict(
     vocab_size=300,
     hidden_size=32,
@@ -88,18 +91,18 @@ def kind_config(kind, attn_implementation=None, **overrides):
 
 # ------------------------------------------------------------------------------- kernel choice
 def test_documented_values_and_only_those_have_kernels():
-    assert list(ATTN_IMPLEMENTATION_KERNELS) == DOCUMENTED
-    assert set(ATTN_IMPLEMENTATION_KERNELS.values()) <= set(LSG_KERNELS)
-    assert LSG_KERNELS["sdpa_blocked"] is lsg_attention
+    assert ATTN_IMPLEMENTATION_KERNELS == DOCUMENTED
+    assert set(ATTN_IMPLEMENTATION_KERNELS.values()) == set(LSG_KERNELS)
+    assert LSG_KERNELS["sdpa_blocked"] is lsg_attention and LSG_KERNELS["flex"] is flex_lsg_attention
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("value", DOCUMENTED, ids=str)
-def test_every_attn_implementation_maps_to_the_blocked_sdpa_kernel(kind, value):
-    """Today every backend maps to the blocked SDPA kernel (attention.py says why, value by value)."""
-    assert kernel_name(value) == "sdpa_blocked"
+def test_every_attn_implementation_maps_to_its_kernel(kind, value):
+    """flex_attention runs the flex kernel, every other backend the blocked SDPA one (kernels.py says why)."""
+    assert kernel_name(value) == DOCUMENTED[value]
     module = attention_module(kind, kind_config(kind, value))
-    assert module.lsg_kernel is LSG_KERNELS["sdpa_blocked"]
+    assert module.lsg_kernel is LSG_KERNELS[DOCUMENTED[value]]
 
 
 @pytest.mark.parametrize("kind", ["bart", "bert"])
@@ -138,8 +141,8 @@ def test_kernel_is_chosen_once_and_held_by_the_module(monkeypatch, build):
         before = model(input_ids=ids).last_hidden_state if build is bert_model else model.get_encoder()(ids)[0]
 
     # Forward must not look the kernel up again: empty the tables and break the selector...
-    monkeypatch.setattr(attention, "LSG_KERNELS", {})
-    monkeypatch.setattr(attention, "ATTN_IMPLEMENTATION_KERNELS", {})
+    monkeypatch.setattr(kernels, "LSG_KERNELS", {})
+    monkeypatch.setattr(kernels, "ATTN_IMPLEMENTATION_KERNELS", {})
     monkeypatch.setattr(common, "select_kernel", lambda config: pytest.fail("kernel looked up in forward"))
     # ...and it must call the function the module holds.
     calls = []
