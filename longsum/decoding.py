@@ -40,7 +40,17 @@ LED's decoder attention predates the interface, so its cross-attention modules r
 `SharedKVLEDDecoderAttention` (a one-level subclass) while decoding. Any other model decodes
 with the stock layout and the fast n-gram blocker, with the same ids; `sharing(model)` says why.
 `cache_implementation="static"` works too (stock ids): the beams' self-attention then lives in a
-preallocated `StaticCache` beside the shared cross-attention part, as a CUDA-graph decode needs.
+preallocated `StaticCache` beside the shared cross-attention part, reordered in place (`StaticBeamCache`).
+
+`compile=True` (`compiled_generate`) runs each decoding step through `torch.compile(fullgraph=True)`,
+which transformers never does for beam search: CUDA graphs on a GPU, where a step's few hundred
+kernel launches cost milliseconds against tens of microseconds of reads, inductor's kernels
+elsewhere (`compile_mode`). A CUDA graph replays the addresses it captured, so the static
+self-attention cache and the shared cross-attention keys/values live in buffers kept per model from
+call to call (`CompiledDecoder`, made once per model), marked static for dynamo; a batch of another
+source length or size recompiles once, with those sizes symbolic. Inductor's kernels round their own
+way (ids equal stock generate's but for near-ties, as with `exact=False`). Where the steps cannot
+compile (LED's decoder on torch 2.13, no compiler, a graph break) it steps aside to the eager path.
 
 What the installed transformers offers is read from its code, never from its version: the keyword a
 model's forward takes its cache under (`cache_keyword`: `cache` from 5.24, `past_key_values` before),
@@ -55,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import shutil
 import sys
 import weakref
 from collections import Counter
@@ -605,14 +616,16 @@ _STOCK_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, exact: bool = False,
-             **kwargs) -> torch.Tensor:  # fmt: skip
+             compile: bool = False, **kwargs) -> torch.Tensor:  # fmt: skip
     """`model.generate(input_ids, attention_mask=attention_mask, **kwargs)`, faster.
 
     input_ids/attention_mask: `[b, s]` (right-padded batch). Returns `[b * num_return_sequences, L]`
     like `model.generate`. See the module docstring for what changes. On CPU (float32) the linear
     layers run through oneDNN (`packed_linears`), which rounds differently from torch's MKL: the
     ids can then differ from stock generate's where two candidates tie to ~1e-6. `exact=True`
-    keeps torch's kernels, for stock generate's ids.
+    keeps torch's kernels, for stock generate's ids. `compile=True` runs each decoding step through
+    `torch.compile` (`compiled_generate`: CUDA graphs on a GPU); where it cannot, it steps aside to
+    the eager path with one stderr line.
 
     The changes are optimisations: if they fail where stock generate() succeeds (a transformers
     release that changed an interface they stand on), the stock ids are returned, one stderr line
@@ -622,6 +635,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     failure = None
     if model not in _STOCK_ONLY:
         try:
+            if compile and (ids := compiled_generate(model, input_ids, attention_mask, **kwargs)) is not None:
+                return ids
             # (a packed head is not sliced: it is no longer an nn.Linear)
             with linear_kernels(model, exact), sliced_logits(model):
                 return _generate(model, input_ids, attention_mask, **kwargs)
@@ -651,7 +666,6 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     beams = kwargs.get("num_beams", model.generation_config.num_beams) or 1
     # A cache made here is passed as the caller's own, so generate() must not also be asked to make one.
     implementation = kwargs.pop("cache_implementation", model.generation_config.cache_implementation)
-    static = implementation == "static"
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     extras = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]  # e.g. LED's global mask
@@ -664,6 +678,20 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         own = {keyword: BeamCache()} if beams > 1 and implementation in (None, "dynamic") else {}
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
                               cache_implementation=None if own else implementation, **own, **kwargs)  # fmt: skip
+    caches = _static_caches if implementation == "static" else _dynamic_caches
+    return _shared_generate(model, input_ids, attention_mask, processors, keyword, caches, kwargs)
+
+
+def _shared_generate(model, input_ids, attention_mask, processors, keyword, caches, kwargs,
+                     steps=contextlib.nullcontext) -> torch.Tensor:  # fmt: skip
+    """generate() with the cross-attention keys/values filled once per document and shared by the beams.
+
+    `caches(model, cross, beams, kwargs)` returns the `BeamCache` to decode with, around `cross` (the
+    filled cross-attention `DynamicCache`, `[b, h, s, d]` a layer): `_dynamic_caches`, `_static_caches`,
+    or a `CompiledDecoder`'s fixed buffers. The decoding steps (not the encoder, nor the step that
+    fills the cross-attention cache) run inside `steps(model)`: a `CompiledDecoder` swaps the forward there.
+    """
+    beams = kwargs.get("num_beams", model.generation_config.num_beams) or 1
     with shared_attention(model):
         encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         hidden = encoder_outputs.last_hidden_state  # [b, s, d]
@@ -673,13 +701,172 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
         start = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device)
         model(encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=start,
               use_cache=True, **{keyword: cache})  # fmt: skip
-        # The beams' self-attention: grown step by step, or preallocated (static) as stock would.
-        own = (StaticCache(config=model.config.get_text_config(decoder=True),
-                           max_cache_len=_static_cache_length(model, kwargs)) if static else None)  # fmt: skip
-        shared = BeamCache(own, cache.cross_attention_cache)
+        shared = caches(model, cache.cross_attention_cache, beams, kwargs)
         for layer in range(len(cache.cross_attention_cache)):
             shared.is_updated[layer] = True
         stand_in = BaseModelOutput(last_hidden_state=hidden.new_empty(*hidden.shape[:2], 0))  # [b, s, 0]
         del encoder_outputs, hidden, cache
-        return model.generate(encoder_outputs=stand_in, attention_mask=attention_mask, logits_processor=processors,
-                              cache_implementation=None, **{keyword: shared}, **kwargs)  # fmt: skip
+        with steps(model):
+            return model.generate(encoder_outputs=stand_in, attention_mask=attention_mask,
+                                  logits_processor=processors, cache_implementation=None, **{keyword: shared},
+                                  **kwargs)  # fmt: skip
+
+
+def _dynamic_caches(model, cross, beams: int, kwargs: dict) -> BeamCache:
+    """The beams' self-attention grown step by step (stock generate's default)."""
+    return BeamCache(None, cross)
+
+
+def _static_caches(model, cross, beams: int, kwargs: dict) -> BeamCache:
+    """The beams' self-attention preallocated (`cache_implementation="static"`), as stock would, reordered in place."""
+    length = _static_cache_length(model, kwargs)
+    return StaticBeamCache(StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=length), cross)
+
+
+class StaticBeamCache(BeamCache):
+    """A `BeamCache` whose self-attention part is a `StaticCache` reordered in place.
+
+    transformers' static layers reorder by rebinding their keys/values to `index_select`'s new
+    tensors; a CUDA graph replays the addresses it captured, so here the reordered rows are copied
+    back into the same tensors (`reorder_in_place`). Layers not yet filled are left alone.
+    """
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.self_attention_cache.layers:
+            if layer.is_initialized:
+                reorder_in_place(layer.keys, beam_idx)
+                reorder_in_place(layer.values, beam_idx)
+
+
+def reorder_in_place(x: torch.Tensor, beam_idx: torch.LongTensor) -> None:
+    """`x = x.index_select(0, beam_idx)`, written into `x`'s own memory (`[b*k, ...]`, beam_idx `[b*k]`).
+
+    (index_select into its own input is not allowed: beams read and written overlap, hence the temporary.)
+    """
+    x.copy_(x.index_select(0, beam_idx.to(x.device)))
+
+
+# -- compiled decoding steps -----------------------------------------------------------------------
+# Shapes a compiled step is specialised to: None lets dynamo compile the first shapes statically and,
+# when a later call changes one (a batch's source length, a smaller last batch), recompile once with
+# that size symbolic; False would recompile for every new source length.
+DYNAMIC = None
+
+
+def compile_mode(device: torch.device) -> str:
+    """torch.compile's mode for decoding steps on `device`: CUDA graphs on a GPU, where a step's few
+    hundred kernel launches cost more than its reads; inductor's kernels alone elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def compiling_fails(model, kwargs: dict) -> str | None:
+    """Why `model`'s decoding steps cannot be compiled with these generate() settings (None: they can)."""
+    implementation = kwargs.get("cache_implementation", model.generation_config.cache_implementation)
+    if (why := sharing(model)) is not None:
+        return f"cross-attention keys/values are not shared ({why})"
+    if implementation not in (None, "dynamic", "static"):
+        return f"cache_implementation={implementation!r} (compiled steps decode with a static cache)"
+    if extras := [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]:
+        return f"tensor arguments {', '.join(extras)}"
+    device = model.device
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton is not installed"
+    if device.type == "cpu":
+        from torch._inductor import config as inductor
+
+        compiler = inductor.cpp.cxx[-1]
+        return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) for inductor"
+    return None
+
+
+class CompiledDecoder:
+    """One model's compiled forward for decoding steps, and the fixed buffers its graphs read.
+
+    Made once per model and mode (`_COMPILED`) and reused across calls and documents. A step reads
+    the shared cross-attention keys/values and the beams' static self-attention cache; CUDA graphs
+    replay the addresses they captured, so both live in buffers kept from call to call (the last
+    call's shapes: a batch of other shapes replaces them) and marked static for dynamo. A new
+    document's cross-attention keys/values are copied into them, the self-attention cache is zeroed.
+    """
+
+    def __init__(self, model, mode: str):
+        self.mode = mode
+        # The class's function, bound at each call: this object must not hold the model (a weak key).
+        self.forward = torch.compile(type(model).forward, mode=mode, dynamic=DYNAMIC, fullgraph=True)
+        self.shapes, self.cross, self.own = None, None, None
+
+    def caches(self, model, cross: DynamicCache, beams: int, kwargs: dict) -> StaticBeamCache:
+        keys = cross.layers[0].keys  # [b, h, s, d]
+        length = _static_cache_length(model, kwargs)
+        shapes = ([(layer.keys.shape, layer.values.shape) for layer in cross.layers], beams, length, keys.dtype,
+                  keys.device)  # fmt: skip
+        if shapes == self.shapes:
+            for mine, new in zip(self.cross.layers, cross.layers):
+                mine.keys.copy_(new.keys)
+                mine.values.copy_(new.values)
+            self.own.reset()
+            return StaticBeamCache(self.own, self.cross)
+        self.shapes, self.cross, self.own = None, None, None  # (the old buffers go before the new are made)
+        for layer in cross.layers:
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+        b, h, _, d = keys.shape
+        own = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=length)
+        # Allocated (and marked static) here rather than lazily inside the first compiled step.
+        own.early_initialization(b * beams, h, d, keys.dtype, keys.device)
+        self.shapes, self.cross, self.own = shapes, cross, own
+        return StaticBeamCache(own, cross)
+
+    @contextmanager
+    def steps(self, model):
+        """Decoding steps through the compiled forward (an instance attribute, which nn.Module calls)."""
+        saved = vars(model).get("forward")
+        model.forward = functools.partial(self.forward, model)
+        try:
+            yield
+        finally:
+            if saved is None:
+                del model.forward
+            else:
+                model.forward = saved
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CompiledDecoder
+_UNCOMPILABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why compiling failed
+
+
+def compiled_generate(model, input_ids, attention_mask=None, **kwargs) -> torch.Tensor | None:
+    """`_generate`'s ids with each decoding step run by a compiled forward (`CompiledDecoder`), or None
+    where the steps cannot be compiled (one stderr line says why; the caller decodes eagerly).
+
+    Decodes with shared cross-attention keys/values and a static self-attention cache (beams or not),
+    torch's own kernels (inductor chooses its own: the rounding, not the search, can differ from
+    eager) and the fast logits processors. A failure while compiling or decoding (a graph break,
+    an op inductor lacks) marks the model uncompilable for the rest of the run.
+    """
+    why = _UNCOMPILABLE.get(model) or compiling_fails(model, kwargs)
+    if why is not None:
+        step_aside("compiled decoding", f"{why} (eager decoding)")
+        return None
+    kwargs = dict(kwargs, disable_compile=True)  # transformers' own auto-compile (static cache, GPU) would nest
+    kwargs.pop("cache_implementation", None)
+    processors = LogitsProcessorList((kwargs.pop("logits_processor", None) or []) + _fast_processors(model, kwargs))
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    keyword = cache_keyword(model) or "past_key_values"
+    try:
+        mode = compile_mode(model.device)
+        decoder = _COMPILED.get(model)
+        if decoder is None or decoder.mode != mode:
+            decoder = _COMPILED[model] = CompiledDecoder(model, mode)
+        return _shared_generate(model, input_ids, attention_mask, processors, keyword, decoder.caches, kwargs,
+                                decoder.steps)  # fmt: skip
+    except torch.OutOfMemoryError:
+        raise  # the caller halves the batch
+    except Exception as err:  # noqa: BLE001  decoded eagerly by the caller
+        _COMPILED.pop(model, None)
+        why = _UNCOMPILABLE[model] = describe(err)
+        step_aside("compiled decoding", f"{why} (eager decoding)")
+        return None

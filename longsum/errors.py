@@ -26,6 +26,11 @@ class InputTooLongError(LongsumError, ValueError):
     """An input longer than the model's position table."""
 
 
+class DeviceLostError(LongsumError):
+    """The accelerator can run nothing more in this process (a sticky CUDA error such as a device-side
+    assert): every later document would fail too, so the run stops; a rerun resumes where it stopped."""
+
+
 def describe(err: BaseException, limit: int = 300) -> str:
     """An exception in one line (for a record or a log line): its type and its message's first line."""
     first = (str(err).strip().splitlines() or [""])[0][:limit]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from longsum.errors import LongsumError, describe
+from longsum.errors import DeviceLostError, LongsumError, describe
 from longsum.inputs import DocumentError, StringText, Text
 from longsum.registry import LONG_INPUT_MODES, UNBOUNDED_POSITIONS
 from longsum.settings import check, setting
@@ -64,6 +64,10 @@ class GenerationOptions:
                                  "generate(), but decoding ~1.2-1.6x slower than "
                                  "with the default oneDNN kernels (which round differently, so a near-tie can "
                                  "go the other way).", GENERATION)  # fmt: skip
+    compile: bool = setting(False, "Compile each decoding step with torch.compile (CUDA graphs on a GPU); each "
+                                   "new batch shape compiles first (seconds to minutes). Not faster on CPU at base "
+                                   "size. Steps aside to eager decoding where it cannot compile.",
+                            GENERATION)  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self)
@@ -115,6 +119,26 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1)
                 and libc.mallopt(m_top_pad, 1 << 28))  # fmt: skip
+
+
+def device_lost(device) -> str | None:
+    """Why `device` can run nothing more in this process, or None when it still works.
+
+    Some CUDA errors (a device-side assert, an illegal memory access) are sticky: the context is
+    poisoned and every later kernel fails. A failed batch is followed by this probe (one tiny op and
+    a copy back, which synchronizes) so that such a run stops at once instead of writing an error
+    record for every remaining document. A CPU cannot be poisoned so.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    try:
+        torch.ones(1, device=device).add_(1).cpu()
+    except Exception as err:  # noqa: BLE001  any failure here means the device is gone
+        return describe(err)
+    return None
 
 
 def _config_positions(config) -> int | None:
@@ -187,9 +211,11 @@ def resolve_settings(config, generation_config, tokenizer, options: GenerationOp
         raise LongsumError(f"--max-source-length {options.max_source_length} is more than the model's {limit} "
                            f"positions; use at most {limit} (--long-input chunk reads longer documents in "
                            f"windows)")  # fmt: skip
+    # "compile" only when on: the outputs of runs from before the option resume as they were.
     return {**resolve_generation_kwargs(generation_config, options),
             "max_source_length": options.max_source_length or model_max_source_length(config, tokenizer),
-            "long_input": options.long_input, "exact": options.exact}  # fmt: skip
+            "long_input": options.long_input, "exact": options.exact,
+            **({"compile": True} if options.compile else {})}  # fmt: skip
 
 
 def plan_settings(model_name: str, options: GenerationOptions, dtype: str, device: str) -> dict:
@@ -224,7 +250,7 @@ class Summarizer:
         self._settings = settings or resolve_settings(model.config, model.generation_config, tokenizer, options)
         self.max_source_length = self._settings["max_source_length"]
         self.generate_kwargs = {k: v for k, v in self._settings.items()
-                                if k not in ("max_source_length", "long_input", "dtype", "exact")}  # fmt: skip
+                                if k not in ("max_source_length", "long_input", "dtype", "exact", "compile")}  # fmt: skip
         self.batch_size = options.batch_size
         self.window_docs, self.window_chars = window_docs, window_chars
         self._n_special = tokenizer.num_special_tokens_to_add(pair=False)
@@ -378,6 +404,11 @@ class Summarizer:
                     torch.cuda.empty_cache()
                 continue
             except Exception as err:  # noqa: BLE001  isolate the failing document
+                if (lost := device_lost(self.model.device)) is not None:  # no later document could run either
+                    raise DeviceLostError(
+                        f"the {self.model.device} device stopped working ({lost}) after generation failed with"
+                        f" {describe(err)}; rerun the same command to resume: the records written so far are kept"
+                    ) from err
                 if len(batch) > 1:
                     for job in batch:
                         yield from self._run_alone(job)
@@ -408,5 +439,5 @@ class Summarizer:
         inputs = self.tokenizer.pad(batch, return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
             out = generate(self.model, inputs["input_ids"], inputs["attention_mask"], exact=self.options.exact,
-                           **self.generate_kwargs)  # fmt: skip
+                           compile=self.options.compile, **self.generate_kwargs)  # fmt: skip
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -176,3 +176,68 @@ def test_22_13_summarize_refuses_a_source_length_past_the_positions_before_any_o
                                            "most 256 "):  # fmt: skip
         run(config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_lost_device_stops_the_run_instead_of_failing_every_later_document(tiny_lsg_bart, tokenizer, monkeypatch):
+    """A sticky device error (a CUDA device-side assert poisons the context) stops the run with one line
+    saying to rerun; the failing batch gets no error record, so the rerun summarizes it."""
+    from longsum import generation
+    from longsum.errors import DeviceLostError
+
+    summarizer = Summarizer(tiny_lsg_bart(), tokenizer, GenerationOptions(batch_size=1, max_new_tokens=2))
+    real, calls = summarizer._generate, []
+
+    def poisoned(batch_ids):
+        calls.append(len(batch_ids))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real(batch_ids)
+
+    monkeypatch.setattr(summarizer, "_generate", poisoned)
+    monkeypatch.setattr(generation, "device_lost", lambda device: "AcceleratorError: CUDA error: device-side assert")
+    results = {}
+    items = [(i, f"document number {i}. " * (6 - i)) for i in range(4)]  # longest first: the order of the run
+    with pytest.raises(DeviceLostError) as caught:
+        summarizer.summarize(items, results.__setitem__)
+    assert list(results) == [0] and results[0].summary is not None  # done before; nothing for the rest
+    assert calls == [1, 1]  # stopped at the failure: the other documents were not tried
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and "rerun the same command to resume" in message
+    assert "device-side assert" in message
+
+
+def test_an_ordinary_failure_on_a_working_device_is_one_documents_error(tiny_lsg_bart, tokenizer, monkeypatch):
+    from longsum import generation
+
+    probed = []
+    monkeypatch.setattr(generation, "device_lost", lambda device: probed.append(str(device)))  # works: None
+    summarizer = Summarizer(tiny_lsg_bart(), tokenizer, GenerationOptions(batch_size=1, max_new_tokens=2))
+    monkeypatch.setattr(summarizer, "_generate", lambda ids: (_ for _ in ()).throw(RuntimeError("bad input")))
+    results = {}
+    summarizer.summarize([("a", "one text."), ("b", "another text.")], results.__setitem__)
+    assert {k: r.error for k, r in results.items()} == {k: "generation failed: RuntimeError: bad input" for k in "ab"}
+    assert probed == ["cpu", "cpu"]
+
+
+def test_the_device_probe():
+    from longsum.generation import device_lost
+
+    assert device_lost("cpu") is None  # a CPU cannot be poisoned
+    # A device whose tensors cannot be brought back (here meta, which holds no data) counts as lost.
+    assert "meta" in device_lost("meta").lower()
+
+
+def test_compile_reaches_decoding_and_is_part_of_the_identity_only_when_on(tiny_lsg_bart, tokenizer, monkeypatch):
+    """--compile is passed to decoding.generate, and is in the settings a result file's identity compares
+    only when on (so outputs written before the option existed still resume)."""
+    from longsum import decoding
+
+    calls = []
+    monkeypatch.setattr(decoding, "compiled_generate", lambda model, ids, mask, **kw: calls.append(tuple(ids.shape)))
+    model = tiny_lsg_bart()
+    summarizer = Summarizer(model, tokenizer, GenerationOptions(compile=True, max_new_tokens=2, num_beams=1))
+    results = {}
+    summarizer.summarize([("a", "a short text.")], results.__setitem__)
+    assert len(calls) == 1 and results["a"].error is None  # (the stand-in returned None: decoded eagerly)
+    assert summarizer.settings()["compile"] is True
+    assert "compile" not in Summarizer(model, tokenizer, GenerationOptions(max_new_tokens=2)).settings()

@@ -63,8 +63,8 @@ def summarize(model, tokenizer) -> list[str]:
 def stock_summaries(model, tokenizer, monkeypatch) -> list[str]:
     """The same run with `decoding.generate` replaced by plain `model.generate`."""
     with monkeypatch.context() as patch:
-        patch.setattr(decoding, "generate", lambda model, input_ids, attention_mask=None, exact=False, **kwargs:
-                      model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs))  # fmt: skip
+        patch.setattr(decoding, "generate", lambda model, input_ids, attention_mask=None, exact=False, compile=False,
+                      **kwargs: model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs))  # fmt: skip
         return summarize(model, tokenizer)
 
 

@@ -431,3 +431,35 @@ def test_a_rerun_naming_the_inputs_differently_skips_what_is_done(tmp_path, tiny
     assert result.exit_code == 0 and "done 0, skipped 4" in result.output
     got = records(out)
     assert len(got) == 4 and {r["path"] for r in got} == {str(corpus / "r.jsonl"), str(corpus / "a.txt")}
+
+
+def test_a_lost_device_stops_summarize_and_the_rerun_finishes(tmp_path, tiny_model_dir, monkeypatch):
+    """After a sticky device error the run stops (exit 2, one line); no document gets an error record
+    for it, and the rerun of the same command summarizes exactly the ones left."""
+    from longsum import generation
+    from longsum.errors import DeviceLostError
+
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(document(2 + i, seed=i))
+    out = tmp_path / "out.jsonl"
+    real = generation.Summarizer._generate
+    calls = []
+
+    def poisoned(self, batch_ids):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real(self, batch_ids)
+
+    monkeypatch.setattr(generation.Summarizer, "_generate", poisoned)
+    monkeypatch.setattr(generation, "device_lost", lambda device: "AcceleratorError: CUDA error: device-side assert")
+    args = ["summarize", str(tmp_path), "-m", str(tiny_model_dir), "-o", str(out), "--batch-size", "1"]
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, DeviceLostError) and result.exception.exit_code == 2
+    first = records(out)
+    assert len(first) == 1 and "summary" in first[0]  # the one done before; none for the failing one
+    monkeypatch.undo()  # a fresh process on a working device
+    result = summarize(*args[1:])
+    assert result.exit_code == 0, result.output
+    assert "done 2, skipped 1, failed 0" in result.output
+    assert sorted(r["id"] for r in records(out)) == sorted(str(tmp_path / f"{i}.txt") for i in range(3))
