@@ -1,21 +1,22 @@
-"""The `longsum` command: a thin Typer app.
+"""The `longsum` command: a thin table of commands.
 
-Each command parses its options, imports its module lazily (so `longsum --help` never imports
-torch or transformers) and calls that module's `run()`. Results go to stdout or files; progress
-and logs go to stderr. A `LongsumError` becomes one line on stderr and a non-zero exit code.
+Each command is one settings dataclass (its options, `--config FILE` and help are built from it by
+`longsum.settings.command`) and one `run(cfg)` in its module. `longsum --help` imports only those
+light modules, never torch or transformers. Results go to stdout or files; progress and logs go to
+stderr. A `LongsumError` becomes one line on stderr and a non-zero exit code.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Literal
 
 import typer
 
-from longsum import __version__
-from longsum.console import note, quiet_libraries, stderr_console
+from longsum import __version__, convert, evaluation, summarize, train
+from longsum.console import quiet_libraries
 from longsum.errors import LongsumError
-from longsum.registry import DTYPES, LONGT5_TARGETS, SPARSITY_TYPES, aliases, convertible
+from longsum.registry import aliases, convertible
+from longsum.settings import Action, command
 
 app = typer.Typer(
     name="longsum",
@@ -59,113 +60,6 @@ Converts: {convertible()}.
 Aliases: {", ".join(aliases("source"))}
 (Hub ids need the Hub once, then the cache)."""
 
-SparsityType = Literal[SPARSITY_TYPES]
-LongT5Target = Literal[LONGT5_TARGETS]
-SavedDtype = Literal[tuple(DTYPES)]
-LSG_PANEL = "LSG settings (defaults: docs/lsg.md; re-converting keeps the source's)"
-
-
-@app.command(epilog=CONVERT_EPILOG)
-def convert(
-    source: str = typer.Argument(..., help="Checkpoint folder, Hub id or alias."),
-    output_dir: str = typer.Argument(None, help="Where to write (default: ./lsg-NAME-LENGTH)."),
-    max_length: int = typer.Option(4096, help="New maximum input length (a multiple of the block size)."),
-    block_size: int = typer.Option(None, help="Local block size (default 128).", rich_help_panel=LSG_PANEL),
-    sparse_block_size: int = typer.Option(
-        None, help="Sparse tokens on each side (default 128); 0 = none.", rich_help_panel=LSG_PANEL
-    ),
-    sparsity_factor: int = typer.Option(
-        None, help="Compression factor of the sparse sequence (default 2).", rich_help_panel=LSG_PANEL
-    ),
-    sparsity_type: SparsityType = typer.Option(
-        None, help="How the sparse sequence is built (default norm).", rich_help_panel=LSG_PANEL
-    ),
-    num_global_tokens: int = typer.Option(None, help="Global tokens, 1..512 (default 1).", rich_help_panel=LSG_PANEL),
-    pass_global_tokens_to_decoder: bool = typer.Option(
-        None,
-        "--pass-global-tokens-to-decoder/--no-pass-global-tokens-to-decoder",
-        help="(default: pass)",
-        rich_help_panel=LSG_PANEL,
-    ),  # fmt: skip
-    mask_first_token: bool = typer.Option(
-        None,
-        "--mask-first-token/--no-mask-first-token",
-        help="Hide token 0, which repeats global 0 (default: no).",
-        rich_help_panel=LSG_PANEL,
-    ),  # fmt: skip
-    adaptive: bool = typer.Option(
-        None,
-        "--adaptive/--no-adaptive",
-        help="Shrink blocks for short inputs (default: adaptive).",
-        rich_help_panel=LSG_PANEL,
-    ),  # fmt: skip
-    pool_with_global: bool = typer.Option(
-        None,
-        "--pool-with-global/--no-pool-with-global",
-        help="Pool global tokens too (default: yes).",
-        rich_help_panel=LSG_PANEL,
-    ),  # fmt: skip
-    lsh_num_pre_rounds: int = typer.Option(
-        None, help="Pre-rounds of the lsh sparsity type (default 1).", rich_help_panel=LSG_PANEL
-    ),
-    random_global_init: bool = typer.Option(False, "--random-global-init", help="Draw globals from a normal fit."),
-    global_stride: int = typer.Option(64, help="Positions between consecutive global tokens."),
-    to: LongT5Target = typer.Option(None, "--to", help="T5 only: which LongT5 attention."),
-    seed: int = typer.Option(0, help="Seed for random global initialisation."),
-    dtype: SavedDtype = typer.Option("fp32", help="Saved weights."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
-) -> None:
-    """Convert a short-context checkpoint into a long-context one (LSG, or LongT5 from T5)."""
-    from rich.table import Table
-
-    from longsum.convert import ConvertOptions
-    from longsum.convert import convert as run_convert
-
-    options = ConvertOptions(
-        max_length=max_length, block_size=block_size, sparse_block_size=sparse_block_size,
-        sparsity_factor=sparsity_factor, sparsity_type=sparsity_type, num_global_tokens=num_global_tokens,
-        pass_global_tokens_to_decoder=pass_global_tokens_to_decoder, mask_first_token=mask_first_token,
-        adaptive=adaptive, pool_with_global=pool_with_global, lsh_num_pre_rounds=lsh_num_pre_rounds,
-        random_global_init=random_global_init, global_stride=global_stride, seed=seed, dtype=dtype,
-        overwrite=overwrite, to=to,
-    )  # fmt: skip
-    report = run_convert(source, output_dir, options)
-    table = Table(title=f"converted {report.source}", show_header=False)
-    rows = [("architecture", f"{report.architecture} ({report.model_type})"),
-            ("parameters", f"{report.params_before:,} -> {report.params_after:,}"),
-            ("positions", f"{report.positions_before} -> {report.positions_after}"),
-            *((k, str(v)) for k, v in report.settings.items()),
-            ("output", report.output), ("seconds", f"{report.seconds:.1f}")]  # fmt: skip
-    for key, value in rows:
-        table.add_row(key, value)
-    stderr_console().print(table)
-    for line in report.notes:
-        note(f"note: {line}")
-
-
-# Options shared by the commands that generate (summarize, eval): same names, same meaning.
-# The generation options themselves come from `GenerationOptions` (`_with_generation`).
-RunDtype = Literal[("auto", *DTYPES)]
-DEVICE = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:1, mps.")
-DTYPE = typer.Option("auto", "--dtype", help="auto: bf16 on CUDA that supports it, else fp32.")
-MODEL = typer.Option(
-    "ccdv/lsg-bart-base-4096-pubmed", "--model", "-m", envvar="LONGSUM_MODEL", help="Path, Hub id or alias."
-)
-
-
-def _with_generation(command):
-    """Give `command` (which takes `**generation`) the options of `GenerationOptions`, where each is
-    defined once with its type, default, bounds and help."""
-    import inspect
-
-    from longsum.generation import GenerationOptions
-    from longsum.settings import cli_parameters
-
-    own = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
-    command.__signature__ = inspect.Signature([*own, *cli_parameters(GenerationOptions)])
-    return command
-
-
 SUMMARIZE_EPILOG = """Examples:
 
   longsum summarize paper.txt                          (default model: ccdv/lsg-bart-base-4096-pubmed)
@@ -191,41 +85,6 @@ the local cache. Set LONGSUM_MODEL or --model for another one (a local folder
 works offline)."""
 
 
-@app.command(epilog=SUMMARIZE_EPILOG)
-@_with_generation
-def summarize(
-    inputs: list[str] = typer.Argument(
-        ..., help="Text/Markdown/PDF files, folders, '-' for stdin, JSONL/CSV/parquet (text, JSONL, CSV may be .gz)."
-    ),
-    output: str = typer.Option("summaries.jsonl", "--output", "-o", help="The JSONL output file ('-': stdout)."),
-    model: str = MODEL,
-    device: str = DEVICE,
-    dtype: RunDtype = DTYPE,
-    glob: str = typer.Option(
-        "*.txt,*.md",
-        help="File patterns inside folders (comma-separated, any case; '*.txt' also finds a.txt.gz). The output "
-        "and the files longsum keeps beside it are never read from a folder.",
-    ),
-    text_field: str = typer.Option(None, help="Record field with the text (default: text, then article)."),
-    id_field: str = typer.Option(None, help="Record field with the id (default: id, else NAME:LINE)."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Start over (an output longsum wrote) instead of resuming."
-    ),
-    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop at the first document that fails."),
-    **generation,
-) -> None:
-    """Summarize documents into JSONL, one line per document, resumable."""
-    from longsum.generation import GenerationOptions
-    from longsum.summarize import SummarizeConfig, run
-
-    options = GenerationOptions(**generation)
-    config = SummarizeConfig(
-        inputs=inputs, output=output, model=model, device=device, dtype=dtype, generation=options, glob=glob,
-        text_field=text_field, id_field=id_field, overwrite=overwrite, fail_fast=fail_fast,
-    )  # fmt: skip
-    raise typer.Exit(run(config))
-
-
 EVAL_EPILOG = """Examples:
 
   longsum eval pubmed --model ccdv/lsg-bart-base-4096-pubmed --limit 200
@@ -240,50 +99,6 @@ EVAL_EPILOG = """Examples:
 
 Scores: rouge1/2/L/Lsum F1 x100 (rouge-score, use_stemmer=True; rougeLsum on sentences split offline),
 mean over examples with a seeded bootstrap 95% interval. Hub datasets need the Hub once, then the cache."""
-
-
-@app.command("eval", epilog=EVAL_EPILOG)
-@_with_generation
-def eval_(
-    dataset: str = typer.Argument(None, help="Alias (pubmed, arxiv, govreport), Hub id, or JSONL/CSV/parquet file."),
-    model: str = MODEL,
-    split: str = typer.Option("test", help="Dataset split."),
-    limit: int = typer.Option(None, help="Score a seeded random subset of N examples."),
-    seed: int = typer.Option(0, help="Seed for --limit sampling and the bootstrap."),
-    text_column: str = typer.Option(None, help="Column with the document (default: the alias's, else text)."),
-    summary_column: str = typer.Option(None, help="Column with the reference (default: the alias's, else summary)."),
-    dataset_config: str = typer.Option(None, help="Hub dataset configuration (default: the alias's)."),
-    revision: str = typer.Option(None, help="Hub dataset revision (branch, tag or commit)."),
-    output_dir: str = typer.Option(
-        None, "--output-dir", "-o", help="Where results go (default: eval-DATASET-SPLIT-MODEL)."
-    ),
-    device: str = DEVICE,
-    dtype: RunDtype = DTYPE,
-    compare: str = typer.Option(None, help="Another results.json to compare with."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard earlier predictions in the output dir."),
-    list_aliases: bool = typer.Option(False, "--list", help="Show the dataset aliases and their presets."),
-    **generation,
-) -> None:
-    """Score a model with ROUGE on a summarization dataset (resumable, with provenance)."""
-    if list_aliases:
-        from longsum.data import list_aliases as aliases
-
-        for entry in aliases():
-            typer.echo(f"{entry['alias']:<10} {entry['hub_id']} [{entry['config']}] {entry['text_column']} -> "
-                       f"{entry['summary_column']}; preset {entry['preset']}: {entry['description']}")  # fmt: skip
-        return
-    if dataset is None:
-        raise LongsumError("name a dataset (pubmed, arxiv, govreport, a Hub id or a file); see longsum eval --list")
-    from longsum.evaluation import EvalConfig, run
-    from longsum.generation import GenerationOptions
-
-    options = GenerationOptions(**generation)
-    config = EvalConfig(
-        dataset=dataset, model=model, split=split, limit=limit, seed=seed, text_column=text_column,
-        summary_column=summary_column, config=dataset_config, revision=revision, output_dir=output_dir,
-        generation=options, device=device, dtype=dtype, compare=compare, overwrite=overwrite,
-    )  # fmt: skip
-    raise typer.Exit(run(config))
 
 
 TRAIN_EPILOG = """Examples:
@@ -307,36 +122,25 @@ that holds another run is refused; --overwrite removes what longsum train wrote 
 options given on the command line win over the file."""
 
 
-def _train(ctx: typer.Context, **values) -> None:
-    """Fine-tune a seq2seq model (LSG, LongT5, BART...) on a summarization dataset."""
-    from longsum.train import TrainConfig, load_config_file, run
+def _list_aliases() -> None:
+    from longsum.data import list_aliases
 
-    config = values.pop("config", None)
-    if config:  # file values beat defaults; options given on the command line beat the file
-        for key, value in load_config_file(config).items():
-            if key == "training_args" or getattr(ctx.get_parameter_source(key), "name", "") != "COMMANDLINE":
-                values[key] = value
-    run(TrainConfig(**values))
+    for entry in list_aliases():
+        typer.echo(f"{entry['alias']:<10} {entry['hub_id']} [{entry['config']}] {entry['text_column']} -> "
+                   f"{entry['summary_column']}; preset {entry['preset']}: {entry['description']}")  # fmt: skip
 
 
-def _register_train() -> None:
-    """`longsum train`: its options are built from `TrainConfig`, where each is defined once."""
-    import inspect
-
-    from longsum.settings import cli_parameters
-    from longsum.train import DATA, TrainConfig
-
-    config = typer.Option(None, "--config", help="YAML/JSON file with more options (unknown keys fail).",
-                          rich_help_panel=DATA)  # fmt: skip
-    _train.__signature__ = inspect.Signature([
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str | None),
-        *cli_parameters(TrainConfig),
-    ])  # fmt: skip
-    app.command("train", epilog=TRAIN_EPILOG)(_train)
-
-
-_register_train()
+# The commands: name, settings, run(cfg), help, example.
+command(app, "convert", convert.ConvertConfig, convert.run, epilog=CONVERT_EPILOG,
+        help="Convert a short-context checkpoint into a long-context one (LSG, or LongT5 from T5).")  # fmt: skip
+command(app, "summarize", summarize.SummarizeConfig, summarize.run, epilog=SUMMARIZE_EPILOG,
+        help="Summarize documents into JSONL, one line per document, resumable.")  # fmt: skip
+command(app, "eval", evaluation.EvalConfig, evaluation.run, epilog=EVAL_EPILOG,
+        help="Score a model with ROUGE on a summarization dataset (resumable, with provenance).",
+        actions=(Action("list_aliases", ("--list",), "Show the dataset aliases and their presets.",
+                        _list_aliases),))  # fmt: skip
+command(app, "train", train.TrainConfig, train.run, epilog=TRAIN_EPILOG, load=train.load_config_file,
+        help="Fine-tune a seq2seq model (LSG, LongT5, BART...) on a summarization dataset.")  # fmt: skip
 
 
 def _optional_values(argv: list[str]) -> list[str]:

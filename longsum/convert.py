@@ -24,9 +24,9 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from longsum.errors import LongsumError
 from longsum.registry import (
@@ -40,6 +40,7 @@ from longsum.registry import (
     Family,
     convertible,
 )
+from longsum.settings import check, setting
 
 if TYPE_CHECKING:
     import torch
@@ -48,43 +49,73 @@ if TYPE_CHECKING:
 LSG_OPTION_KEYS = tuple(key for key in LSG_DEFAULTS if key != "base_model_prefix")
 
 
+LSG_PANEL = "LSG settings (defaults: docs/lsg.md; re-converting keeps the source's)"
+
+
 @dataclass
 class ConvertOptions:
-    """None means: the source's value when re-converting an LSG checkpoint, else docs/lsg.md's default."""
+    """How to convert, defined once (`longsum.settings`): the `convert` options are built from these
+    fields. None means: the source's value when re-converting an LSG checkpoint, else docs/lsg.md's default."""
 
-    max_length: int = 4096
-    block_size: int | None = None
-    sparse_block_size: int | None = None
-    sparsity_factor: int | None = None
-    sparsity_type: str | None = None
-    num_global_tokens: int | None = None
-    pass_global_tokens_to_decoder: bool | None = None
-    mask_first_token: bool | None = None
-    adaptive: bool | None = None
-    pool_with_global: bool | None = None
-    lsh_num_pre_rounds: int | None = None
-    random_global_init: bool = False
-    global_stride: int = 64
-    seed: int = 0
-    dtype: str = "fp32"
-    overwrite: bool = False
-    to: str | None = None  # T5 only: longt5-local | longt5-tglobal
+    max_length: int = setting(4096, "New maximum input length (a multiple of the block size).", low=1)
+    block_size: int | None = setting(None, "Local block size (default 128).", LSG_PANEL, low=1)
+    sparse_block_size: int | None = setting(None, "Sparse tokens on each side (default 128); 0 = none.", LSG_PANEL,
+                                            low=0)  # fmt: skip
+    sparsity_factor: int | None = setting(None, "Compression factor of the sparse sequence (default 2).", LSG_PANEL,
+                                          low=1)  # fmt: skip
+    sparsity_type: Literal[SPARSITY_TYPES] | None = setting(None, "How the sparse sequence is built (default norm).",
+                                                            LSG_PANEL)  # fmt: skip
+    num_global_tokens: int | None = setting(None, f"Global tokens, 1..{MAX_GLOBAL_TOKENS} (default 1).", LSG_PANEL,
+                                            low=1, high=MAX_GLOBAL_TOKENS)  # fmt: skip
+    pass_global_tokens_to_decoder: bool | None = setting(None, "(default: pass)", LSG_PANEL,
+        flags=("--pass-global-tokens-to-decoder/--no-pass-global-tokens-to-decoder",))  # fmt: skip
+    mask_first_token: bool | None = setting(None, "Hide token 0, which repeats global 0 (default: no).", LSG_PANEL,
+                                            flags=("--mask-first-token/--no-mask-first-token",))  # fmt: skip
+    adaptive: bool | None = setting(None, "Shrink blocks for short inputs (default: adaptive).", LSG_PANEL,
+                                    flags=("--adaptive/--no-adaptive",))  # fmt: skip
+    pool_with_global: bool | None = setting(None, "Pool global tokens too (default: yes).", LSG_PANEL,
+                                            flags=("--pool-with-global/--no-pool-with-global",))  # fmt: skip
+    lsh_num_pre_rounds: int | None = setting(None, "Pre-rounds of the lsh sparsity type (default 1).", LSG_PANEL,
+                                             low=0)  # fmt: skip
+    random_global_init: bool = setting(False, "Draw globals from a normal fit.")
+    global_stride: int = setting(64, "Positions between consecutive global tokens.", low=1)
+    to: Literal[LONGT5_TARGETS] | None = setting(None, "T5 only: which LongT5 attention.")
+    seed: int = setting(0, "Seed for random global initialisation.")
+    dtype: Literal[tuple(DTYPES)] = setting("fp32", "Saved weights.")
+    overwrite: bool = setting(False, "Replace an existing model folder.")
 
     def __post_init__(self) -> None:
         """Cheap checks (no torch, no download): a typo is refused before anything is loaded."""
-        choices = {"sparsity_type": SPARSITY_TYPES, "to": LONGT5_TARGETS, "dtype": tuple(DTYPES)}
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise LongsumError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got '{value}'")
-        lows = {"max_length": 1, "block_size": 1, "sparse_block_size": 0, "sparsity_factor": 1, "num_global_tokens": 1,
-                "lsh_num_pre_rounds": 0, "global_stride": 1}  # fmt: skip
-        for name, low in lows.items():
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise LongsumError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-        if self.num_global_tokens is not None and self.num_global_tokens > MAX_GLOBAL_TOKENS:
-            raise LongsumError(f"--num-global-tokens must be <= {MAX_GLOBAL_TOKENS}, got {self.num_global_tokens}")
+        check(self)
+
+
+@dataclass(kw_only=True)
+class ConvertConfig(ConvertOptions):
+    """Every `longsum convert` setting: what to convert, where to, and how (`ConvertOptions`)."""
+
+    source: str = setting(help="Checkpoint folder, Hub id or alias.", argument=True)
+    output_dir: str | None = setting(None, "Where to write (default: ./lsg-NAME-LENGTH).", argument=True)
+
+
+def run(cfg: ConvertConfig) -> None:
+    """`longsum convert`: convert, then show what was done (a table and notes, on stderr)."""
+    from rich.table import Table
+
+    from longsum.console import note, stderr_console
+
+    options = ConvertOptions(**{f.name: getattr(cfg, f.name) for f in fields(ConvertOptions)})
+    report = convert(cfg.source, cfg.output_dir, options)
+    table = Table(title=f"converted {report.source}", show_header=False)
+    rows = [("architecture", f"{report.architecture} ({report.model_type})"),
+            ("parameters", f"{report.params_before:,} -> {report.params_after:,}"),
+            ("positions", f"{report.positions_before} -> {report.positions_after}"),
+            *((k, str(v)) for k, v in report.settings.items()),
+            ("output", report.output), ("seconds", f"{report.seconds:.1f}")]  # fmt: skip
+    for key, value in rows:
+        table.add_row(key, value)
+    stderr_console().print(table)
+    for line in report.notes:
+        note(f"note: {line}")
 
 
 @dataclass

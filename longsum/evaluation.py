@@ -26,6 +26,7 @@ from longsum import errors
 from longsum.console import alert, log, note, stderr_console, stdout_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
+from longsum.settings import RunDtype, device_setting, dtype_setting, model_setting, setting
 
 SHOWN_EXCLUDED_IDS = 20  # ids of left-out examples listed in results.json
 RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION = "longsum-eval-results", 1  # docs/eval-results.md
@@ -33,21 +34,26 @@ RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION = "longsum-eval-results", 1  # docs/eval-
 
 @dataclass
 class EvalConfig:
-    dataset: str
-    model: str
-    split: str = "test"
-    limit: int | None = None
-    seed: int = 0
-    text_column: str | None = None
-    summary_column: str | None = None
-    config: str | None = None
-    revision: str | None = None
-    output_dir: str | None = None
+    """Every `longsum eval` setting (`longsum.settings`): its options and --config are built from these."""
+
+    dataset: str = setting(None, "Alias (pubmed, arxiv, govreport), Hub id, or JSONL/CSV/parquet file.", argument=True,
+                           missing="name a dataset (pubmed, arxiv, govreport, a Hub id or a file); see longsum eval "
+                                   "--list")  # fmt: skip
+    model: str = model_setting()
+    split: str = setting("test", "Dataset split.")
+    limit: int | None = setting(None, "Score a seeded random subset of N examples.")
+    seed: int = setting(0, "Seed for --limit sampling and the bootstrap.")
+    text_column: str | None = setting(None, "Column with the document (default: the alias's, else text).")
+    summary_column: str | None = setting(None, "Column with the reference (default: the alias's, else summary).")
+    config: str | None = setting(None, "Hub dataset configuration (default: the alias's).", flags=("--dataset-config",))
+    revision: str | None = setting(None, "Hub dataset revision (branch, tag or commit).")
+    output_dir: str | None = setting(None, "Where results go (default: eval-DATASET-SPLIT-MODEL).",
+                                     flags=("--output-dir", "-o"))  # fmt: skip
     generation: GenerationOptions = field(default_factory=GenerationOptions)
-    device: str = "auto"
-    dtype: str = "auto"
-    compare: str | None = None
-    overwrite: bool = False
+    device: str = device_setting()
+    dtype: RunDtype = dtype_setting()
+    compare: str | None = setting(None, "Another results.json to compare with.")
+    overwrite: bool = setting(False, "Discard earlier predictions in the output dir.")
 
 
 def _slug(text: str) -> str:
@@ -73,13 +79,10 @@ def apply_preset(cfg: EvalConfig) -> dict:
     return preset
 
 
-def model_identity(name: str) -> dict:
-    from longsum.models import fingerprint, locate, read_config, resolve_name
-
-    folder = locate(name)
-    config = read_config(folder)
-    return {"name": name, "resolved": resolve_name(name), "path": str(folder), "model_type": config.get("model_type"),
-            "fingerprint": fingerprint(name)}  # fmt: skip
+def model_identity(checkpoint) -> dict:
+    """What results.json says of the model (`checkpoint`: the run's `longsum.models.Checkpoint`)."""
+    return {"name": checkpoint.name, "resolved": checkpoint.resolved, "path": str(checkpoint.folder),
+            "model_type": checkpoint.model_type, "fingerprint": checkpoint.fingerprint}  # fmt: skip
 
 
 @dataclass
@@ -103,7 +106,7 @@ def run(cfg: EvalConfig) -> int:
     from longsum import __version__, distributed
     from longsum.data import content_identity, load_examples
     from longsum.generation import plan_settings
-    from longsum.models import fingerprint
+    from longsum.models import resolve
     from longsum.provenance import now
 
     started, t0 = now(), time.perf_counter()
@@ -113,8 +116,10 @@ def run(cfg: EvalConfig) -> int:
                          cfg.revision, cfg.config)  # fmt: skip
     preset = apply_preset(cfg)
     device = dist.device(cfg.device)
-    settings = plan_settings(cfg.model, cfg.generation, cfg.dtype, device)  # also: an unknown model fails here
-    identity = {"dataset": content_identity(data), "model_fingerprint": fingerprint(cfg.model), "generation": settings}
+    # An unknown model fails here. Resolved once: settings, identity, weights and results.json read from it.
+    checkpoint = resolve(cfg.model)
+    settings = plan_settings(checkpoint, cfg.generation, cfg.dtype, device)
+    identity = {"dataset": content_identity(data), "model_fingerprint": checkpoint.fingerprint, "generation": settings}
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     if out_dir.exists() and not out_dir.is_dir():
         raise LongsumError(f"--output-dir {out_dir} is a file; choose a folder")
@@ -141,12 +146,12 @@ def run(cfg: EvalConfig) -> int:
     gen_stats = {"examples": 0, "input_tokens": 0, "seconds": 0.0}
     try:
         if plan.pending:
-            settings = _generate(cfg, data, results, settings, dist, gen_stats, device)
+            settings = _generate(cfg, checkpoint, data, results, settings, dist, gen_stats, device)
     finally:
         results.close()
     if not dist.main:
         return 0
-    return _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other)
+    return _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other)
 
 
 def check_config(cfg: EvalConfig) -> dict | None:
@@ -187,12 +192,11 @@ def _report_plan(cfg, data, plan, predictions) -> None:
         note(f"left out of the scores: {_excluded_text(plan)}")
 
 
-def _generate(cfg, data, results, settings, dist, stats, device) -> dict:
+def _generate(cfg, checkpoint, data, results, settings, dist, stats, device) -> dict:
     from longsum.generation import Summarizer, keep_freed_memory
     from longsum.metrics import score_pair
-    from longsum.models import load_model
 
-    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    model, tokenizer = checkpoint.load(device, cfg.dtype)
     if model.device.type == "cpu":
         keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
     summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
@@ -235,7 +239,7 @@ def _generate(cfg, data, results, settings, dist, stats, device) -> dict:
     return summarizer.settings()
 
 
-def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other) -> int:
+def _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other) -> int:
     from longsum.metrics import METRIC_RECIPE, ROUGE_TYPES, aggregate
     from longsum.provenance import now, provenance
     from longsum.store import latest_records
@@ -281,7 +285,7 @@ def _score(cfg, data, plan, predictions, out_dir, preset, settings, gen_stats, s
         },  # fmt: skip
         "metric_recipe": METRIC_RECIPE,
         "dataset": {"name": cfg.dataset, **data.source},
-        "model": model_identity(cfg.model),
+        "model": model_identity(checkpoint),
         "generation": settings,
         "generation_preset": preset,
         "config": asdict(cfg),

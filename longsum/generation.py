@@ -218,20 +218,16 @@ def resolve_settings(config, generation_config, tokenizer, options: GenerationOp
             **({"compile": True} if options.compile else {})}  # fmt: skip
 
 
-def plan_settings(model_name: str, options: GenerationOptions, dtype: str, device: str) -> dict:
-    """`resolve_settings` for a checkpoint name plus the dtype it will run in, without its weights."""
-    from longsum.models import (
-        load_config,
-        load_generation_config,
-        load_tokenizer,
-        locate,
-        resolve_device,
-        resolve_dtype,  # fmt: skip
-    )
+def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: str) -> dict:
+    """`resolve_settings` for a checkpoint plus the dtype it will run in, without its weights.
 
-    _, config = load_config(model_name)
-    settings = resolve_settings(config, load_generation_config(locate(model_name), config),
-                                load_tokenizer(model_name), options)  # fmt: skip
+    `checkpoint` is a `longsum.models.Checkpoint` (a run's, resolved once), or a name to resolve.
+    """
+    from longsum.models import Checkpoint, resolve, resolve_device, resolve_dtype
+
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = resolve(checkpoint)
+    settings = resolve_settings(checkpoint.config, checkpoint.generation_config, checkpoint.tokenizer, options)
     return {**settings, "dtype": str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")}
 
 

@@ -1,4 +1,9 @@
-"""`load_model`: the one entry point every command uses to get a model and its tokenizer.
+"""`resolve` and `load_model`: how every command gets a checkpoint, its model and its tokenizer.
+
+`resolve(name_or_path)` gives a `Checkpoint`: where it is, its config, and (read when first asked,
+then kept) its generation config, tokenizer and fingerprint. A command resolves its checkpoint once
+and hands it to whatever needs it (settings, the output's identity, the weights), so one run reads
+each file of the checkpoint once. `load_model` is the same in one call, for library users.
 
 It recognises three kinds of checkpoint:
 * LSG checkpoints, by their config keys: longsum's own (`model_type` "lsg_bart", ...) and those of
@@ -16,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +63,7 @@ def locate(name_or_path: str | os.PathLike, revision: str | None = None) -> Path
     return _fetch_from_hub(name, revision)
 
 
-@lru_cache(maxsize=16)  # one fetch per process: the commands ask for the folder several times
+@lru_cache(maxsize=16)  # one fetch per process: library users may load the same id again
 def _fetch_from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -77,14 +83,22 @@ def _fetch_from_hub(repo_id: str, revision: str | None) -> Path:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    return _read_config(folder)[0]
+
+
+def _read_config(folder: Path) -> tuple[dict[str, Any], str]:
+    """config.json as a dict, and the sha256 of the bytes read (the fingerprint needs no second read)."""
+    import hashlib
+
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        data = (folder / "config.json").read_bytes()
+        config = json.loads(data.decode("utf-8"))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {err}") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{folder / 'config.json'} is not a model config (a JSON object was expected, "
                              f"found a {type(config).__name__})")  # fmt: skip
-    return config
+    return config, hashlib.sha256(data).hexdigest()
 
 
 def is_lsg_config(config: dict[str, Any]) -> bool:
@@ -134,7 +148,7 @@ _SAID: set[str] = set()
 
 
 def _say_once(message: str) -> None:
-    """A note on stderr, once per process (a command reads a checkpoint's config more than once)."""
+    """A note on stderr, once per process (a process may resolve the same checkpoint more than once)."""
     if message not in _SAID:
         _SAID.add(message)
         from longsum.console import note
@@ -198,15 +212,85 @@ _TOKENIZER_FILES = (
 )
 
 
-def load_config(name_or_path: str | os.PathLike, task: str = "seq2seq", *, revision: str | None = None):
-    """(model class, config) of a checkpoint, without loading its weights (cheap).
+@dataclass(eq=False)
+class Checkpoint:
+    """A checkpoint resolved once (`resolve`): what a run needs to know about it, each file read once.
 
-    The class is longsum's LSG class for LSG checkpoints, else the transformers Auto class.
+    A command makes one and hands it to whatever needs it (its settings, the output's identity, the
+    weights) instead of each resolving the name again. The generation config, the tokenizer and the
+    fingerprint are read when first asked for, then kept: `load_model` reads no more than it needs.
+    """
+
+    name: str  # as given: what records and results call the model
+    resolved: str  # the alias expanded (`resolve_name`): a folder or a Hub id
+    folder: Path  # the local folder (a Hub id is fetched into the Hugging Face cache first)
+    task: str
+    config_dict: dict[str, Any]  # config.json as read
+    model_class: Any  # longsum's LSG class, else the transformers Auto class of `task`
+    config: Any  # the config object the weights are built with
+    config_sha256: str  # of the config.json bytes read: the fingerprint does not read them again
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config_dict.get("model_type")
+
+    @property
+    def is_lsg(self) -> bool:
+        return is_lsg_config(self.config_dict)
+
+    @cached_property
+    def generation_config(self):
+        """The generation config `from_pretrained` would give the model (`load_generation_config`)."""
+        return load_generation_config(self.folder, self.config)
+
+    @cached_property
+    def tokenizer(self):
+        # A stock config is the one AutoTokenizer would build again from config.json: it is handed
+        # over. An LSG config is longsum's class, which AutoTokenizer's table does not know: not handed.
+        return _build_tokenizer(self.folder, None if self.is_lsg else self.config)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """`fingerprint` of the folder."""
+        return _fingerprint(self.folder, {"config.json": self.config_sha256})
+
+    def load(self, device: str = "auto", dtype: str = "auto", *, attn_implementation: str | None = None,
+             attention: str = "longsum"):  # fmt: skip
+        """`(model, tokenizer)` of this checkpoint: `load_model` (which documents the arguments)."""
+        device = resolve_device(device)
+        kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device)}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if not self.is_lsg:
+            kwargs["trust_remote_code"] = False
+        if attention not in ("longsum", "stock"):
+            raise ModelLoadError(f"unknown attention {attention!r}: use 'longsum' or 'stock'")
+        tokenizer = self.tokenizer
+        # A generation config already read from its file (for a run's settings) is handed over, not read
+        # again. Without a file, transformers derives the model's from config.json as it always did.
+        if "generation_config" in vars(self) and (self.folder / "generation_config.json").is_file():
+            kwargs["generation_config"] = self.generation_config
+        model = load_weights(self.model_class, self.folder, config=self.config, **kwargs)
+        if attention == "longsum" and self.config.model_type == "longt5":
+            from longsum.longt5 import use_longsum_attention
+
+            use_longsum_attention(model)
+        model.to(device).eval()
+        return model, tokenizer
+
+
+def resolve(name_or_path: str | os.PathLike, task: str = "seq2seq", *, revision: str | None = None) -> Checkpoint:
+    """The checkpoint `name_or_path` names (a folder, a Hub id or an alias), located (a Hub id is
+    fetched) and its config read, without its weights (cheap).
+
+    Raises:
+        ModelLoadError: with a one-line message (unknown task, missing folder, unreachable Hub,
+            unreadable config, unsupported architecture).
     """
     if task not in TASKS:
         raise ModelLoadError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
     folder = locate(name_or_path, revision)
-    config_dict = read_config(folder)
+    config_dict, config_sha256 = _read_config(folder)
 
     from transformers import AutoConfig
 
@@ -221,12 +305,25 @@ def load_config(name_or_path: str | os.PathLike, task: str = "seq2seq", *, revis
                 f"unsupported architecture '{config_dict.get('model_type')}' in {folder}: {_first_line(err)}"
             ) from None
         _check_supported(cls, config, task)
-    return cls, config
+    return Checkpoint(name=str(name_or_path), resolved=resolve_name(name_or_path), folder=folder, task=task,
+                      config_dict=config_dict, model_class=cls, config=config, config_sha256=config_sha256)  # fmt: skip
+
+
+def load_config(name_or_path: str | os.PathLike, task: str = "seq2seq", *, revision: str | None = None):
+    """(model class, config) of a checkpoint, without loading its weights (cheap).
+
+    The class is longsum's LSG class for LSG checkpoints, else the transformers Auto class.
+    """
+    checkpoint = resolve(name_or_path, task, revision=revision)
+    return checkpoint.model_class, checkpoint.config
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None):
     """The checkpoint's tokenizer (a one-line error when the folder has none)."""
-    folder = locate(name_or_path, revision)
+    return _build_tokenizer(locate(name_or_path, revision))
+
+
+def _build_tokenizer(folder: Path, config=None):
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         # transformers would silently build an empty tokenizer with only special tokens
         raise ModelLoadError(
@@ -235,8 +332,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = No
         )
     from transformers import AutoTokenizer
 
+    given = {} if config is None else {"config": config}
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **given)
     except (OSError, ValueError, TypeError) as err:
         raise ModelLoadError(f"no usable tokenizer in {folder}: {_first_line(err)}") from None
 
@@ -267,16 +365,21 @@ def fingerprint(name_or_path: str | os.PathLike, *, revision: str | None = None)
     as is; other files are hashed (about 0.3 s per GB), once per process while their size and
     modification time stay the same.
     """
+    return _fingerprint(locate(name_or_path, revision))
+
+
+def _fingerprint(folder: Path, known: dict[str, str] | None = None) -> str:
+    """`fingerprint` of a folder; `known`: the sha256 of files already read, by name (not read again)."""
     import hashlib
 
-    folder = locate(name_or_path, revision)
+    known = known or {}
     files = [path for path in sorted(folder.iterdir()) if path.is_file() and
              (path.name in _FINGERPRINT_NAMES or path.name.endswith(_WEIGHT_SUFFIXES))]  # fmt: skip
     signature = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if signature not in _FINGERPRINTS:
         total = hashlib.sha256()
         for path in files:
-            total.update(path.name.encode() + b"\0" + _file_digest(path).encode() + b"\0")
+            total.update(path.name.encode() + b"\0" + _file_digest(path, known.get(path.name)).encode() + b"\0")
         _FINGERPRINTS[signature] = total.hexdigest()[:16]
     return _FINGERPRINTS[signature]
 
@@ -284,13 +387,16 @@ def fingerprint(name_or_path: str | os.PathLike, *, revision: str | None = None)
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path: Path, known: str | None = None) -> str:
+    """The file's digest; `known`: the sha256 of its bytes, already read (the cache's name comes first)."""
     import hashlib
 
     if path.is_symlink():
         target = Path(os.readlink(path))
         if "blobs" in target.parts:  # the Hugging Face cache: content-addressed already
             return target.name
+    if known:
+        return known
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else _sha256(f)
 
@@ -334,24 +440,8 @@ def load_model(
         ModelLoadError: with a one-line message (missing folder, unreachable Hub, unsupported
             architecture, missing tokenizer).
     """
-    cls, config = load_config(name_or_path, task, revision=revision)
-    folder = locate(name_or_path, revision)
-    device = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if not is_lsg_config(read_config(folder)):
-        kwargs["trust_remote_code"] = False
-    if attention not in ("longsum", "stock"):
-        raise ModelLoadError(f"unknown attention {attention!r}: use 'longsum' or 'stock'")
-    tokenizer = load_tokenizer(folder)
-    model = load_weights(cls, folder, config=config, **kwargs)
-    if attention == "longsum" and config.model_type == "longt5":
-        from longsum.longt5 import use_longsum_attention
-
-        use_longsum_attention(model)
-    model.to(device).eval()
-    return model, tokenizer
+    checkpoint = resolve(name_or_path, task, revision=revision)
+    return checkpoint.load(device, dtype, attn_implementation=attn_implementation, attention=attention)
 
 
 def load_weights(cls, folder: Path, **kwargs):

@@ -20,6 +20,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # command-l
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEVICE_TYPES = ("cpu", "cuda", "mps")  # `auto` picks cuda when present
 LONG_INPUT_MODES = ("truncate", "chunk")
+# The model `summarize` and `eval` use without --model: a real long-document summarizer (LSG-BART, PubMed).
+DEFAULT_MODEL = "ccdv/lsg-bart-base-4096-pubmed"
 MAX_SEED = 2**32 - 1  # the largest seed every seeded generator of a run (random, numpy, torch) accepts
 
 # ------------------------------------------------------------------------------------------ LSG

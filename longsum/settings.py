@@ -1,8 +1,10 @@
 """Typed settings defined once: a dataclass field gives the type, the default, the help text, the
-help panel and the bounds; the command-line options, the config-file parsing and the checks are
-all built from it (`longsum train` uses this: its 36 options exist in one place).
+help panel and the bounds; a command's options, its `--config FILE` parsing and its checks are all
+built from it. Every `longsum` command is one settings dataclass and one `run(cfg)`:
 
     learning_rate: float = setting(8e-5, "Peak learning rate.", "Optimization", low=0, strict=True)
+
+    command(app, "train", TrainConfig, train.run, epilog=TRAIN_EPILOG, help="Fine-tune ...")
 
 Config-file values are converted to the field's type (YAML reads `1e-4` as a string) and every
 bad value is one `LongsumError` line naming the key.
@@ -15,20 +17,26 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from longsum.errors import LongsumError
+from longsum.registry import DEFAULT_MODEL, DTYPES
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", panel: str | None = None, *,
             flags: tuple[str, ...] = (), low: float | None = None, high: float | None = None,
-            strict: bool = False, cli: bool = True) -> Any:  # fmt: skip
+            strict: bool = False, cli: bool = True, envvar: str | None = None, argument: bool = False,
+            missing: str | None = None) -> Any:  # fmt: skip
     """A dataclass field with what the CLI and the checks need.
 
     `low`/`high`: inclusive bounds (`strict`: `low` excluded); `flags`: option names (default
-    `--field-name`); `cli=False`: settable from a config file only.
+    `--field-name`; `--x/--no-x` for a yes/no/unset bool); `cli=False`: settable from a config file
+    only; `envvar`: an environment variable that sets it; `argument`: positional (required without a
+    default); `missing`: the one-line error when the command runs with it unset.
     """
-    metadata = {"help": help, "panel": panel, "flags": flags, "low": low, "high": high, "strict": strict, "cli": cli}
+    metadata = {"help": help, "panel": panel, "flags": flags, "low": low, "high": high, "strict": strict, "cli": cli,
+                "envvar": envvar, "argument": argument, "missing": missing}  # fmt: skip
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -104,15 +112,19 @@ def check(obj) -> None:
         meta = f.metadata
         if not meta:
             continue
-        value = coerce(hints[f.name], value, flag(f.name), "")
-        setattr(obj, f.name, value)
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        low, high = meta.get("low"), meta.get("high")
-        if low is not None and (value <= low if meta.get("strict") else value < low):
-            raise LongsumError(f"{flag(f.name)} must be {'>' if meta.get('strict') else '>='} {low}, got {value}")
-        if high is not None and value > high:
-            raise LongsumError(f"{flag(f.name)} must be <= {high}, got {value}")
+        setattr(obj, f.name, within(meta, coerce(hints[f.name], value, flag(f.name), ""), flag(f.name)))
+
+
+def within(meta, value: Any, name: str) -> Any:
+    """`value`, or a one-line error naming `name` when it is outside the setting's bounds."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value <= low if meta.get("strict") else value < low):
+        raise LongsumError(f"{name} must be {'>' if meta.get('strict') else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise LongsumError(f"{name} must be <= {high}, got {value}")
+    return value
 
 
 def from_mapping(cls, data: dict, where: str) -> dict:
@@ -123,25 +135,185 @@ def from_mapping(cls, data: dict, where: str) -> dict:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name in fields:
-            out[name] = coerce(hints[name], value, str(key), where)
+            out[name] = within(fields[name].metadata, coerce(hints[name], value, str(key), where), f"{where}: {key}")
+    return out
+
+
+def option_name(f: dataclasses.Field) -> str:
+    """What a config file calls a setting: its option's long name (`--dataset-config` -> dataset_config)."""
+    names = [n.split("/")[0] for n in f.metadata.get("flags", ()) if n.startswith("--")]
+    return (names[0][2:] if names else f.name).replace("-", "_")
+
+
+def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) of every setting of `cls`, a group of settings (a dataclass-typed field such as
+    `generation: GenerationOptions`) giving its own fields in its place: the CLI shows them flat."""
+    hints, out = _hints(cls), []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        out += _fields(tp) if dataclasses.is_dataclass(tp) else [(f, tp)] if f.metadata else []
     return out
 
 
 def cli_parameters(cls) -> list[inspect.Parameter]:
-    """Keyword parameters (with `typer.Option` defaults) for every CLI setting of `cls`, in order."""
+    """Keyword parameters (`typer.Argument`/`typer.Option` defaults) for every CLI setting of `cls`, in order."""
     import typer
 
-    hints = _hints(cls)
     params = []
-    for f in dataclasses.fields(cls):
+    for f, hint in _fields(cls):
         meta = f.metadata
-        if not meta or not meta.get("cli"):
+        if not meta.get("cli"):
             continue
-        tp, _ = _optional(hints[f.name])
+        tp, _ = _optional(hint)
         default = None if f.default is dataclasses.MISSING else f.default
-        names = meta["flags"] or (flag(f.name),)
-        option = typer.Option(default, *names, help=meta["help"], rich_help_panel=meta["panel"],
-                              show_default=default is not None and tp is not bool)  # fmt: skip
-        annotation = tp if tp is bool else (tp | None if default is None else tp)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+        if meta.get("argument"):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            value = typer.Argument(... if required else default, help=meta["help"])
+        else:
+            names = meta["flags"] or (flag(f.name),)
+            value = typer.Option(default, *names, help=meta["help"], rich_help_panel=meta["panel"],
+                                 envvar=meta.get("envvar"), show_default=default is not None and tp is not bool)  # fmt: skip
+        annotation = tp if tp is bool or meta.get("argument") else (tp | None if default is None else tp)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=annotation))
     return params
+
+
+def build(cls, values: dict) -> Any:
+    """An instance of `cls` from flat `values` (a group's settings fill the group). A setting declared
+    with `missing=` that is still None is its one-line error: what to pass."""
+    hints = _hints(cls)
+    own = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            own[f.name] = build(hints[f.name], values)
+        elif f.name in values:
+            own[f.name] = values[f.name]
+        if f.metadata.get("missing") and own.get(f.name, f.default) is None:
+            raise LongsumError(f.metadata["missing"])
+    return cls(**own)
+
+
+# ------------------------------------------------------------------------------------------ --config FILE
+def read_config_file(path: str) -> dict:
+    """The mapping in a YAML/JSON file (JSON by its suffix), or one line saying what is wrong with it."""
+    import json
+    from pathlib import Path
+
+    where = f"--config {path}"
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise LongsumError(f"cannot read {where}: {err.strerror or err}") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001  json/yaml syntax errors of every kind
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LongsumError(f"{where} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first}") from None
+    if not isinstance(data, dict):
+        raise LongsumError(f"{where} must hold a mapping of option names to values")
+    return data
+
+
+def load_config(cls, path: str, command: str) -> dict:
+    """The settings of `cls` in a YAML/JSON file, by option name (dashes or underscores), each converted
+    to its type; an unknown key or a bad value is one line naming the key."""
+    fields = {option_name(f): (f, tp) for f, tp in _fields(cls) if f.metadata.get("cli")}
+    out = {}
+    for key, value in read_config_file(path).items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise LongsumError(f"unknown key '{key}' in --config {path} (not a longsum {command} option; "
+                               f"see 'longsum {command} --help')")  # fmt: skip
+        f, tp = fields[name]
+        out[f.name] = within(f.metadata, coerce(tp, value, str(key), f"--config {path}"), f"--config {path}: {key}")
+    return out
+
+
+def merge(ctx, values: dict, from_file: dict) -> dict:
+    """`values` (parsed options) with `from_file`'s settings: the file beats defaults (and environment
+    variables), an option given on the command line beats the file."""
+    for key, value in from_file.items():
+        if getattr(ctx.get_parameter_source(key), "name", "") != "COMMANDLINE":
+            values[key] = value
+    return values
+
+
+# ------------------------------------------------------------------------------------------ commands
+def command(app, name: str, cls, run: Callable[[Any], Any], *, epilog: str, help: str,
+            load: Callable[[str], dict] | None = None, actions: tuple[Action, ...] = ()) -> None:  # fmt: skip
+    """Register `longsum NAME` on the Typer `app`: its options are `cls`'s settings plus `--config FILE`
+    (beside the first option); it builds one `cls` and calls `run(cfg)`, whose int result is the exit
+    code. `load(path)` reads the config file (default: `load_config`); `actions` are eager flags that
+    print something and exit (`--list`)."""
+    import typer
+
+    params = cli_parameters(cls)
+    panel = next((p.default.rich_help_panel for p in params if isinstance(p.default, typer.models.OptionInfo)), None)
+    config = typer.Option(None, "--config", help="YAML/JSON file with more options (unknown keys fail).",
+                          rich_help_panel=panel)  # fmt: skip
+    extra = [inspect.Parameter(a.name, inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, *a.flags, help=a.help, is_eager=True,
+                                                    callback=a.callback)) for a in actions]  # fmt: skip
+
+    def callback(ctx: typer.Context, **values) -> None:
+        path = values.pop(CONFIG_FILE)
+        for a in actions:
+            values.pop(a.name)
+        if path:
+            merge(ctx, values, load(path) if load else load_config(cls, path, name))
+        code = run(build(cls, values))
+        if isinstance(code, int) and not isinstance(code, bool):
+            raise typer.Exit(code)
+
+    callback.__doc__ = help
+    callback.settings = cls  # what the command is built from (tests/test_settings.py reads it)
+    callback.__signature__ = inspect.Signature([
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        inspect.Parameter(CONFIG_FILE, inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str | None),
+        *params, *extra,
+    ])  # fmt: skip
+    # Typer reads the annotations too: the types themselves, not this module's postponed strings.
+    callback.__annotations__ = {p.name: p.annotation for p in callback.__signature__.parameters.values()}
+    app.command(name, epilog=epilog)(callback)
+
+
+CONFIG_FILE = "config_file"  # the parameter of `--config` (a settings field may be named `config`)
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """An eager flag of a command (`longsum eval --list`): `show()` prints, then the command exits."""
+
+    name: str
+    flags: tuple[str, ...]
+    help: str
+    show: Callable[[], None]
+
+    def callback(self, value: bool) -> None:
+        import typer
+
+        if value:
+            self.show()
+            raise typer.Exit()
+
+
+# ------------------------------------------------------------------------------------------ shared settings
+# Settings of more than one command (summarize, eval): one name, default and help everywhere.
+RunDtype = Literal[("auto", *DTYPES)]
+
+
+def model_setting() -> Any:
+    return setting(DEFAULT_MODEL, "Path, Hub id or alias.", flags=("--model", "-m"), envvar="LONGSUM_MODEL")
+
+
+def device_setting() -> Any:
+    return setting("auto", "auto (CUDA if present), cpu, cuda, cuda:1, mps.")
+
+
+def dtype_setting() -> Any:
+    return setting("auto", "auto: bf16 on CUDA that supports it, else fp32.")

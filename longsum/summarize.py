@@ -23,23 +23,26 @@ from longsum.console import alert, log, note
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
 from longsum.inputs import DEFAULT_GLOB, Document, InputPlan, iter_documents, plan_inputs, printable
-
-DEFAULT_MODEL = "ccdv/lsg-bart-base-4096-pubmed"
+from longsum.settings import RunDtype, device_setting, dtype_setting, model_setting, setting
 
 
 @dataclass
 class SummarizeConfig:
-    inputs: list[str]
-    output: str = "summaries.jsonl"
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "auto"
+    """Every `longsum summarize` setting (`longsum.settings`): its options and --config are built from these."""
+
+    inputs: list[str] = setting(help="Text/Markdown/PDF files, folders, '-' for stdin, JSONL/CSV/parquet (text, "
+                                     "JSONL, CSV may be .gz).", argument=True)  # fmt: skip
+    output: str = setting("summaries.jsonl", "The JSONL output file ('-': stdout).", flags=("--output", "-o"))
+    model: str = model_setting()
+    device: str = device_setting()
+    dtype: RunDtype = dtype_setting()
     generation: GenerationOptions = field(default_factory=GenerationOptions)
-    glob: str = DEFAULT_GLOB
-    text_field: str | None = None
-    id_field: str | None = None
-    overwrite: bool = False
-    fail_fast: bool = False
+    glob: str = setting(DEFAULT_GLOB, "File patterns inside folders (comma-separated, any case; '*.txt' also finds "
+                        "a.txt.gz). The output and the files longsum keeps beside it are never read from a folder.")  # fmt: skip
+    text_field: str | None = setting(None, "Record field with the text (default: text, then article).")
+    id_field: str | None = setting(None, "Record field with the id (default: id, else NAME:LINE).")
+    overwrite: bool = setting(False, "Start over (an output longsum wrote) instead of resuming.")
+    fail_fast: bool = setting(False, "Stop at the first document that fails.")
 
 
 class _FailFast(Exception):
@@ -59,7 +62,7 @@ def run(cfg: SummarizeConfig) -> int:
     """Summarize `cfg.inputs` into `cfg.output`; returns the exit code (1 if any document failed)."""
     from longsum import __version__, distributed
     from longsum.generation import plan_settings
-    from longsum.models import fingerprint, locate
+    from longsum.models import resolve
 
     # A missing path, or nothing at all to read: error now. The output's own files are left out of
     # folders (a rerun must see the inputs the first run saw); named as an input, the output is refused.
@@ -68,9 +71,11 @@ def run(cfg: SummarizeConfig) -> int:
     dist = distributed.init()
     device = dist.device(cfg.device)
     # What the output's identity needs, without loading weights: a mismatch is refused before any work.
-    settings = plan_settings(cfg.model, cfg.generation, cfg.dtype, device)
-    identity = {"model_fingerprint": fingerprint(cfg.model), **settings}
-    info = {"model": cfg.model, "model_path": str(locate(cfg.model).resolve()), "longsum": __version__}
+    # The checkpoint is resolved once: settings, identity and weights all read from it.
+    checkpoint = resolve(cfg.model)
+    settings = plan_settings(checkpoint, cfg.generation, cfg.dtype, device)
+    identity = {"model_fingerprint": checkpoint.fingerprint, **settings}
+    info = {"model": cfg.model, "model_path": str(checkpoint.folder.resolve()), "longsum": __version__}
     results = distributed.open_results(cfg.output, identity, dist, info=info, overwrite=cfg.overwrite)
     if dist.main:
         for warning in plan.warnings:
@@ -134,7 +139,7 @@ def run(cfg: SummarizeConfig) -> int:
     finished = False
     progress = _Progress()
     try:
-        model, tokenizer = _load(cfg, device, settings, dist)
+        model, tokenizer = _load(cfg, checkpoint, device, settings, dist)
         from longsum.generation import Summarizer
 
         summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
@@ -180,11 +185,10 @@ def _note_long(mode: str, max_len: int) -> None:
     note(f"documents longer than {max_len} tokens are {action}; the records say which")
 
 
-def _load(cfg: SummarizeConfig, device: str, settings: dict, dist):
+def _load(cfg: SummarizeConfig, checkpoint, device: str, settings: dict, dist):
     from longsum.generation import keep_freed_memory
-    from longsum.models import load_model
 
-    model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    model, tokenizer = checkpoint.load(device, cfg.dtype)
     if model.device.type == "cpu":
         keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
     if dist.main:

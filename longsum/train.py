@@ -34,7 +34,7 @@ from pathlib import Path
 from longsum.console import log, note
 from longsum.errors import LongsumError
 from longsum.registry import MAX_SEED
-from longsum.settings import check, coerce, flag, from_mapping, setting
+from longsum.settings import check, coerce, flag, from_mapping, read_config_file, setting
 
 DATA, LENGTHS, OPTIM, MEMORY, EVAL = ("Model and data", "Lengths and batches", "Optimization",
                                      "Precision and memory", "Evaluation, checkpoints and logs")  # fmt: skip
@@ -110,17 +110,7 @@ def load_config_file(path: str) -> dict:
     from transformers import Seq2SeqTrainingArguments
 
     where = f"--config {path}"
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise LongsumError(f"cannot read {where}: {err.strerror or err}") from None
-    try:
-        data = json.loads(text) if path.endswith(".json") else _yaml(text)
-    except Exception as err:  # noqa: BLE001  json/yaml syntax errors of every kind
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LongsumError(f"{where} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first}") from None
-    if not isinstance(data, dict):
-        raise LongsumError(f"{where} must hold a mapping of option names to values")
+    data = read_config_file(path)
     ours = {f.name for f in dataclasses.fields(TrainConfig)} - {"training_args"}
     theirs = typing.get_type_hints(Seq2SeqTrainingArguments)
     config = from_mapping(TrainConfig, {k: v for k, v in data.items() if str(k).replace("-", "_") in ours}, where)
@@ -156,12 +146,6 @@ def _optional_simple(tp) -> bool:
 
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return len(args) == 1 and args[0] in (int, float, bool, str) and len(typing.get_args(tp)) == 2
-
-
-def _yaml(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 # ------------------------------------------------------------------------------------------ data
