@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from longsum import __version__
 from longsum.cli import app
 from longsum.store import read_records
+from tests.helpers import longsum_process, run_longsum
 
 runner = CliRunner()
 
@@ -24,10 +26,14 @@ def test_help_lists_every_command():
 
 
 def test_each_command_help_shows_an_example():
+    """Below the options, "Examples:" and a command line to copy (the usage line names the command
+    in every help text, so it proves nothing)."""
     for command in ("convert", "summarize", "eval", "train"):
-        result = runner.invoke(app, [command, "--help"])
+        result = runner.invoke(app, [command, "--help"], terminal_width=200)
         assert result.exit_code == 0
-        assert f"longsum {command}" in result.output
+        _, found, examples = result.output.partition("Examples:")
+        assert found, f"{command} --help shows no examples"
+        assert any(line.strip().startswith(f"longsum {command} ") for line in examples.splitlines()), examples
 
 
 def test_version():
@@ -54,13 +60,7 @@ def test_errors_are_one_line_without_traceback():
 
 def longsum(*args, cwd=None) -> subprocess.CompletedProcess:
     """A real `longsum` process, with none of the quiet settings in-process runs left in os.environ."""
-    import os
-
-    from longsum.console import _QUIET_ENV
-
-    env = {k: v for k, v in os.environ.items() if k not in _QUIET_ENV}
-    return subprocess.run([sys.executable, "-m", "longsum", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    return longsum_process(*args, cwd=cwd, drop_quiet_env=True)
 
 
 def test_user_text_is_printed_as_written_never_as_markup(tmp_path, tiny_model_dir):
@@ -68,12 +68,12 @@ def test_user_text_is_printed_as_written_never_as_markup(tmp_path, tiny_model_di
 
     src = tmp_path / "r.jsonl"
     src.write_text(json.dumps({"id": "odd [/] id [bold]", "text": ""}) + "\n")
-    out = longsum("summarize", src, "-m", tiny_model_dir, "-o", tmp_path / "o.jsonl", "--fail-fast")
+    out = run_longsum("summarize", src, "-m", tiny_model_dir, "-o", tmp_path / "o.jsonl", "--fail-fast")
     assert out.returncode == 1 and "MarkupError" not in out.stderr
     assert "stopped at the first failure (--fail-fast): odd [/] id [bold]: empty document" in out.stderr
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": "A long text. " * 5, "summary": "Short."}) + "\n" for _ in range(2)))
-    out = longsum("eval", data, "-m", tiny_model_dir, "--output-dir", tmp_path / "ev", "--split", "[test]")
+    out = run_longsum("eval", data, "-m", tiny_model_dir, "--output-dir", tmp_path / "ev", "--split", "[test]")
     assert out.returncode == 0, out.stderr
     assert f"{data} [[test]]: 2 examples" in out.stderr  # the split name, brackets and all
 
@@ -103,7 +103,7 @@ def test_eval_prints_scores_on_stdout_and_keeps_earlier_results(tmp_path, tiny_m
     assert "rougeLsum" in first.stdout and "rougeLsum" not in first.stderr  # the result on stdout, logs on stderr
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert results["schema"] == "longsum-eval-results" and results["schema_version"] == 1
-    second = longsum(*run)  # resumed: nothing to generate, scored again
+    second = run_longsum(*run)  # resumed: nothing to generate, scored again (in this process: quicker)
     assert second.returncode == 0 and "the earlier results.json is kept as" in second.stderr
     kept = [p.name for p in (tmp_path / "ev").glob("results.*.json")]
     assert len(kept) == 1 and json.loads((tmp_path / "ev" / kept[0]).read_text()) == results
@@ -140,6 +140,7 @@ def test_help_shows_defaults_and_choices():
         assert panel in train
 
 
+@pytest.mark.slow
 def test_22_14_an_interrupted_run_says_so_in_one_line_and_keeps_its_records(tmp_path, tiny_model_dir):
     """Ctrl-C used to end in a silent exit 130 (Typer swallows KeyboardInterrupt): now one line that
     says how to go on, with the records done so far on disk."""

@@ -16,14 +16,13 @@ from typer.testing import CliRunner
 from longsum.cli import app
 from longsum.convert import order_positions, tile_positions
 from tests.conftest import random_ids
+from tests.helpers import BART_DIMS, BART_TOKENS, T5_DIMS, T5_TOKENS, run_longsum
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses run this checkout's code, whatever copy of longsum is installed.
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
-SMALL = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-             encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-             decoder_start_token_id=2)  # fmt: skip
+SMALL = {**BART_DIMS, **BART_TOKENS}
 
 
 def convert(*args):
@@ -152,9 +151,7 @@ def test_t5_to_longt5(tmp_path, tokenizer, target):
     from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                             num_heads=4, pad_token_id=1, eos_token_id=2,
-                                             decoder_start_token_id=1)).eval()  # fmt: skip
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), **T5_DIMS, **T5_TOKENS)).eval()
     source = save(t5, tokenizer, tmp_path / "t5")
     out = tmp_path / "longt5"
     result = convert(source, out, "--to", target, "--max-length", 16384)
@@ -198,19 +195,7 @@ def test_converted_longt5_loads_with_longsum_attention_and_trains(tmp_path, toke
     from longsum import load_model, longt5
 
     torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            pad_token_id=1,
-            eos_token_id=2,
-            decoder_start_token_id=1,
-        )
-    )
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), **T5_DIMS, **T5_TOKENS))
     source = save(t5, tokenizer, tmp_path / "t5")
     result = convert(source, tmp_path / "long", "--to", target, "--max-length", 4096)
     assert result.exit_code == 0, result.output
@@ -271,8 +256,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, bart_source, tokeniz
     args = [subs.get(a, a) for a in args]
     for name, value in subs.items():
         message = message.replace(name, value)
-    proc = subprocess.run([sys.executable, "-m", "longsum", "convert", *args], capture_output=True, text=True,
-                          cwd=tmp_path, env=ENV)  # fmt: skip
+    proc = run_longsum("convert", *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
@@ -409,9 +393,8 @@ def test_real_minilm_checkpoint_stays_close_to_the_original(tmp_path):
 
 
 def refused(*args, cwd) -> str:
-    """Run `longsum convert ARGS` in a fresh process and return its one error line (exit code 2)."""
-    command = [sys.executable, "-m", "longsum", "convert", *map(str, args)]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=ENV)
+    """Run `longsum convert ARGS` (main(), in this process) and return its one error line (exit code 2)."""
+    proc = run_longsum("convert", *args, cwd=cwd)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]

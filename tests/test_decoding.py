@@ -8,13 +8,11 @@ import transformers as tf
 from transformers import NoRepeatNGramLogitsProcessor
 
 from longsum import decoding
+from tests import helpers
 from tests.conftest import input_dependent
 
-DIMS = dict(vocab_size=300, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0,
-            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
-T5_DIMS = dict(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+DIMS = dict(vocab_size=300, **helpers.BART_DIMS, **helpers.NO_DROPOUT, **helpers.BART_TOKENS)
+T5_DIMS = dict(vocab_size=300, **helpers.T5_DIMS, dropout_rate=0.0, **helpers.T5_OWN_TOKENS)
 
 
 def _lsg(name):

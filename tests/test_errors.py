@@ -6,27 +6,17 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-
-def longsum(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "longsum", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)  # fmt: skip
+from tests.helpers import Run, assert_one_line, run_longsum
 
 
-def assert_one_line(proc: subprocess.CompletedProcess, message: str) -> None:
-    """Exit 2 and one `error:` line (the last; progress lines of work already started may precede it)."""
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert errors == lines[-1:] and "Traceback" not in proc.stderr, proc.stderr
-    assert message in lines[-1], lines[-1]
+def longsum(*args, cwd: Path) -> Run:
+    """`longsum ARGS` run in this process (main(): the same error line and exit code as a process)."""
+    return run_longsum(*args, cwd=cwd)
 
 
 class _RunsCode:  # unpickling this would create a file: weights-only loading must refuse it

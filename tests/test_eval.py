@@ -15,6 +15,7 @@ from longsum.cli import app
 from longsum.metrics import aggregate, score_pair
 from longsum.store import read_records
 from tests.conftest import CORPUS
+from tests.helpers import run_longsum
 
 runner = CliRunner()
 
@@ -42,11 +43,17 @@ def test_rouge_lsum_splits_sentences_and_differs_from_rouge_l():
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    """Each ROUGE type: the plain mean of the examples' scores and a 95% interval around it, within
+    the scores' range; the same seed gives the same interval, another seed another resampling."""
     scores = [score_pair(p, r) for p, r in [("a b c", "a b d"), ("x y", "x y"), ("p q r s", "t u"), ("m n", "m o")]]
-    first, again = aggregate(scores, seed=3), aggregate(scores, seed=3)
-    assert first == again
-    for m in first.values():
-        assert m["low"] <= m["mean"] <= m["high"]
+    first, again, other = aggregate(scores, seed=3), aggregate(scores, seed=3), aggregate(scores, seed=4)
+    assert first == again and set(first) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    for name, m in first.items():
+        values = [s[name] for s in scores]
+        assert m["mean"] == pytest.approx(sum(values) / len(values)), name
+        assert min(values) <= m["low"] < m["mean"] < m["high"] <= max(values), (name, m, values)
+        assert other[name]["mean"] == m["mean"]
+    assert other != first  # the seed drives the resampling
 
 
 @pytest.fixture
@@ -112,8 +119,7 @@ def test_changed_configuration_is_refused(tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "run"
     args = [dataset, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", out, "--limit", 2]
     assert evaluate(*args).exit_code == 0
-    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", *map(str, args), "--num-beams", "3"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run_longsum("eval", *args, "--num-beams", "3")
     assert proc.returncode == 2 and "generation.num_beams 1 then, 3 now" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
 
@@ -122,8 +128,20 @@ def test_compare_prints_differences(tmp_path, tiny_model_dir, dataset):
     a, b = tmp_path / "a", tmp_path / "b"
     base = [dataset, "-m", tiny_model_dir, "--text-column", "document", "--limit", 3]
     assert evaluate(*base, "--output-dir", a).exit_code == 0
-    result = evaluate(*base, "--output-dir", b, "--compare", a / "results.json", "--num-beams", 2)
-    assert result.exit_code == 0 and "difference" in result.output and "+0.00" in result.output
+    results = a / "results.json"
+    earlier = json.loads(results.read_text())
+    earlier["metrics"]["rouge1"]["mean"] -= 5.0  # the other run scored 5 points lower on rouge1
+    results.write_text(json.dumps(earlier))
+    result = evaluate(*base, "--output-dir", b, "--compare", results, "--num-beams", 2)
+    assert result.exit_code == 0, result.output
+    assert f"this run vs {results}" in " ".join(result.stdout.split())
+    mine = json.loads((b / "results.json").read_text())["metrics"]
+    rows = {cells[0]: cells[1:] for line in result.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 4}  # fmt: skip
+    for name, m in mine.items():  # this run's mean, the other's, this minus the other
+        theirs = earlier["metrics"][name]["mean"]
+        assert rows[name] == [f"{m['mean']:.2f}", f"{theirs:.2f}", f"{m['mean'] - theirs:+.2f}"], (name, rows)
+    assert rows["rouge1"][2] == f"{mine['rouge1']['mean'] - earlier['metrics']['rouge1']['mean']:+.2f}" != "+0.00"
 
 
 def test_list_aliases():
@@ -160,9 +178,7 @@ def test_preset_fills_unset_options_and_yields_to_a_shorter_maximum():
 )
 def test_one_line_errors(tmp_path, dataset, args, message):
     args = [a.replace("{data}", str(dataset)) for a in args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", *args, "--output-dir", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    proc = run_longsum("eval", *args, "--output-dir", tmp_path / "o", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -207,8 +223,7 @@ def test_examples_without_reference_or_document_are_left_out_and_reported(tmp_pa
 def test_no_example_with_a_reference_fails(tmp_path, tiny_model_dir):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"document": CORPUS[i], "summary": ""}) + "\n" for i in range(3)))
-    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", str(path), "-m", str(tiny_model_dir), "--text-column",
-                           "document", "--output-dir", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    proc = run_longsum("eval", path, "-m", tiny_model_dir, "--text-column", "document", "--output-dir", tmp_path / "o")
     assert proc.returncode == 2 and proc.stderr.startswith("error: no example of") and "3 empty or missing ref" in \
         proc.stderr  # fmt: skip
 
@@ -221,7 +236,7 @@ def test_changed_weights_are_refused_on_resume(tmp_path, tiny_model_dir, dataset
     args = [dataset, "-m", model, "--text-column", "document", "--output-dir", out, "--limit", 2]
     assert evaluate(*args).exit_code == 0
     perturb_weights(model)
-    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", *map(str, args)], capture_output=True, text=True)
+    proc = run_longsum("eval", *args)
     assert proc.returncode == 2 and "model_fingerprint" in proc.stderr and "resuming would mix them" in proc.stderr
 
 
@@ -277,8 +292,7 @@ def test_22_13_eval_values_known_up_front_fail_before_any_work(tmp_path, dataset
     (tmp_path / "other.json").write_text(json.dumps({"metrics": {"rouge1": 3}}))
     args = [a.replace("{missing}", str(tmp_path / "nope.json")).replace("{not_results}", str(tmp_path / "other.json"))
             for a in args]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "longsum", "eval", str(dataset), "-m", str(tmp_path / "no-model"),
-                           *args, "--output-dir", str(tmp_path / "o")], capture_output=True, text=True)  # fmt: skip
+    proc = run_longsum("eval", dataset, "-m", tmp_path / "no-model", *args, "--output-dir", tmp_path / "o")
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()

@@ -11,6 +11,7 @@ from transformers.models.longt5 import modeling_longt5 as stock
 
 from longsum import longt5
 from tests.conftest import enable_checkpointing, input_dependent
+from tests.helpers import T5_DIMS, T5_OWN_TOKENS
 
 KINDS = ["local", "transient-global"]
 # local_radius 3 -> blocks of 4; global blocks of 4. Lengths: a block multiple, not one, a padded
@@ -20,8 +21,7 @@ LENGTHS = [(36,), (37,), (40, 23, 5), (3,), (2, 1)]
 
 def build(kind: str, seed: int = 0, redraw: bool = True, **overrides) -> LongT5ForConditionalGeneration:
     torch.manual_seed(seed)
-    settings = dict(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, local_radius=3, global_block_size=4,
+    settings = dict(vocab_size=300, **T5_DIMS, dropout_rate=0.0, **T5_OWN_TOKENS, local_radius=3, global_block_size=4,
                     encoder_attention_type=kind)  # fmt: skip
     config = LongT5Config(**{**settings, **overrides})
     model = LongT5ForConditionalGeneration(config).eval()

@@ -13,7 +13,8 @@ from longsum import load_model
 from longsum.errors import ModelLoadError
 from tests.conftest import LSG_REF, random_ids
 
-ATOL = 1e-4
+# What README.md and docs/lsg.md promise; measured here (torch 2.13, CPU, fp32): at most 3.4e-6 (a_norm, "long").
+ATOL = 4e-6
 
 
 @pytest.mark.parametrize("name", ["a_norm", "b_pooling", "f_none"])

@@ -20,13 +20,12 @@ from transformers.models.longt5 import modeling_longt5 as stock
 
 from longsum import decoding, longt5
 from longsum.generation import GenerationOptions, Summarizer
+from tests import helpers
 from tests.conftest import CORPUS, input_dependent
 
 DOCS = [" ".join(CORPUS[i : i + n]) for i, n in ((0, 6), (3, 2), (5, 9), (1, 4), (7, 1))]
 OPTIONS = dict(num_beams=4, max_new_tokens=8, min_new_tokens=2, no_repeat_ngram_size=2, batch_size=2, exact=True)
-BART_DIMS = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                 encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
-                 bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+BART_DIMS = {**helpers.BART_DIMS, **helpers.NO_DROPOUT, **helpers.BART_TOKENS}
 
 
 def _lsg_bart(vocab):
@@ -42,8 +41,8 @@ MODELS = {
         vocab_size=vocab, **BART_DIMS, attention_window=8, max_encoder_position_embeddings=256,
         max_decoder_position_embeddings=64)),
     "longt5": lambda vocab: tf.LongT5ForConditionalGeneration(tf.LongT5Config(
-        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0, local_radius=4,
-        encoder_attention_type="local", pad_token_id=1, eos_token_id=2, decoder_start_token_id=1)),
+        vocab_size=vocab, **helpers.T5_DIMS, dropout_rate=0.0, local_radius=4, encoder_attention_type="local",
+        **helpers.T5_TOKENS)),
 }  # fmt: skip
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import T5_DIMS, T5_OWN_TOKENS
+
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = dict(num_beams=4, no_repeat_ngram_size=3, max_new_tokens=8, min_new_tokens=3)
 MODELS = ["lsg_bart", "longt5_local", "longt5_tglobal"]
@@ -72,9 +74,8 @@ def build(name: str, **lsg):
         from longsum import longt5
 
         kind = {"longt5_local": "local", "longt5_tglobal": "transient-global"}[name]
-        config = LongT5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                              dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                              local_radius=3, global_block_size=4, encoder_attention_type=kind)  # fmt: skip
+        config = LongT5Config(vocab_size=300, **T5_DIMS, dropout_rate=0.0, **T5_OWN_TOKENS, local_radius=3,
+                              global_block_size=4, encoder_attention_type=kind)  # fmt: skip
         model = LongT5ForConditionalGeneration(config)
         assert longt5.use_longsum_attention(model) == 2  # one per encoder layer: longsum's, not the stock modules
         ids, mask = _batch([40, 23], 300, pad=0)  # blocks of 4 and global blocks of 4, padding in reach

@@ -118,13 +118,39 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 
 
 def test_streams_are_written_without_resume(tmp_path, capsys):
-    store = ResultStore("-", IDENTITY)
-    store.write({"id": "a", "summary": "s"})
+    """stdout, /dev/null and a FIFO get each record as it comes: no lock, no sidecar, nothing resumed
+    (a second run into the same stream writes its records again)."""
+    import threading
+    from pathlib import Path
+
+    record = {"id": "a", "summary": "s"}
+    for _ in range(2):
+        store = ResultStore("-", IDENTITY)
+        assert store.streaming and not store.done
+        store.write(record)
+        store.close()
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [record, record]
+    devnull = Path(os.devnull)
+    store = ResultStore(devnull, IDENTITY)
+    assert store.streaming and not store.done
+    store.write(record)
     store.close()
-    assert json.loads(capsys.readouterr().out) == {"id": "a", "summary": "s"}
-    devnull = ResultStore(os.devnull, IDENTITY)
-    devnull.write({"id": "a", "summary": "s"})
-    devnull.close()
+    assert devnull.is_char_device()  # still /dev/null, not replaced by a file
+    assert not devnull.with_name("null.lock").exists() and not sidecar_for(devnull).exists()
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    with open(fifo, "w"):  # held open: the reader sees the end only after both runs
+        for _ in range(2):
+            store = ResultStore(fifo, IDENTITY)
+            assert store.streaming and not store.done
+            store.write(record)
+            store.close()
+    reader.join(timeout=30)
+    assert [json.loads(line) for line in received[0].splitlines()] == [record, record]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.fifo"]  # no lock, no sidecar beside it
 
 
 # ------------------------------------------------------------------------------ issue 22, round 2

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from longsum.cli import app
 from longsum.store import read_records
 from tests.conftest import CORPUS
+from tests.helpers import run_longsum
 
 runner = CliRunner()
 SENTENCES = [s + " " for s in CORPUS[:5]]
@@ -151,10 +152,7 @@ def test_one_line_errors_before_any_work(tmp_path, tiny_model_dir, args, message
         args = [a.replace(name, value) for a in args]
         message = message.replace(name, value)
     before = doc.read_bytes()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "longsum", "summarize", *args, "-o", str(tmp_path / "o.jsonl")]
-                          if "-o" not in args else [sys.executable, "-m", "longsum", "summarize", *args],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    proc = run_longsum("summarize", *args, *([] if "-o" in args else ["-o", tmp_path / "o.jsonl"]), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: {message}")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -190,6 +188,7 @@ def test_sentence_windows_fit_and_overlap(tokenizer):
     assert text.startswith(windows[0]) and text.rstrip().endswith(windows[-1].rstrip())
 
 
+@pytest.mark.slow
 def test_resume_after_kill_each_document_once(tmp_path, tiny_model_dir):
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -236,19 +235,18 @@ def test_unknown_model_fails_before_any_record(tmp_path):
     (tmp_path / "empty.txt").write_text("")  # would get an error record if anything ran
     (tmp_path / "good.txt").write_text(document(3))
     out = tmp_path / "out.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "longsum", "summarize", str(tmp_path / "empty.txt"),
-                           str(tmp_path / "good.txt"), "-m", str(tmp_path / "no-model"), "-o", str(out)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = run_longsum(
+        "summarize", tmp_path / "empty.txt", tmp_path / "good.txt", "-m", tmp_path / "no-model", "-o", out
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert not out.exists() or out.read_text() == ""
 
 
 # ------------------------------------------------------------------------------------------ integrity
-def run_cli(*args, input: str | None = None, env: dict | None = None):
-    """`longsum summarize` in a subprocess: (exit code, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "longsum", "summarize", *map(str, args)], capture_output=True,
-                          text=True, input=input, env={**os.environ, **(env or {})})  # fmt: skip
-    return proc.returncode, proc.stderr
+def run_cli(*args, input: str | None = None):
+    """`longsum summarize` through the console script's main(), in this process: (exit code, stderr)."""
+    run = run_longsum("summarize", *args, input=input)
+    return run.returncode, run.stderr
 
 
 def write_jsonl(path, rows):
@@ -380,6 +378,7 @@ def peak_rss_mib(cmd: list[str]) -> tuple[int, float]:
     return int(out[0]), int(out[1]) / 1024
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_with_a_20mb_document(tmp_path, tiny_model_dir):
     big = tmp_path / "big.txt"
     with open(big, "w") as f:

@@ -13,6 +13,7 @@ import pytest
 
 from longsum.errors import LongsumError
 from longsum.train import TrainConfig, load_config_file, run
+from tests.helpers import run_longsum
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -73,9 +74,9 @@ def test_config_file_sets_options_and_rejects_unknown_keys(tmp_path):
     bad.write_text(json.dumps({"learning_rate": 1e-4, "learnin_rate": 3}))
     with pytest.raises(LongsumError, match="unknown key 'learnin_rate'"):
         load_config_file(str(bad))
-    proc = subprocess.run([sys.executable, "-m", "longsum", "train", "--config", str(bad)], capture_output=True,
-                          text=True)  # fmt: skip
+    proc = run_longsum("train", "--config", bad)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown key 'learnin_rate'")
+    assert len(proc.stderr.splitlines()) == 1
 
 
 def test_nan_loss_stops_with_advice(tmp_path, tiny_model_dir, data):
@@ -85,6 +86,7 @@ def test_nan_loss_stops_with_advice(tmp_path, tiny_model_dir, data):
                         max_target_length=8, training_args={"max_grad_norm": 0.0}))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kill_then_resume_continues_from_the_last_checkpoint(tmp_path, tiny_model_dir, data):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "longsum", "train", "--model", str(tiny_model_dir), "--dataset", str(data),
