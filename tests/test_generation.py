@@ -44,39 +44,50 @@ def test_one_failing_document_does_not_take_its_batch_down(tiny_lsg_bart, tokeni
     assert results["b"].error == f"generation failed: RuntimeError{': ' + message if message else ''}"
 
 
+# Run in a fresh process: in the test process, earlier runs may already have set glibc's thresholds and
+# left freed heap memory that a big block is then served from, whatever the mmap threshold.
+_MALLOC_PROBE = """
+import ctypes, json
+from longsum.generation import keep_freed_memory
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+
+def mmapped(size):  # how many more bytes are in mmapped blocks while a `size`-byte block is held
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(size)
+    try:
+        return libc.mallinfo2().hblkhd - before
+    finally:
+        libc.free(block)
+
+before = mmapped(64 << 20)
+applied = keep_freed_memory()
+print(json.dumps({"before": before, "applied": applied, "after": mmapped(64 << 20)}))
+"""
+
+
 def test_keep_freed_memory_applies_on_linux_glibc():
     """It returns whether it applied, and when it did, glibc serves a big block from the heap (kept
     for reuse) instead of a fresh mmap: by default anything over 32 MiB is mmapped and unmapped."""
-    import ctypes
+    import json
+    import subprocess
     import sys
 
     if not sys.platform.startswith("linux"):
         assert keep_freed_memory() is False
         return
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = Mallinfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
-
-    def mmapped(size: int) -> int:
-        """How many more bytes are in mmapped blocks while a `size`-byte block is held."""
-        before = libc.mallinfo2().hblkhd
-        block = libc.malloc(size)
-        assert block
-        try:
-            return libc.mallinfo2().hblkhd - before
-        finally:
-            libc.free(block)
-
-    assert libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD back to glibc's most (whatever ran before in this process)
-    assert mmapped(64 << 20) >= 64 << 20  # the probe sees a fresh mmap
-    assert keep_freed_memory() is True
-    assert mmapped(64 << 20) == 0, "a 64 MiB block was still mmapped"
+    proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], capture_output=True, text=True, check=True)
+    seen = json.loads(proc.stdout)
+    assert seen["before"] >= 64 << 20  # the probe sees a fresh mmap by default
+    assert seen["applied"] is True
+    assert seen["after"] == 0, "a 64 MiB block was still mmapped"
 
 
 def test_a_prefix_is_truncated_exactly_like_the_whole_text(tiny_lsg_bart, tokenizer, tmp_path):
