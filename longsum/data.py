@@ -96,7 +96,6 @@ class EvalData:
     problem_column: str | None
     source: dict  # provenance: id, config, split, revision/fingerprint, columns, selection
     ids_are_rows: bool = False
-    named_ids: bool = False  # some rows have an id of their own
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -193,9 +192,7 @@ def load_examples(name: str, split: str = "test", text_column: str | None = None
 
 
 def _id_scheme(data: EvalData) -> str:
-    if not data.ids_are_rows and data.id_column:
-        return "id column"
-    return "row numbers (ids not unique)" if data.named_ids else "row numbers"
+    return "id column" if data.id_column and not data.ids_are_rows else "row numbers"
 
 
 HUB_PROBE_SECONDS = 3.0  # a connection to the Hub's host takes well under this where there is network

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from longsum.errors import LSGConfigError
-from longsum.registry import SPARSE_WINDOWS, SPARSITY_TYPES
+from longsum.registry import MAX_GLOBAL_TOKENS, SPARSE_WINDOWS, SPARSITY_TYPES
 
 # Elements (per keys and per values tensor) gathered at once on CPU: bounds the extra memory of a
 # forward to ~2 x 16 MiB in fp32 whatever the length; small chunks also stay in cache (faster on CPU).
@@ -85,8 +85,10 @@ class LSGSpec:
                 f"block_size ({self.block_size}) must be divisible by sparsity_factor ({self.sparsity_factor}); "
                 f"try sparsity_factor in {_divisors(self.block_size)}"
             )
-        if not 1 <= self.num_global_tokens <= 512:
-            raise LSGConfigError(f"num_global_tokens must be between 1 and 512, got {self.num_global_tokens}")
+        if not 1 <= self.num_global_tokens <= MAX_GLOBAL_TOKENS:  # the rows of `global_embeddings`
+            raise LSGConfigError(
+                f"num_global_tokens must be between 1 and {MAX_GLOBAL_TOKENS}, got {self.num_global_tokens}"
+            )
         if self.sparse_block_size < 0:
             raise LSGConfigError(f"sparse_block_size must be >= 0, got {self.sparse_block_size}")
         if self.sparse and self.sparsity_type in ("norm", "lsh") and self.sparsity_factor > 1:
