@@ -77,12 +77,10 @@ from transformers import DynamicCache, EncoderDecoderCache, LogitsProcessor, Log
 from transformers.modeling_outputs import BaseModelOutput
 
 from longsum.errors import describe
+from longsum.registry import SHARED_KV_MODEL_TYPES
 
 # Stock attention implementation -> ours (the same computation, plus shared keys/values).
 SHARED_IMPLEMENTATIONS = {"sdpa": "longsum_sdpa", "eager": "longsum_eager"}
-# Families checked (tests/test_decoding.py) to decode with shared keys/values.
-SHARED_KV_MODEL_TYPES = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "pegasus_x", "bigbird_pegasus",
-                         "led", "lsg_bart", "lsg_mbart", "lsg_pegasus")  # fmt: skip
 # Generation settings under which the fast n-gram blocker's place in the processor list (last
 # rather than first) could change a score: then the stock blocker is used.
 ORDER_SENSITIVE = ("remove_invalid_values", "renormalize_logits")
