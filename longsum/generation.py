@@ -40,21 +40,27 @@ WINDOW_DOCS = 256
 WINDOW_CHARS = 32 << 20
 
 
+def _default_help(what: str, key: str, preset: bool = True) -> str:
+    """'WHAT (default: the preset's, the model's, else N).' with N from GENERATION_DEFAULTS."""
+    source = "the preset's, the model's" if preset else "the model's"  # (no preset sets no_repeat_ngram_size)
+    return f"{what} (default: {source}, else {GENERATION_DEFAULTS[key]})."
+
+
 @dataclass
 class GenerationOptions:
     """Generation settings of `summarize` and `eval`, defined once (`longsum.settings`): both
     commands' options are built from these fields. None means "the preset's, else the model's
     generation_config, else our default" (`resolve_generation_kwargs`)."""
 
-    num_beams: int | None = setting(None, "Beam size (default: the preset's, the model's, else 4).", GENERATION, low=1)
-    max_new_tokens: int | None = setting(None, "Longest summary in tokens (default: the preset's, the model's, "
-                                               "else 256).", GENERATION, low=1)  # fmt: skip
-    min_new_tokens: int | None = setting(None, "Shortest summary in tokens (default: the preset's, the model's, "
-                                               "else 0).", GENERATION, low=0)  # fmt: skip
-    length_penalty: float | None = setting(None, "Beam length penalty (default: the preset's, the model's, else "
-                                                 "1.0).", GENERATION)  # fmt: skip
-    no_repeat_ngram_size: int | None = setting(None, "Block repeated n-grams of this size; 0 = off (default: the "
-                                                     "model's, else 3).", GENERATION, low=0)  # fmt: skip
+    num_beams: int | None = setting(None, _default_help("Beam size", "num_beams"), GENERATION, low=1)
+    max_new_tokens: int | None = setting(None, _default_help("Longest summary in tokens", "max_new_tokens"),
+                                         GENERATION, low=1)  # fmt: skip
+    min_new_tokens: int | None = setting(None, _default_help("Shortest summary in tokens", "min_new_tokens"),
+                                         GENERATION, low=0)  # fmt: skip
+    length_penalty: float | None = setting(None, _default_help("Beam length penalty", "length_penalty"), GENERATION)
+    no_repeat_ngram_size: int | None = setting(None, _default_help("Block repeated n-grams of this size; 0 = off",
+                                                                   "no_repeat_ngram_size", preset=False),
+                                               GENERATION, low=0)  # fmt: skip
     batch_size: int = setting(4, "Documents per batch (halved on CUDA out-of-memory).", GENERATION, low=1)
     max_source_length: int | None = setting(None, "Input tokens kept (default: the model's length).", GENERATION,
                                             low=1)  # fmt: skip
