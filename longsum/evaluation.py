@@ -26,6 +26,7 @@ from longsum import errors
 from longsum.console import alert, log, note, stderr_console, stdout_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
+from longsum.schema import EvalResults, ModelIdentity, PredictionRecord
 from longsum.settings import RunDtype, device_setting, dtype_setting, model_setting, setting
 
 SHOWN_EXCLUDED_IDS = 20  # ids of left-out examples listed in results.json
@@ -79,7 +80,7 @@ def apply_preset(cfg: EvalConfig) -> dict:
     return preset
 
 
-def model_identity(checkpoint) -> dict:
+def model_identity(checkpoint) -> ModelIdentity:
     """What results.json says of the model (`checkpoint`: the run's `longsum.models.Checkpoint`)."""
     return {"name": checkpoint.name, "resolved": checkpoint.resolved, "path": str(checkpoint.folder),
             "model_type": checkpoint.model_type, "fingerprint": checkpoint.fingerprint}  # fmt: skip
@@ -194,7 +195,6 @@ def _report_plan(cfg, data, plan, predictions) -> None:
 
 def _generate(cfg, checkpoint, data, results, settings, dist, stats, device) -> dict:
     from longsum.generation import Summarizer, keep_freed_memory
-    from longsum.metrics import score_pair
 
     model, tokenizer = checkpoint.load(device, cfg.dtype)
     if model.device.type == "cpu":
@@ -216,13 +216,8 @@ def _generate(cfg, checkpoint, data, results, settings, dist, stats, device) -> 
 
     def on_result(key, result: Result) -> None:
         ex_id, reference = key
-        record = {"id": ex_id, "reference": reference}
-        if result.error:
-            record["error"] = result.error
-        else:
-            record.update(prediction=result.summary, scores=score_pair(result.summary, reference),
-                          input_tokens=result.input_tokens, truncated=result.truncated, chunks=result.chunks,
-                          output_tokens=len(tokenizer(result.summary, add_special_tokens=False)["input_ids"]))  # fmt: skip
+        record = prediction_record(ex_id, reference, result, tokenizer)
+        if not result.error:
             stats["examples"] += 1
             stats["input_tokens"] += result.input_tokens
         results.write(record)
@@ -239,9 +234,20 @@ def _generate(cfg, checkpoint, data, results, settings, dist, stats, device) -> 
     return summarizer.settings()
 
 
+def prediction_record(ex_id: str, reference: str, result: Result, tokenizer) -> PredictionRecord:
+    """One example's record in predictions.jsonl (docs/eval-results.md): its prediction and scores, or its error."""
+    from longsum.metrics import score_pair
+
+    if result.error:
+        return {"id": ex_id, "reference": reference, "error": result.error}
+    return {"id": ex_id, "reference": reference, "prediction": result.summary,
+            "scores": score_pair(result.summary, reference), "input_tokens": result.input_tokens,
+            "truncated": result.truncated, "chunks": result.chunks,
+            "output_tokens": len(tokenizer(result.summary, add_special_tokens=False)["input_ids"])}  # fmt: skip
+
+
 def _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other) -> int:
-    from longsum.metrics import METRIC_RECIPE, ROUGE_TYPES, aggregate
-    from longsum.provenance import now, provenance
+    from longsum.metrics import ROUGE_TYPES, aggregate
     from longsum.store import latest_records
 
     scores, failed, first_error = {}, 0, None  # scores: dataset position -> the example's scores
@@ -265,33 +271,8 @@ def _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, 
     if not scores:
         raise LongsumError(f"every example failed (first error: {first_error}); no score to report")
     metrics = aggregate([scores[i] for i in sorted(scores)], seed=cfg.seed)
-    results = {
-        "schema": RESULTS_SCHEMA,
-        "schema_version": RESULTS_SCHEMA_VERSION,
-        "metrics": metrics,
-        "examples": len(scores),
-        "failed": failed,
-        "excluded": {
-            "count": sum(plan.excluded.values()),
-            "reasons": dict(plan.excluded),
-            "first_ids": plan.excluded_ids,
-        },  # fmt: skip
-        "mean_prediction_tokens": tokens / len(scores),
-        "mean_prediction_words": words / len(scores),
-        "truncated_inputs": truncated,
-        "throughput": {
-            **gen_stats,
-            "examples_per_s": gen_stats["examples"] / gen_stats["seconds"] if gen_stats["seconds"] else None,
-        },  # fmt: skip
-        "metric_recipe": METRIC_RECIPE,
-        "dataset": {"name": cfg.dataset, **data.source},
-        "model": model_identity(checkpoint),
-        "generation": settings,
-        "generation_preset": preset,
-        "config": asdict(cfg),
-        "provenance": provenance(),
-        "timings": {"started": started, "finished": now(), "seconds": time.perf_counter() - t0},
-    }
+    results = results_record(cfg, checkpoint, data, plan, preset, settings, gen_stats, started, t0, metrics=metrics,
+                             examples=len(scores), failed=failed, tokens=tokens, words=words, truncated=truncated)  # fmt: skip
     kept = _write_results(out_dir / "results.json", results)
     _print_table(results, ROUGE_TYPES)
     if other is not None:
@@ -306,6 +287,42 @@ def _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, 
         alert(f"{failed} example(s) failed and are not in the scores (see 'error' in {predictions})")
         return 1
     return 0
+
+
+def results_record(cfg, checkpoint, data, plan, preset, settings, gen_stats, started, t0, *, metrics, examples: int,
+                   failed: int, tokens: int, words: int, truncated: int) -> EvalResults:  # fmt: skip
+    """results.json (docs/eval-results.md): `examples` scored, `failed`, and the `tokens`, `words` and
+    `truncated` inputs of the scored predictions."""
+    from longsum.metrics import METRIC_RECIPE
+    from longsum.provenance import now, provenance
+
+    return {
+        "schema": RESULTS_SCHEMA,
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "metrics": metrics,
+        "examples": examples,
+        "failed": failed,
+        "excluded": {
+            "count": sum(plan.excluded.values()),
+            "reasons": dict(plan.excluded),
+            "first_ids": plan.excluded_ids,
+        },  # fmt: skip
+        "mean_prediction_tokens": tokens / examples,
+        "mean_prediction_words": words / examples,
+        "truncated_inputs": truncated,
+        "throughput": {
+            **gen_stats,
+            "examples_per_s": gen_stats["examples"] / gen_stats["seconds"] if gen_stats["seconds"] else None,
+        },  # fmt: skip
+        "metric_recipe": METRIC_RECIPE,
+        "dataset": {"name": cfg.dataset, **data.source},
+        "model": model_identity(checkpoint),
+        "generation": settings,
+        "generation_preset": preset,
+        "config": asdict(cfg),
+        "provenance": provenance(),
+        "timings": {"started": started, "finished": now(), "seconds": time.perf_counter() - t0},
+    }
 
 
 def _write_results(path: Path, results: dict) -> Path | None:

@@ -18,11 +18,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from longsum.console import alert, log, note
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
 from longsum.inputs import DEFAULT_GLOB, Document, InputPlan, iter_documents, plan_inputs, printable
+from longsum.schema import SummaryRecord
 from longsum.settings import RunDtype, device_setting, dtype_setting, model_setting, setting
 
 
@@ -88,30 +90,15 @@ def run(cfg: SummarizeConfig) -> int:
     start = time.perf_counter()
 
     def emit(doc: Document, result: Result) -> None:
-        record: dict = {"id": doc.id}
-        if doc.source is not None:
-            record["source"] = doc.source
-        if doc.path is not None:
-            record["path"] = doc.path
-        record["model"] = cfg.model
+        record = summary_record(doc, result, cfg.model, chunked=cfg.generation.long_input == "chunk")
         if result.error:
-            record["error"] = result.error
             counts["failed"] += 1
         else:
-            record["summary"] = result.summary
-            record["input_tokens"] = result.input_tokens
-            if result.chunks > 1 or cfg.generation.long_input == "chunk":
-                record["chunks"] = result.chunks
-            else:
-                record["truncated"] = result.truncated
-            record["seconds"] = round(result.seconds, 3)
             counts["done"] += 1
             counts["tokens"] += result.input_tokens
             counts["long"] += bool(result.truncated or result.chunks > 1)
             if counts["long"] == 1 and (result.truncated or result.chunks > 1):
                 _note_long(cfg.generation.long_input, settings["max_source_length"])
-        if doc.encoding not in (None, "utf-8", "utf-8-sig"):
-            record["encoding"] = doc.encoding
         results.write(record)
         progress.advance()
         if result.error and cfg.fail_fast:
@@ -177,6 +164,30 @@ def run(cfg: SummarizeConfig) -> int:
     if counts["failed"] or plan.unmatched or not seen:
         return 1
     return 0
+
+
+def summary_record(doc: Document, result: Result, model: str, chunked: bool) -> SummaryRecord:
+    """A document's output record (README, "Commands"): its summary, or its error. `chunked`: the
+    run summarizes long inputs in chunks (the record then says `chunks`, not `truncated`)."""
+    record: dict[str, Any] = {"id": doc.id}
+    if doc.source is not None:
+        record["source"] = doc.source
+    if doc.path is not None:
+        record["path"] = doc.path
+    record["model"] = model
+    if result.error:
+        record["error"] = result.error
+    else:
+        record["summary"] = result.summary
+        record["input_tokens"] = result.input_tokens
+        if result.chunks > 1 or chunked:
+            record["chunks"] = result.chunks
+        else:
+            record["truncated"] = result.truncated
+        record["seconds"] = round(result.seconds, 3)
+    if doc.encoding not in (None, "utf-8", "utf-8-sig"):
+        record["encoding"] = doc.encoding
+    return cast(SummaryRecord, record)  # built key by key to keep the keys' order: a plain dict
 
 
 def _note_long(mode: str, max_len: int) -> None:
