@@ -361,6 +361,28 @@ def _sdpa(q, k, v, mask, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def blocks_and_globals(q, k, v, mask: torch.Tensor, spec: LSGSpec, dropout_p: float = 0.0):
+    """What every LSG kernel starts with: the inputs padded to whole blocks, and the output buffer with
+    the global queries' rows filled (they attend to every key).
+
+    q, k, v: `[b, h, n, d]`; mask: `[b, n]` bool. Returns q, k, v `[b, h, G + t, d]`, mask `[b, G + t]`,
+    `t` (ordinary tokens, now a multiple of block_size) and out `[b, G + t, h, d]`, rows G.. left empty.
+    """
+    b, h, n, d = q.shape
+    G = spec.num_global_tokens
+    t = n - G
+    pad = -t % spec.block_size
+    if pad:  # padded keys are masked, padded queries are cut off by the kernel
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        mask = F.pad(mask, (0, pad), value=False)
+        t += pad
+    # Outputs go straight into one token-major buffer [b, n, h, d]: no list + cat, and the caller's
+    # transpose back to [b, n, h*d] is then free.
+    out = q.new_empty(b, G + t, h, d)
+    out[:, :G] = _sdpa(q[:, :, :G], k, v, mask[:, None, None, :], dropout_p).transpose(1, 2)
+    return q, k, v, mask, t, out
+
+
 def lsg_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -388,17 +410,8 @@ def lsg_attention(
     if t <= 2 * bs:  # short input: the local window already covers everything
         return _sdpa(q, k, v, mask[:, None, None, :], dropout_p)
 
-    pad = -t % bs
-    if pad:  # pad to whole blocks; padded keys are masked, padded queries are cut off below
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        mask = F.pad(mask, (0, pad), value=False)
-        t += pad
+    q, k, v, mask, t, out = blocks_and_globals(q, k, v, mask, spec, dropout_p)
     n_blocks = t // bs
-
-    # Outputs go straight into one token-major buffer [b, n, h, d]: no list + cat, and the caller's
-    # transpose back to [b, n, h*d] is then free.
-    out = q.new_empty(b, G + t, h, d)
-    out[:, :G] = _sdpa(q[:, :, :G], k, v, mask[:, None, None, :], dropout_p).transpose(1, 2)  # globals see all
 
     # The bank every block reads from: [globals | tokens | compressed].
     bank_k, bank_v, bank_mask = k, v, mask.unsqueeze(1)  # [b, h, n, d], [b, 1, n]

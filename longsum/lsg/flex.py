@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from longsum.errors import describe
-from longsum.lsg.attention import LSGSpec, compress, lsg_attention, sparse_offsets
+from longsum.lsg.attention import LSGSpec, blocks_and_globals, compress, lsg_attention, sparse_offsets
 
 try:  # torch >= 2.5; the kernel steps aside without it
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -207,18 +207,8 @@ def lsg_flex(q, k, v, mask: torch.Tensor, spec: LSGSpec, flex) -> torch.Tensor:
     q, k, v: `[b, h, n, d]` with `t = n - G > 2 * bs`; mask: `[b, n]` bool. Returns `[b, h, n, d]`.
     """
     b, h, n, d = q.shape
-    G, bs = spec.num_global_tokens, spec.block_size
-    t = n - G
-    pad = -t % bs
-    if pad:  # pad to whole blocks; padded keys are masked, padded queries are cut off below
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        mask = F.pad(mask, (0, pad), value=False)
-        t += pad
-
-    # Outputs go into one token-major buffer [b, n, h, d], as the blocked kernel's: the caller's
-    # transpose back to [b, n, h*d] is then free.
-    out = q.new_empty(b, G + t, h, d)
-    out[:, :G] = F.scaled_dot_product_attention(q[:, :, :G], k, v, attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    G = spec.num_global_tokens
+    q, k, v, mask, t, out = blocks_and_globals(q, k, v, mask, spec)  # padded to blocks; globals' rows done
 
     k_t, v_t, m_t = k[:, :, G:], v[:, :, G:], mask[:, G:]  # [b, h, t, d], [b, t]
     if spec.sparse:
