@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from typer.testing import CliRunner
 
 from longsum import settings
 from longsum.cli import app
+from tests.helpers import run_longsum
 
 COMMANDS = {info.name: getattr(info.callback, "settings", None) for info in app.registered_commands}
 
@@ -48,21 +47,6 @@ def test_help_lists_every_setting_and_config(command, monkeypatch):
         for name in _expected_names(f):
             assert (name in words) == f.metadata["cli"], (command, name)
     assert "--config" in words and f"longsum {command}" in text  # and a real example (the epilog)
-
-
-def _main(monkeypatch, capsys, *args) -> tuple[int, list[str]]:
-    """`longsum ARGS` through `longsum.cli.main()` in this process: (exit code, stderr lines)."""
-    from longsum.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["longsum", "-v", *map(str, args)])  # -v: leave library logging alone
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # main() sets its own
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 class _Built(Exception):
@@ -108,7 +92,7 @@ def test_config_file_sets_options_and_the_command_line_wins(command, tmp_path, m
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_config_file_errors_are_one_line_naming_the_key(command, tmp_path, monkeypatch, capsys):
+def test_config_file_errors_are_one_line_naming_the_key(command, tmp_path):
     needed = CONFIG_CASES[command][0]
     config = tmp_path / "c.yaml"
     integers = [f for f, tp in settings._fields(COMMANDS[command])
@@ -120,7 +104,8 @@ def test_config_file_errors_are_one_line_naming_the_key(command, tmp_path, monke
              f"{bounded.name}: {low - 1}\n": f"error: --config {config}: {bounded.name} must be >= {low}"}  # fmt: skip
     for text, message in cases.items():
         config.write_text(text)
-        code, lines = _main(monkeypatch, capsys, command, *needed, "--config", config)
+        run = run_longsum(command, *needed, "--config", config)
+        code, lines = run.returncode, run.stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith(message), (command, lines)
 
 
