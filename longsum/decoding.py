@@ -657,6 +657,12 @@ def _static_cache_length(model, kwargs: dict) -> int:
     return max_new if max_new is not None else kwargs.get("max_length", config.max_length) - 1
 
 
+def _tensor_arguments(kwargs: dict) -> list[str]:
+    """generate() keywords holding tensors (e.g. LED's global attention mask): batch-shaped inputs that the
+    shared-keys/values paths do not expand per beam, so those paths stand aside for them."""
+    return [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+
+
 def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     kwargs = dict(kwargs)
     fast = _fast_processors(model, kwargs)
@@ -666,7 +672,7 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     implementation = kwargs.pop("cache_implementation", model.generation_config.cache_implementation)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    extras = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]  # e.g. LED's global mask
+    extras = _tensor_arguments(kwargs)
     why = None if beams == 1 or extras else sharing(model)
     if why is not None and model.config.model_type in SHARED_KV_MODEL_TYPES:  # shares on the releases we test
         step_aside("shared cross-attention keys/values", why)
@@ -764,7 +770,7 @@ def compiling_fails(model, kwargs: dict) -> str | None:
         return f"cross-attention keys/values are not shared ({why})"
     if implementation not in (None, "dynamic", "static"):
         return f"cache_implementation={implementation!r} (compiled steps decode with a static cache)"
-    if extras := [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]:
+    if extras := _tensor_arguments(kwargs):
         return f"tensor arguments {', '.join(extras)}"
     device = model.device
     if device.type == "cuda":
