@@ -122,14 +122,14 @@ def run_naive(model, tokenizer, docs, summarizer) -> dict:
     for key, text in docs:
         inputs = tokenizer(text, truncation=True, max_length=summarizer.max_source_length, return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**inputs.to(model.device), **summarizer.generate_kwargs)
+            out = model.generate(**inputs.to(model.device), **summarizer.run_settings.generate)
         summaries[key] = tokenizer.decode(out[0], skip_special_tokens=True).strip()
     return summaries
 
 
 def run_batched(docs, summarizer) -> dict:
     results = {}
-    summarizer.summarize(docs, lambda key, result: results.__setitem__(key, result))
+    results.update(summarizer.summarize(docs))
     return {key: (r.summary if r.error is None else None) for key, r in results.items()}
 
 
@@ -266,7 +266,7 @@ def measure(args, method: str) -> dict:
     print(f"  {label}: {statistics.median(times):.1f} s", flush=True)
     return dict(method=label, key=method, tuned_allocator=tuned, times=times, summaries=summaries,
                 new_tokens=new_tokens, docs=[k for k, _ in docs], lengths=lengths, model=model_summary,
-                generate_kwargs=summarizer.generate_kwargs, max_source_length=summarizer.max_source_length,
+                generate_kwargs=summarizer.run_settings.generate, max_source_length=summarizer.max_source_length,
                 device=device, dtype=str(dtype).split(".")[-1],
                 threads=torch.get_num_threads() if device == "cpu" else None,
                 device_name=torch.cuda.get_device_name() if device == "cuda" else cpu_name(),

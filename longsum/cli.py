@@ -15,8 +15,7 @@ import typer
 from longsum import __version__, convert, evaluation, summarize, train
 from longsum.console import quiet_libraries
 from longsum.errors import LongsumError
-from longsum.registry import aliases, convertible
-from longsum.settings import Action, command
+from longsum.settings import command
 
 app = typer.Typer(
     name="longsum",
@@ -44,103 +43,10 @@ def _main(
         quiet_libraries()
 
 
-CONVERT_EPILOG = f"""Examples:
-
-  longsum convert bart-base                              (-> ./lsg-bart-base-4096)
-
-  longsum convert facebook/bart-large-cnn ./lsg-bart-large-cnn-16384 --max-length 16384
-
-  longsum convert ./lsg-bart-base-4096 --max-length 16384  (re-convert: positions only, globals kept)
-
-  longsum convert roberta-base --max-length 4096 --sparsity-type pooling --num-global-tokens 16
-
-  longsum convert flan-t5-base --to longt5-tglobal --max-length 16384
-
-Converts: {convertible()}.
-Aliases: {", ".join(aliases("source"))}
-(Hub ids need the Hub once, then the cache)."""
-
-SUMMARIZE_EPILOG = """Examples:
-
-  longsum summarize paper.txt                          (default model: ccdv/lsg-bart-base-4096-pubmed)
-
-  longsum summarize reports/ --glob '*.txt,*.md' -o summaries.jsonl --num-beams 4
-
-  cat chapter.txt | longsum summarize - -o - --long-input chunk
-
-  longsum summarize articles.jsonl --text-field article --id-field id --model ./my-lsg-model
-
-  torchrun --nproc-per-node 4 -m longsum summarize docs/ -o summaries.jsonl
-
-Every input document gets exactly one record, known by its file's resolved
-'path' plus, for a JSONL/CSV/parquet record, its id (--id-field, else
-NAME:LINE); stdin's id is 'stdin:' + a hash of the text. Rerunning into the
-same output skips documents already done and retries failed ones; the output
-must come from the same model weights and settings (OUTPUT.run.json), else the
-run is refused. One run at a time writes an output (OUTPUT.lock).
-
-The default model is a real long-document summarizer on the Hugging Face Hub
-(an LSG-BART fine-tuned on PubMed, 4,096 tokens); it needs the Hub once, then
-the local cache. Set LONGSUM_MODEL or --model for another one (a local folder
-works offline)."""
-
-
-EVAL_EPILOG = """Examples:
-
-  longsum eval pubmed --model ccdv/lsg-bart-base-4096-pubmed --limit 200
-
-  longsum eval govreport --model ./my-model --batch-size 8 --compare eval-govreport-test-base/results.json
-
-  longsum eval data/dev.jsonl --text-column document --summary-column summary --model ./my-model
-
-  accelerate launch -m longsum eval arxiv --model ccdv/lsg-bart-base-4096-arxiv
-
-  longsum eval --list
-
-Scores: rouge1/2/L/Lsum F1 x100 (rouge-score, use_stemmer=True; rougeLsum on sentences split offline),
-mean over examples with a seeded bootstrap 95% interval. Hub datasets need the Hub once, then the cache."""
-
-
-TRAIN_EPILOG = """Examples:
-
-  longsum train --model ./lsg-bart-base-4096 --dataset pubmed --output-dir runs/pubmed \\
-      --per-device-batch-size 8 --gradient-accumulation-steps 4 --bf16 --gradient-checkpointing \\
-      --eval-steps 2000 --save-steps 2000                      (the published recipe: lr 8e-5, warmup 10%)
-
-  longsum train --model ./lsg-bart-base-4096 --dataset train.jsonl --eval-dataset dev.jsonl \\
-      --output-dir runs/mine --max-steps 2000 --resume
-
-  accelerate launch -m longsum train --config examples/configs/pubmed.yaml     (multi-GPU; same flags)
-
-  torchrun --nproc-per-node 8 -m longsum train --config examples/configs/pubmed.yaml \\
-      --deepspeed examples/configs/ds_zero2.json
-
---resume alone continues from the newest complete checkpoint in --output-dir; --resume PATH from that one
-(the run's model, data and hyper-parameters must be the same: train_run.json names them). An --output-dir
-that holds another run is refused; --overwrite removes what longsum train wrote there and starts over.
---config FILE (YAML/JSON) sets any option below or any transformers Seq2SeqTrainingArguments field;
-options given on the command line win over the file."""
-
-
-def _list_aliases() -> None:
-    from longsum.data import list_aliases
-
-    for entry in list_aliases():
-        typer.echo(f"{entry['alias']:<10} {entry['hub_id']} [{entry['config']}] {entry['text_column']} -> "
-                   f"{entry['summary_column']}; preset {entry['preset']}: {entry['description']}")  # fmt: skip
-
-
-# The commands: name, settings, run(cfg), help, example.
-command(app, "convert", convert.ConvertConfig, convert.run, epilog=CONVERT_EPILOG,
-        help="Convert a short-context checkpoint into a long-context one (LSG, or LongT5 from T5).")  # fmt: skip
-command(app, "summarize", summarize.SummarizeConfig, summarize.run, epilog=SUMMARIZE_EPILOG,
-        help="Summarize documents into JSONL, one line per document, resumable.")  # fmt: skip
-command(app, "eval", evaluation.EvalConfig, evaluation.run, epilog=EVAL_EPILOG,
-        help="Score a model with ROUGE on a summarization dataset (resumable, with provenance).",
-        actions=(Action("list_aliases", ("--list",), "Show the dataset aliases and their presets.",
-                        _list_aliases),))  # fmt: skip
-command(app, "train", train.TrainConfig, train.run, epilog=TRAIN_EPILOG, load=train.load_config_file,
-        help="Fine-tune a seq2seq model (LSG, LongT5, BART...) on a summarization dataset.")  # fmt: skip
+# The commands, each declared in its module (settings, run, help, examples): `longsum.settings.Command`.
+COMMANDS = (convert.COMMAND, summarize.COMMAND, evaluation.COMMAND, train.COMMAND)
+for _spec in COMMANDS:
+    command(app, _spec)
 
 
 def _optional_values(argv: list[str]) -> list[str]:

@@ -38,9 +38,10 @@ from longsum.registry import (
     SPARSITY_TYPES,
     T5_TYPES,  # fmt: skip
     Family,
+    aliases,
     convertible,
 )
-from longsum.settings import check, setting
+from longsum.settings import Command, check, setting
 
 if TYPE_CHECKING:
     import torch
@@ -685,3 +686,23 @@ Command: `{command_line(report, options)}`
     if report.notes:
         card += "\nNotes:\n" + "\n".join(f"- {note}" for note in report.notes) + "\n"
     (folder / "README.md").write_text(card)
+
+
+EXAMPLES = f"""Examples:
+
+  longsum convert bart-base                              (-> ./lsg-bart-base-4096)
+
+  longsum convert facebook/bart-large-cnn ./lsg-bart-large-cnn-16384 --max-length 16384
+
+  longsum convert ./lsg-bart-base-4096 --max-length 16384  (re-convert: positions only, globals kept)
+
+  longsum convert roberta-base --max-length 4096 --sparsity-type pooling --num-global-tokens 16
+
+  longsum convert flan-t5-base --to longt5-tglobal --max-length 16384
+
+Converts: {convertible()}.
+Aliases: {", ".join(aliases("source"))}
+(Hub ids need the Hub once, then the cache)."""
+
+COMMAND = Command("convert", ConvertConfig, run, examples=EXAMPLES,
+                  help="Convert a short-context checkpoint into a long-context one (LSG, or LongT5 from T5).")  # fmt: skip

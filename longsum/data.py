@@ -22,50 +22,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from longsum.errors import LongsumError
+from longsum.registry import DATASET_ALIASES, SCRIPT_ONLY_DATASETS
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _LOCAL_FORMAT = 1  # bump when the Arrow cache of local files changes shape
 
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    hub_id: str
-    config: str | None
-    text_column: str
-    summary_column: str
-    description: str = ""
-
-
-DATASET_ALIASES = {
-    "pubmed": DatasetSpec(
-        "ccdv/pubmed-summarization",
-        "document",
-        "article",
-        "abstract",
-        "PubMed articles -> abstracts (Cohan et al. 2018), whole documents",
-    ),  # fmt: skip
-    "arxiv": DatasetSpec(
-        "ccdv/arxiv-summarization",
-        "document",
-        "article",
-        "abstract",
-        "arXiv papers -> abstracts (Cohan et al. 2018), whole documents",
-    ),  # fmt: skip
-    "govreport": DatasetSpec(
-        "ccdv/govreport-summarization",
-        "document",
-        "report",
-        "summary",
-        "US GAO/CRS reports -> expert summaries (Huang et al. 2021)",
-    ),  # fmt: skip
-}
-# Generation settings of the published long-document cards (ccdv/lsg-*-pubmed, -arxiv, -govreport).
-PRESETS = {
-    "pubmed": {"num_beams": 5, "length_penalty": 2.0, "max_new_tokens": 512, "min_new_tokens": 128},
-    "arxiv": {"num_beams": 5, "length_penalty": 2.0, "max_new_tokens": 512, "min_new_tokens": 128},
-    "govreport": {"num_beams": 5, "length_penalty": 2.0, "max_new_tokens": 512, "min_new_tokens": 128},
-}
-_SCRIPT_ONLY = {"scientific_papers": "pubmed or arxiv (ccdv/pubmed-summarization, ccdv/arxiv-summarization)"}
 
 NO_DOCUMENT = "empty or missing document"
 NO_REFERENCE = "empty or missing reference"
@@ -141,16 +102,16 @@ def _as_text(value) -> str | None:
 
 
 def list_aliases() -> list[dict]:
-    return [{"alias": name, **asdict(spec), "preset": PRESETS.get(name, {})} for name, spec in DATASET_ALIASES.items()]
+    return [{"alias": name, **asdict(spec)} for name, spec in DATASET_ALIASES.items()]
 
 
 def load_examples(name: str, split: str = "test", text_column: str | None = None,
                   summary_column: str | None = None, limit: int | None = None, seed: int = 0,
                   revision: str | None = None, config: str | None = None) -> EvalData:  # fmt: skip
     """Examples of a dataset alias, Hub id or local file; `limit` takes a seeded random subset."""
-    if name in _SCRIPT_ONLY:
+    if name in SCRIPT_ONLY_DATASETS:
         raise LongsumError(
-            f"'{name}' needs a loading script, which datasets 5 no longer runs; use {_SCRIPT_ONLY[name]}"
+            f"'{name}' needs a loading script, which datasets 5 no longer runs; use {SCRIPT_ONLY_DATASETS[name]}"
         )
     if limit is not None and limit < 1:
         raise LongsumError(f"--limit must be >= 1, got {limit}")

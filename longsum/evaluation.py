@@ -21,13 +21,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from longsum import errors
-from longsum.console import alert, log, note, stderr_console, stdout_console
+from longsum.console import alert, log, note, stdout_console
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
 from longsum.schema import EvalResults, ModelIdentity, PredictionRecord
-from longsum.settings import RunDtype, device_setting, dtype_setting, model_setting, setting
+from longsum.settings import Action, Command, RunDtype, device_setting, dtype_setting, model_setting, setting
 
 SHOWN_EXCLUDED_IDS = 20  # ids of left-out examples listed in results.json
 RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION = "longsum-eval-results", 1  # docs/eval-results.md
@@ -67,10 +68,10 @@ def default_output_dir(cfg: EvalConfig) -> Path:
 
 def apply_preset(cfg: EvalConfig) -> dict:
     """Fill unset generation options from the dataset's published preset; returns what was used."""
-    from longsum.data import PRESETS
     from longsum.generation import minimum_gives_way
+    from longsum.registry import DATASET_ALIASES
 
-    preset = dict(PRESETS.get(cfg.dataset, {}))
+    preset = dict(DATASET_ALIASES[cfg.dataset].preset) if cfg.dataset in DATASET_ALIASES else {}
     chosen = cfg.generation
     if minimum_gives_way(chosen, preset.get("min_new_tokens")):
         del preset["min_new_tokens"]
@@ -103,15 +104,37 @@ def _reason(problem: str) -> str:
     return "malformed row" if problem.startswith("malformed row") else problem
 
 
+@dataclass
+class _EvalRun:
+    """One eval run as it goes: what it was given and resolved, then what generation did."""
+
+    cfg: EvalConfig
+    checkpoint: Any  # the run's `longsum.models.Checkpoint`
+    data: Any  # `longsum.data.EvalData`
+    plan: _Plan
+    out_dir: Path
+    preset: dict  # the generation options the dataset's preset filled in
+    generation: dict  # the settings results.json reports (with the batch size once generation ran)
+    comparison: dict | None  # --compare's results.json
+    started: str
+    t0: float
+    throughput: dict = field(default_factory=lambda: {"examples": 0, "input_tokens": 0, "seconds": 0.0})
+
+    @property
+    def predictions(self) -> Path:
+        return self.out_dir / "predictions.jsonl"
+
+
 def run(cfg: EvalConfig) -> int:
     from longsum import __version__, distributed
     from longsum.data import content_identity, load_examples
+    from longsum.driver import Tally, summaries
     from longsum.generation import plan_settings
     from longsum.models import resolve
     from longsum.provenance import now
 
     started, t0 = now(), time.perf_counter()
-    other = check_config(cfg)  # what is wrong with the command fails before any data or model is read
+    comparison = check_config(cfg)  # what is wrong with the command fails before any data or model is read
     dist = distributed.init()
     data = load_examples(cfg.dataset, cfg.split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
                          cfg.revision, cfg.config)  # fmt: skip
@@ -120,16 +143,17 @@ def run(cfg: EvalConfig) -> int:
     # An unknown model fails here. Resolved once: settings, identity, weights and results.json read from it.
     checkpoint = resolve(cfg.model)
     settings = plan_settings(checkpoint, cfg.generation, cfg.dtype, device)
-    identity = {"dataset": content_identity(data), "model_fingerprint": checkpoint.fingerprint, "generation": settings}
+    identity = {"dataset": content_identity(data), "model_fingerprint": checkpoint.fingerprint,
+                "generation": settings.as_dict()}  # fmt: skip
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     if out_dir.exists() and not out_dir.is_dir():
         raise LongsumError(f"--output-dir {out_dir} is a file; choose a folder")
-    predictions = out_dir / "predictions.jsonl"
+    ev = _EvalRun(cfg, checkpoint, data, _Plan(), out_dir, preset, settings.as_dict(), comparison, started, t0)
     info = {"dataset_name": cfg.dataset, "model": cfg.model, "longsum": __version__}
-    results = distributed.open_results(str(predictions), identity, dist, info=info, overwrite=cfg.overwrite,
+    results = distributed.open_results(str(ev.predictions), identity, dist, info=info, overwrite=cfg.overwrite,
                                        sidecar=out_dir / "run.json", other="another --output-dir")  # fmt: skip
 
-    plan = _Plan()
+    plan = ev.plan
     for ex in data.examples():  # a cheap pass (Arrow) before loading the model
         if ex.problem:
             plan.excluded[_reason(ex.problem)] += 1
@@ -142,17 +166,31 @@ def run(cfg: EvalConfig) -> int:
         results.close()
         raise LongsumError(f"no example of {cfg.dataset} can be scored ({_excluded_text(plan)})")
     if dist.main:
-        _report_plan(cfg, data, plan, predictions)
+        _report_plan(cfg, data, plan, ev.predictions)
 
-    gen_stats = {"examples": 0, "input_tokens": 0, "seconds": 0.0}
+    def pending():
+        """This rank's examples still to do: (example, text); the example is the record's payload."""
+        index = 0
+        for ex in data.examples():
+            if ex.problem or (None, ex.id) in results.done:
+                continue
+            index += 1
+            if dist.mine(index - 1):
+                yield ex, ex.text
+
     try:
         if plan.pending:
-            settings = _generate(cfg, checkpoint, data, results, settings, dist, gen_stats, device)
+            tally = Tally()
+            for ex, result in summaries(checkpoint, cfg.generation, settings, pending(), tally, device=device,
+                                        dtype=cfg.dtype, main=dist.main):  # fmt: skip
+                results.write(prediction_record(ex.id, ex.reference, result, checkpoint.tokenizer))
+            ev.generation = tally.settings
+            ev.throughput = {"examples": tally.done, "input_tokens": tally.tokens, "seconds": tally.seconds}
     finally:
         results.close()
     if not dist.main:
         return 0
-    return _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other)
+    return _score(ev)
 
 
 def check_config(cfg: EvalConfig) -> dict | None:
@@ -193,47 +231,6 @@ def _report_plan(cfg, data, plan, predictions) -> None:
         note(f"left out of the scores: {_excluded_text(plan)}")
 
 
-def _generate(cfg, checkpoint, data, results, settings, dist, stats, device) -> dict:
-    from longsum.generation import Summarizer, keep_freed_memory
-
-    model, tokenizer = checkpoint.load(device, cfg.dtype)
-    if model.device.type == "cpu":
-        keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
-    summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
-    if dist.main:
-        shown = ", ".join(f"{k}={v}" for k, v in summarizer.settings().items())
-        log(f"model {cfg.model} on {model.device}; {shown}")
-    start = time.perf_counter()
-
-    def pending():
-        index = 0
-        for ex in data.examples():
-            if ex.problem or (None, ex.id) in results.done:
-                continue
-            index += 1
-            if dist.mine(index - 1):
-                yield (ex.id, ex.reference), ex.text
-
-    def on_result(key, result: Result) -> None:
-        ex_id, reference = key
-        record = prediction_record(ex_id, reference, result, tokenizer)
-        if not result.error:
-            stats["examples"] += 1
-            stats["input_tokens"] += result.input_tokens
-        results.write(record)
-        progress.update(task, advance=1)
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=stderr_console(), disable=not stderr_console().is_terminal)  # fmt: skip
-    with progress:
-        task = progress.add_task("eval", total=None)
-        summarizer.summarize(pending(), on_result)
-    stats["seconds"] = time.perf_counter() - start
-    return summarizer.settings()
-
-
 def prediction_record(ex_id: str, reference: str, result: Result, tokenizer) -> PredictionRecord:
     """One example's record in predictions.jsonl (docs/eval-results.md): its prediction and scores, or its error."""
     from longsum.metrics import score_pair
@@ -246,9 +243,12 @@ def prediction_record(ex_id: str, reference: str, result: Result, tokenizer) -> 
             "output_tokens": len(tokenizer(result.summary, add_special_tokens=False)["input_ids"])}  # fmt: skip
 
 
-def _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, gen_stats, started, t0, other) -> int:
+def _score(ev: _EvalRun) -> int:
+    """Score the run's predictions, write results.json, print the table; the exit code."""
     from longsum.metrics import ROUGE_TYPES, aggregate
     from longsum.store import latest_records
+
+    cfg, plan, predictions = ev.cfg, ev.plan, ev.predictions
 
     scores, failed, first_error = {}, 0, None  # scores: dataset position -> the example's scores
     tokens = words = truncated = 0
@@ -271,13 +271,13 @@ def _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, 
     if not scores:
         raise LongsumError(f"every example failed (first error: {first_error}); no score to report")
     metrics = aggregate([scores[i] for i in sorted(scores)], seed=cfg.seed)
-    results = results_record(cfg, checkpoint, data, plan, preset, settings, gen_stats, started, t0, metrics=metrics,
-                             examples=len(scores), failed=failed, tokens=tokens, words=words, truncated=truncated)  # fmt: skip
-    kept = _write_results(out_dir / "results.json", results)
+    results = results_record(ev, metrics=metrics, examples=len(scores), failed=failed, tokens=tokens, words=words,
+                             truncated=truncated)  # fmt: skip
+    kept = _write_results(ev.out_dir / "results.json", results)
     _print_table(results, ROUGE_TYPES)
-    if other is not None:
-        print_comparison(results, other, cfg.compare)
-    log(f"wrote {out_dir / 'results.json'} and {predictions}")
+    if ev.comparison is not None:
+        print_comparison(results, ev.comparison, cfg.compare)
+    log(f"wrote {ev.out_dir / 'results.json'} and {predictions}")
     if kept:
         note(f"the earlier results.json is kept as {kept}")
     if plan.excluded:
@@ -289,12 +289,14 @@ def _score(cfg, checkpoint, data, plan, predictions, out_dir, preset, settings, 
     return 0
 
 
-def results_record(cfg, checkpoint, data, plan, preset, settings, gen_stats, started, t0, *, metrics, examples: int,
-                   failed: int, tokens: int, words: int, truncated: int) -> EvalResults:  # fmt: skip
+def results_record(ev: _EvalRun, *, metrics, examples: int, failed: int, tokens: int, words: int,
+                   truncated: int) -> EvalResults:  # fmt: skip
     """results.json (docs/eval-results.md): `examples` scored, `failed`, and the `tokens`, `words` and
     `truncated` inputs of the scored predictions."""
     from longsum.metrics import METRIC_RECIPE
     from longsum.provenance import now, provenance
+
+    plan, gen_stats = ev.plan, ev.throughput
 
     return {
         "schema": RESULTS_SCHEMA,
@@ -315,13 +317,13 @@ def results_record(cfg, checkpoint, data, plan, preset, settings, gen_stats, sta
             "examples_per_s": gen_stats["examples"] / gen_stats["seconds"] if gen_stats["seconds"] else None,
         },  # fmt: skip
         "metric_recipe": METRIC_RECIPE,
-        "dataset": {"name": cfg.dataset, **data.source},
-        "model": model_identity(checkpoint),
-        "generation": settings,
-        "generation_preset": preset,
-        "config": asdict(cfg),
+        "dataset": {"name": ev.cfg.dataset, **ev.data.source},
+        "model": model_identity(ev.checkpoint),
+        "generation": ev.generation,
+        "generation_preset": ev.preset,
+        "config": asdict(ev.cfg),
         "provenance": provenance(),
-        "timings": {"started": started, "finished": now(), "seconds": time.perf_counter() - t0},
+        "timings": {"started": ev.started, "finished": now(), "seconds": time.perf_counter() - ev.t0},
     }
 
 
@@ -372,3 +374,34 @@ def print_comparison(results: dict, other: dict, other_path: str) -> None:
         diff = "" if theirs is None else f"{mine['mean'] - theirs:+.2f}"
         table.add_row(name, f"{mine['mean']:.2f}", "-" if theirs is None else f"{theirs:.2f}", diff)
     stdout_console().print(table)
+
+
+EXAMPLES = """Examples:
+
+  longsum eval pubmed --model ccdv/lsg-bart-base-4096-pubmed --limit 200
+
+  longsum eval govreport --model ./my-model --batch-size 8 --compare eval-govreport-test-base/results.json
+
+  longsum eval data/dev.jsonl --text-column document --summary-column summary --model ./my-model
+
+  accelerate launch -m longsum eval arxiv --model ccdv/lsg-bart-base-4096-arxiv
+
+  longsum eval --list
+
+Scores: rouge1/2/L/Lsum F1 x100 (rouge-score, use_stemmer=True; rougeLsum on sentences split offline),
+mean over examples with a seeded bootstrap 95% interval. Hub datasets need the Hub once, then the cache."""
+
+
+def list_datasets() -> None:
+    """`longsum eval --list`: the dataset aliases, their columns and presets."""
+    from longsum.data import list_aliases
+
+    for entry in list_aliases():
+        print(f"{entry['alias']:<10} {entry['hub_id']} [{entry['config']}] {entry['text_column']} -> "
+              f"{entry['summary_column']}; preset {entry['preset']}: {entry['description']}")  # fmt: skip
+
+
+COMMAND = Command("eval", EvalConfig, run, examples=EXAMPLES,
+                  help="Score a model with ROUGE on a summarization dataset (resumable, with provenance).",
+                  actions=(Action("list_aliases", ("--list",), "Show the dataset aliases and their presets.",
+                                  list_datasets),))  # fmt: skip

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from longsum.errors import DeviceLostError, LongsumError, describe
@@ -204,27 +204,46 @@ def resolve_generation_kwargs(generation_config, options: GenerationOptions) -> 
     return kwargs
 
 
-def resolve_settings(config, generation_config, tokenizer, options: GenerationOptions) -> dict:
-    """Every setting that decides the summaries (what a result file's identity compares).
+@dataclass(frozen=True)
+class RunSettings:
+    """Every setting that decides the summaries: what a result file's identity compares.
 
-    Computed from the config objects alone, so a run can be checked against an existing output
-    before any weights are loaded. The batch size is not here: it does not change the summaries.
-    A `max_source_length` past the model's position table is refused here, before any document
-    (each would fail on its own).
+    `generate`: the keyword arguments of `generate()`; the rest is how the inputs are cut
+    (`max_source_length`, `long_input`), the CPU kernels (`exact`), compiled decoding (`compile`) and
+    the dtype the weights run in (None when the settings come from a loaded model). The batch size
+    is not here: it does not change the summaries.
     """
+
+    generate: dict
+    max_source_length: int
+    long_input: str
+    exact: bool
+    compile: bool = False
+    dtype: str | None = None
+
+    def as_dict(self) -> dict:
+        """The flat form outputs and their sidecars have always had (so older outputs still resume):
+        "compile" only when on, "dtype" only when known."""
+        return {**self.generate, "max_source_length": self.max_source_length, "long_input": self.long_input,
+                "exact": self.exact, **({"compile": True} if self.compile else {}),
+                **({"dtype": self.dtype} if self.dtype else {})}  # fmt: skip
+
+
+def resolve_settings(config, generation_config, tokenizer, options: GenerationOptions) -> RunSettings:
+    """The run's `RunSettings`, from the config objects alone, so a run can be checked against an
+    existing output before any weights are loaded. A `max_source_length` past the model's position
+    table is refused here, before any document (each would fail on its own)."""
     limit = position_limit(config)
     if options.max_source_length and limit and options.max_source_length > limit:
         raise LongsumError(f"--max-source-length {options.max_source_length} is more than the model's {limit} "
                            f"positions; use at most {limit} (--long-input chunk reads longer documents in "
                            f"windows)")  # fmt: skip
-    # "compile" only when on: the outputs of runs from before the option resume as they were.
-    return {**resolve_generation_kwargs(generation_config, options),
-            "max_source_length": options.max_source_length or model_max_source_length(config, tokenizer),
-            "long_input": options.long_input, "exact": options.exact,
-            **({"compile": True} if options.compile else {})}  # fmt: skip
+    return RunSettings(resolve_generation_kwargs(generation_config, options),
+                       options.max_source_length or model_max_source_length(config, tokenizer),
+                       options.long_input, options.exact, options.compile)  # fmt: skip
 
 
-def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: str) -> dict:
+def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: str) -> RunSettings:
     """`resolve_settings` for a checkpoint plus the dtype it will run in, without its weights.
 
     `checkpoint` is a `longsum.models.Checkpoint` (a run's, resolved once), or a name to resolve.
@@ -234,7 +253,7 @@ def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: st
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = resolve(checkpoint)
     settings = resolve_settings(checkpoint.config, checkpoint.generation_config, checkpoint.tokenizer, options)
-    return {**settings, "dtype": str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")}
+    return replace(settings, dtype=str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch."))
 
 
 class Summarizer:
@@ -246,26 +265,23 @@ class Summarizer:
     are resolved from the model's config and generation config.
     """
 
-    def __init__(self, model, tokenizer, options: GenerationOptions, settings: dict | None = None, *,
+    def __init__(self, model, tokenizer, options: GenerationOptions, settings: RunSettings | None = None, *,
                  window_docs: int = WINDOW_DOCS, window_chars: int = WINDOW_CHARS):  # fmt: skip
-        self.model, self.tokenizer, self.options = model, tokenizer, options
-        self._settings = settings or resolve_settings(model.config, model.generation_config, tokenizer, options)
-        self.max_source_length = self._settings["max_source_length"]
-        self.generate_kwargs = {k: v for k, v in self._settings.items()
-                                if k not in ("max_source_length", "long_input", "dtype", "exact", "compile")}  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.run_settings = settings or resolve_settings(model.config, model.generation_config, tokenizer, options)
+        self.max_source_length = self.run_settings.max_source_length
         self.batch_size = options.batch_size
         self.window_docs, self.window_chars = window_docs, window_chars
         self._n_special = tokenizer.num_special_tokens_to_add(pair=False)
+        self._batch_size_asked = options.batch_size
 
     def settings(self) -> dict:
         """What this run uses (printed at start, saved with results)."""
-        return {**self._settings, "batch_size": self.options.batch_size}
+        return {**self.run_settings.as_dict(), "batch_size": self._batch_size_asked}
 
     # -- public -----------------------------------------------------------------------------
-    def summarize(
-        self, items: Iterable[tuple[object, Text | str]], on_result: Callable[[object, Result], None]
-    ) -> None:
-        """Summarize (key, text) pairs; `on_result(key, result)` is called as each document finishes.
+    def summarize(self, items: Iterable[tuple[object, Text | str]]) -> Iterator[tuple[object, Result]]:
+        """(key, result) for each of the (key, text) pairs of `items`, as each document finishes.
 
         `items` is consumed lazily, one window at a time; a text is a `str` or a `longsum.inputs.Text`
         (read only as far as needed). A text that cannot be read gets a Result with its `error`.
@@ -274,14 +290,15 @@ class Summarizer:
         """
         from longsum.decoding import linear_kernels
 
-        with linear_kernels(self.model, self.options.exact):
+        with linear_kernels(self.model, self.run_settings.exact):
             for window in self._windows(items):
-                jobs, long_docs = self._prepare(window, on_result)
+                jobs, long_docs, failed = self._prepare(window)
                 del window  # the texts are no longer needed (except those to chunk)
+                yield from failed
                 for job in self._run(jobs):
-                    on_result(job.key, job.result)
+                    yield job.key, job.result
                 for key, text in long_docs:
-                    on_result(key, self._summarize_long(text))
+                    yield key, self._summarize_long(text)
 
     # -- internals --------------------------------------------------------------------------
     def _windows(self, items: Iterable[tuple[object, Text | str]]) -> Iterator[list[tuple[object, Text]]]:
@@ -303,17 +320,18 @@ class Summarizer:
         ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return [len(x) for x in ids]
 
-    def _prepare(self, window, on_result) -> tuple[list[_Job], list[tuple[object, Text]]]:
-        """Token ids (truncated) for the window's documents; documents to chunk are set aside."""
+    def _prepare(self, window) -> tuple[list[_Job], list[tuple[object, Text]], list[tuple[object, Result]]]:
+        """Token ids (truncated) for the window's documents; documents to chunk are set aside, and
+        those that cannot be read or are empty get their (key, error result)."""
         max_len = self.max_source_length
         needed = max_len - self._n_special + TRUNCATION_MARGIN  # tokens a prefix must reach
         budget = max_len * PREFIX_CHARS_PER_TOKEN
-        keys, texts, complete, sources = [], [], [], []
+        keys, texts, complete, sources, failed = [], [], [], [], []
         for key, text in window:
             try:
                 prefix, whole = text.read(budget)
             except DocumentError as err:
-                on_result(key, Result(error=str(err)))
+                failed.append((key, Result(error=str(err))))
                 continue
             keys.append(key)
             texts.append(prefix)
@@ -328,7 +346,7 @@ class Summarizer:
                     texts[i], complete[i] = sources[i].read(size)
                 except DocumentError as err:
                     texts[i], complete[i], counts[i] = "", True, -1
-                    on_result(keys[i], Result(error=str(err)))
+                    failed.append((keys[i], Result(error=str(err))))
                     break
                 counts[i] = self._count([texts[i]])[0]
         jobs, long_docs, keep = [], [], []
@@ -336,10 +354,10 @@ class Summarizer:
             if n < 0:
                 continue
             if n == 0:
-                on_result(keys[i], Result(error="empty document"))
+                failed.append((keys[i], Result(error="empty document")))
                 continue
             too_long = n + self._n_special > max_len
-            if too_long and self.options.long_input == "chunk":
+            if too_long and self.run_settings.long_input == "chunk":
                 long_docs.append((keys[i], sources[i]))
             else:
                 keep.append((i, too_long))
@@ -348,7 +366,7 @@ class Summarizer:
                                  verbose=False)["input_ids"]  # fmt: skip
             for (i, too_long), doc_ids in zip(keep, ids):
                 jobs.append(_Job(keys[i], array("i", doc_ids), Result(input_tokens=len(doc_ids), truncated=too_long)))
-        return jobs, long_docs
+        return jobs, long_docs, failed
 
     def _tokenize(self, texts: list[str]) -> list[array]:
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_source_length, verbose=False)["input_ids"]
@@ -440,6 +458,7 @@ class Summarizer:
         batch = {"input_ids": [ids.tolist() for ids in batch_ids]}
         inputs = self.tokenizer.pad(batch, return_tensors="pt").to(self.model.device)
         with torch.inference_mode():
-            out = generate(self.model, inputs["input_ids"], inputs["attention_mask"], exact=self.options.exact,
-                           compile=self.options.compile, **self.generate_kwargs)  # fmt: skip
+            settings = self.run_settings
+            out = generate(self.model, inputs["input_ids"], inputs["attention_mask"], exact=settings.exact,
+                           compile=settings.compile, **settings.generate)  # fmt: skip
         return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

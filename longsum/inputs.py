@@ -335,6 +335,17 @@ class StringText(Text):
         return self.value[:max_chars], False
 
 
+class UnreadableText(Text):
+    """A document known not to be readable (its `error`): every read raises it, so the document
+    gets its error record where the others get theirs."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+    def read(self, max_chars: int | None) -> tuple[str, bool]:
+        raise DocumentError(self.error)
+
+
 def record_string_text(value: str) -> StringText:
     """A record's text; a lone surrogate (JSON's `"\\ud800"`, which the tokenizer refuses) is replaced
     by U+FFFD and counted in `encoding`: 'utf-8 (1 lone surrogate replaced)'."""

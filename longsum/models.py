@@ -294,7 +294,9 @@ def resolve(name_or_path: str | os.PathLike, task: str = "seq2seq", *, revision:
 
     from transformers import AutoConfig
 
-    import longsum.lsg  # noqa: F401  (registers the lsg_* model types)
+    from longsum.lsg import register_auto_classes
+
+    register_auto_classes()  # longsum's own checkpoints name the lsg_* model types
 
     cls, config = _model_class(config_dict, task)
     if config is None:

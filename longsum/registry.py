@@ -6,7 +6,7 @@ anything heavy. A new model family is one entry in `FAMILIES` plus its module un
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # ------------------------------------------------------------------------------------------ tasks, dtypes
 # What `load_model(task=...)` gives, and the transformers Auto class that loads stock checkpoints for it.
@@ -23,6 +23,35 @@ LONG_INPUT_MODES = ("truncate", "chunk")
 # The model `summarize` and `eval` use without --model: a real long-document summarizer (LSG-BART, PubMed).
 DEFAULT_MODEL = "ccdv/lsg-bart-base-4096-pubmed"
 MAX_SEED = 2**32 - 1  # the largest seed every seeded generator of a run (random, numpy, torch) accepts
+
+
+# ------------------------------------------------------------------------------------------ datasets
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset alias of `eval`/`train`: where it lives on the Hub, its columns, and its preset."""
+
+    hub_id: str
+    config: str | None
+    text_column: str
+    summary_column: str
+    description: str = ""
+    # Generation settings of the published long-document model cards (ccdv/lsg-*-pubmed, -arxiv,
+    # -govreport) that `eval` fills in where the command line sets none.
+    preset: dict = field(default_factory=dict)
+
+
+_CARD_PRESET = {"num_beams": 5, "length_penalty": 2.0, "max_new_tokens": 512, "min_new_tokens": 128}
+DATASET_ALIASES = {
+    "pubmed": DatasetSpec("ccdv/pubmed-summarization", "document", "article", "abstract",
+                          "PubMed articles -> abstracts (Cohan et al. 2018), whole documents", _CARD_PRESET),
+    "arxiv": DatasetSpec("ccdv/arxiv-summarization", "document", "article", "abstract",
+                         "arXiv papers -> abstracts (Cohan et al. 2018), whole documents", _CARD_PRESET),
+    "govreport": DatasetSpec("ccdv/govreport-summarization", "document", "report", "summary",
+                             "US GAO/CRS reports -> expert summaries (Huang et al. 2021)", _CARD_PRESET),
+}  # fmt: skip
+# Hub datasets that only a loading script can build (datasets 5 runs none) -> what to use instead.
+SCRIPT_ONLY_DATASETS = {"scientific_papers": "pubmed or arxiv (ccdv/pubmed-summarization, ccdv/arxiv-summarization)"}
+
 
 # ------------------------------------------------------------------------------------------ LSG
 SPARSITY_TYPES = ("norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none")

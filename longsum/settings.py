@@ -127,18 +127,6 @@ def within(meta, value: Any, name: str) -> Any:
     return value
 
 
-def from_mapping(cls, data: dict, where: str) -> dict:
-    """Known keys of `data` (dashes or underscores) converted to `cls`'s field types."""
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name in fields:
-            out[name] = within(fields[name].metadata, coerce(hints[name], value, str(key), where), f"{where}: {key}")
-    return out
-
-
 def option_name(f: dataclasses.Field) -> str:
     """What a config file calls a setting: its option's long name (`--dataset-config` -> dataset_config)."""
     names = [n.split("/")[0] for n in f.metadata.get("flags", ()) if n.startswith("--")]
@@ -219,18 +207,28 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def load_config(cls, path: str, command: str) -> dict:
-    """The settings of `cls` in a YAML/JSON file, by option name (dashes or underscores), each converted
-    to its type; an unknown key or a bad value is one line naming the key."""
+def config_values(cls, data: dict, where: str) -> tuple[dict, dict]:
+    """`(settings, rest)`: the settings of `cls` that `data` (a config file's mapping) names by option
+    name (dashes or underscores), each converted to its type and checked against its bounds (a bad
+    value is one line naming the key, after `where`), keyed by field; `rest`: the keys it names none by."""
     fields = {option_name(f): (f, tp) for f, tp in _fields(cls) if f.metadata.get("cli")}
-    out = {}
-    for key, value in read_config_file(path).items():
+    out, rest = {}, {}
+    for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise LongsumError(f"unknown key '{key}' in --config {path} (not a longsum {command} option; "
-                               f"see 'longsum {command} --help')")  # fmt: skip
+            rest[key] = value
+            continue
         f, tp = fields[name]
-        out[f.name] = within(f.metadata, coerce(tp, value, str(key), f"--config {path}"), f"--config {path}: {key}")
+        out[f.name] = within(f.metadata, coerce(tp, value, str(key), where), f"{where}: {key}")
+    return out, rest
+
+
+def load_config(cls, path: str, command: str) -> dict:
+    """The settings of `cls` in a YAML/JSON file (`config_values`); an unknown key is one line."""
+    out, rest = config_values(cls, read_config_file(path), f"--config {path}")
+    for key in rest:
+        raise LongsumError(f"unknown key '{key}' in --config {path} (not a longsum {command} option; "
+                           f"see 'longsum {command} --help')")  # fmt: skip
     return out
 
 
@@ -244,12 +242,43 @@ def merge(ctx, values: dict, from_file: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ commands
-def command(app, name: str, cls, run: Callable[[Any], Any], *, epilog: str, help: str,
-            load: Callable[[str], dict] | None = None, actions: tuple[Action, ...] = ()) -> None:  # fmt: skip
-    """Register `longsum NAME` on the Typer `app`: its options are `cls`'s settings plus `--config FILE`
-    (beside the first option); it builds one `cls` and calls `run(cfg)`, whose int result is the exit
-    code. `load(path)` reads the config file (default: `load_config`); `actions` are eager flags that
-    print something and exit (`--list`)."""
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """An eager flag of a command (`longsum eval --list`): `show()` prints, then the command exits."""
+
+    name: str
+    flags: tuple[str, ...]
+    help: str
+    show: Callable[[], None]
+
+    def callback(self, value: bool) -> None:
+        import typer
+
+        if value:
+            self.show()
+            raise typer.Exit()
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One `longsum` command, declared in its module: its name, its settings dataclass, the `run(cfg)`
+    it calls (an int result is the exit code), its one-line help and its examples (the `--help`
+    epilog). `load(path)` reads its config file (default: `load_config`); `actions` are eager flags
+    that print something and exit (`--list`)."""
+
+    name: str
+    config: type
+    run: Callable[[Any], Any]
+    help: str
+    examples: str
+    load: Callable[[str], dict] | None = None
+    actions: tuple[Action, ...] = ()
+
+
+def command(app, spec: Command) -> None:
+    """Register `spec` on the Typer `app`: its options are its settings plus `--config FILE` (beside
+    the first option); it builds one settings object and calls `spec.run(cfg)`."""
+    cls, name, load, actions = spec.config, spec.name, spec.load, spec.actions
     import typer
 
     params = cli_parameters(cls)
@@ -266,11 +295,11 @@ def command(app, name: str, cls, run: Callable[[Any], Any], *, epilog: str, help
             values.pop(a.name)
         if path:
             merge(ctx, values, load(path) if load else load_config(cls, path, name))
-        code = run(build(cls, values))
+        code = spec.run(build(cls, values))
         if isinstance(code, int) and not isinstance(code, bool):
             raise typer.Exit(code)
 
-    callback.__doc__ = help
+    callback.__doc__ = spec.help
     callback.settings = cls  # what the command is built from (tests/test_settings.py reads it)
     callback.__signature__ = inspect.Signature([
         inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
@@ -279,27 +308,10 @@ def command(app, name: str, cls, run: Callable[[Any], Any], *, epilog: str, help
     ])  # fmt: skip
     # Typer reads the annotations too: the types themselves, not this module's postponed strings.
     callback.__annotations__ = {p.name: p.annotation for p in callback.__signature__.parameters.values()}
-    app.command(name, epilog=epilog)(callback)
+    app.command(name, epilog=spec.examples)(callback)
 
 
 CONFIG_FILE = "config_file"  # the parameter of `--config` (a settings field may be named `config`)
-
-
-@dataclasses.dataclass(frozen=True)
-class Action:
-    """An eager flag of a command (`longsum eval --list`): `show()` prints, then the command exits."""
-
-    name: str
-    flags: tuple[str, ...]
-    help: str
-    show: Callable[[], None]
-
-    def callback(self, value: bool) -> None:
-        import typer
-
-        if value:
-            self.show()
-            raise typer.Exit()
 
 
 # ------------------------------------------------------------------------------------------ shared settings

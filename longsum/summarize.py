@@ -14,8 +14,7 @@ A document that cannot be read or summarized gets an `error` record and the othe
 
 from __future__ import annotations
 
-import time
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -23,9 +22,19 @@ from typing import Any, cast
 from longsum.console import alert, log, note
 from longsum.errors import LongsumError
 from longsum.generation import GenerationOptions, Result
-from longsum.inputs import DEFAULT_GLOB, Document, InputPlan, iter_documents, plan_inputs, printable
+from longsum.inputs import (
+    DEFAULT_GLOB,
+    Document,
+    InputPlan,
+    Text,
+    UnreadableText,
+    iter_documents,
+    plan_inputs,
+    printable,
+)
+from longsum.registry import DEFAULT_MODEL
 from longsum.schema import SummaryRecord
-from longsum.settings import RunDtype, device_setting, dtype_setting, model_setting, setting
+from longsum.settings import Command, RunDtype, device_setting, dtype_setting, model_setting, setting
 
 
 @dataclass
@@ -47,10 +56,6 @@ class SummarizeConfig:
     fail_fast: bool = setting(False, "Stop at the first document that fails.")
 
 
-class _FailFast(Exception):
-    pass
-
-
 def _check_output_is_not_an_input(output: str, plan: InputPlan) -> None:
     if output == "-" or not Path(output).exists():
         return
@@ -63,6 +68,7 @@ def _check_output_is_not_an_input(output: str, plan: InputPlan) -> None:
 def run(cfg: SummarizeConfig) -> int:
     """Summarize `cfg.inputs` into `cfg.output`; returns the exit code (1 if any document failed)."""
     from longsum import __version__, distributed
+    from longsum.driver import Tally, summaries
     from longsum.generation import plan_settings
     from longsum.models import resolve
 
@@ -76,7 +82,7 @@ def run(cfg: SummarizeConfig) -> int:
     # The checkpoint is resolved once: settings, identity and weights all read from it.
     checkpoint = resolve(cfg.model)
     settings = plan_settings(checkpoint, cfg.generation, cfg.dtype, device)
-    identity = {"model_fingerprint": checkpoint.fingerprint, **settings}
+    identity = {"model_fingerprint": checkpoint.fingerprint, **settings.as_dict()}
     info = {"model": cfg.model, "model_path": str(checkpoint.folder.resolve()), "longsum": __version__}
     results = distributed.open_results(cfg.output, identity, dist, info=info, overwrite=cfg.overwrite)
     if dist.main:
@@ -85,85 +91,69 @@ def run(cfg: SummarizeConfig) -> int:
         if results.repaired:
             log(f"repaired a torn last line in {cfg.output} (interrupted run)")
 
-    counts: Counter = Counter()
-    seen: set = set()  # keys of this run's documents
-    start = time.perf_counter()
-
-    def emit(doc: Document, result: Result) -> None:
-        record = summary_record(doc, result, cfg.model, chunked=cfg.generation.long_input == "chunk")
-        if result.error:
-            counts["failed"] += 1
-        else:
-            counts["done"] += 1
-            counts["tokens"] += result.input_tokens
-            counts["long"] += bool(result.truncated or result.chunks > 1)
-            if counts["long"] == 1 and (result.truncated or result.chunks > 1):
-                _note_long(cfg.generation.long_input, settings["max_source_length"])
-        results.write(record)
-        progress.advance()
-        if result.error and cfg.fail_fast:
-            raise _FailFast(f"{doc.id}: {result.error}")
-
-    def pending():
-        """This rank's documents still to do; errors of reading are emitted as they come."""
-        index = 0
-        for doc in iter_documents(plan, cfg.text_field, cfg.id_field):
-            if doc.key in seen:  # a bug if it happens: keys are made unique by the readers
-                raise RuntimeError(f"document key {doc.key} produced twice")
-            seen.add(doc.key)
-            if doc.key in results.done:
-                counts["skipped"] += 1
-                continue
-            counts["retried"] += doc.key in results.failed
-            index += 1
-            if not dist.mine(index - 1):
-                continue
-            if doc.error:
-                emit(doc, Result(error=doc.error))
-            else:
-                yield doc, doc.text
-
-    finished = False
-    progress = _Progress()
+    todo = _ToDo(plan, cfg, results, dist)
+    chunked = cfg.generation.long_input == "chunk"
+    tally, finished = Tally(), False
     try:
-        model, tokenizer = _load(cfg, checkpoint, device, settings, dist)
-        from longsum.generation import Summarizer
-
-        summarizer = Summarizer(model, tokenizer, cfg.generation, settings)
-        with progress:
-            summarizer.summarize(pending(), emit)
-        finished = True
-    except _FailFast as err:
-        alert(f"stopped at the first failure (--fail-fast): {err}")
+        for doc, result in summaries(checkpoint, cfg.generation, settings, todo, tally, device=device, dtype=cfg.dtype,
+                                     main=dist.main):  # fmt: skip
+            results.write(summary_record(doc, result, cfg.model, chunked))
+            if result.error and cfg.fail_fast:
+                alert(f"stopped at the first failure (--fail-fast): {doc.id}: {result.error}")
+                break
+        else:
+            finished = True
     finally:
-        sources = {printable(str(path)) for kind, path in plan.items if kind == "records"}  # as records name them
+        results.close(drop=todo.stale if finished else None)
 
-        def stale(record: dict) -> bool:
-            """An error record of a record file read whole in this run, for a key it no longer has
-            (a fixed line now has its own id): the document it was about is this run's record."""
-            from longsum.store import is_failure, record_key
-
-            return (
-                finished and is_failure(record) and record.get("source") in sources and record_key(record) not in seen
-            )
-
-        results.close(drop=stale)
-
-    elapsed = max(time.perf_counter() - start, 1e-9)
     if dist.main:
-        retried = f", retried {counts['retried']} that had failed" if counts["retried"] else ""
-        log(
-            f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}{retried} in "
-            f"{elapsed:.1f}s: {counts['done'] / elapsed:.2f} docs/s, {counts['tokens'] / elapsed:,.0f} tokens/s"
-            + (f" (this process; {dist.world} processes)" if dist.world > 1 else "")
-        )  # fmt: skip
-        if plan.unmatched:
-            note(f"no file matched '{cfg.glob}' in {', '.join(plan.unmatched)} (exit code 1)")
-        if not seen:
-            alert("no documents in the inputs")
-    if counts["failed"] or plan.unmatched or not seen:
-        return 1
-    return 0
+        _report(cfg, plan, todo, tally, dist.world)
+    return 1 if tally.failed or plan.unmatched or not todo.seen else 0
+
+
+class _ToDo:
+    """This rank's documents still to do, as (document, text) pairs, streamed from the inputs; counts
+    what it skips (done in an earlier run) and retries (failed in an earlier run)."""
+
+    def __init__(self, plan: InputPlan, cfg: SummarizeConfig, results, dist):
+        self.plan, self.cfg, self.results, self.dist = plan, cfg, results, dist
+        self.seen: set = set()  # keys of this run's documents
+        self.skipped = self.retried = 0
+
+    def __iter__(self) -> Iterator[tuple[Document, Text]]:
+        index = 0
+        for doc in iter_documents(self.plan, self.cfg.text_field, self.cfg.id_field):
+            if doc.key in self.seen:  # a bug if it happens: keys are made unique by the readers
+                raise RuntimeError(f"document key {doc.key} produced twice")
+            self.seen.add(doc.key)
+            if doc.key in self.results.done:
+                self.skipped += 1
+                continue
+            self.retried += doc.key in self.results.failed
+            index += 1
+            if self.dist.mine(index - 1):
+                yield doc, UnreadableText(doc.error) if doc.error else doc.text
+
+    def stale(self, record: dict) -> bool:
+        """An error record of a record file read whole in this run, for a key it no longer has (a
+        fixed line now has its own id): the document it was about has this run's record."""
+        from longsum.store import is_failure, record_key
+
+        sources = {printable(str(path)) for kind, path in self.plan.items if kind == "records"}  # as records name them
+        return is_failure(record) and record.get("source") in sources and record_key(record) not in self.seen
+
+
+def _report(cfg: SummarizeConfig, plan: InputPlan, todo: _ToDo, tally, world: int) -> None:
+    """The run's last lines: what was done, how fast, and what made the exit code 1."""
+    seconds = max(tally.seconds, 1e-9)
+    retried = f", retried {todo.retried} that had failed" if todo.retried else ""
+    log(f"done {tally.done}, skipped {todo.skipped}, failed {tally.failed}{retried} in {seconds:.1f}s: "
+        f"{tally.done / seconds:.2f} docs/s, {tally.tokens / seconds:,.0f} tokens/s"
+        + (f" (this process; {world} processes)" if world > 1 else ""))  # fmt: skip
+    if plan.unmatched:
+        note(f"no file matched '{cfg.glob}' in {', '.join(plan.unmatched)} (exit code 1)")
+    if not todo.seen:
+        alert("no documents in the inputs")
 
 
 def summary_record(doc: Document, result: Result, model: str, chunked: bool) -> SummaryRecord:
@@ -190,51 +180,34 @@ def summary_record(doc: Document, result: Result, model: str, chunked: bool) -> 
     return cast(SummaryRecord, record)  # built key by key to keep the keys' order: a plain dict
 
 
-def _note_long(mode: str, max_len: int) -> None:
-    action = ("split into chunks and summarized whole (map-reduce)" if mode == "chunk" else
-              "truncated (use --long-input chunk to summarize them whole)")  # fmt: skip
-    note(f"documents longer than {max_len} tokens are {action}; the records say which")
+EXAMPLES = f"""Examples:
 
+  longsum summarize paper.txt                          (default model: {DEFAULT_MODEL})
 
-def _load(cfg: SummarizeConfig, checkpoint, device: str, settings: dict, dist):
-    from longsum.generation import keep_freed_memory
+  longsum summarize reports/ --glob '*.txt,*.md' -o summaries.jsonl --num-beams 4
 
-    model, tokenizer = checkpoint.load(device, cfg.dtype)
-    if model.device.type == "cpu":
-        keep_freed_memory()  # batched generation on CPU: reuse freed buffers (see its docstring)
-    if dist.main:
-        shown = ", ".join(f"{k}={v}" for k, v in {**settings, "batch_size": cfg.generation.batch_size}.items())
-        log(f"model {cfg.model} on {model.device}; {shown}")
-    return model, tokenizer
+  cat chapter.txt | longsum summarize - -o - --long-input chunk
 
+  longsum summarize articles.jsonl --text-field article --id-field id --model ./my-lsg-model
 
-class _Progress:
-    """A live count on a terminal (the total is unknown: inputs are streamed); nothing otherwise."""
+  torchrun --nproc-per-node 4 -m longsum summarize docs/ -o summaries.jsonl
 
-    def __init__(self):
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+Every input document gets exactly one record, known by its file's resolved
+'path' plus, for a JSONL/CSV/parquet record, its id (--id-field, else
+NAME:LINE); stdin's id is 'stdin:' + a hash of the text. Rerunning into the
+same output skips documents already done and retries failed ones; the output
+must come from the same model weights and settings (OUTPUT.run.json), else the
+run is refused. One run at a time writes an output (OUTPUT.lock).
 
-        from longsum.console import stderr_console
+The default model is a real long-document summarizer on the Hugging Face Hub
+(an LSG-BART fine-tuned on PubMed, 4,096 tokens); it needs the Hub once, then
+the local cache. Set LONGSUM_MODEL or --model for another one (a local folder
+works offline)."""
 
-        console = stderr_console()
-
-        self._progress = Progress(SpinnerColumn(), TextColumn("summarized {task.completed}"), TimeElapsedColumn(),
-                                  TextColumn("{task.fields[rate]}"), console=console,
-                                  disable=not console.is_terminal)  # fmt: skip
-        self._task = None
-        self._start = time.perf_counter()
-
-    def __enter__(self):
-        self._progress.__enter__()
-        self._task = self._progress.add_task("docs", total=None, rate="")
-        return self
-
-    def __exit__(self, *exc):
-        return self._progress.__exit__(*exc)
-
-    def advance(self) -> None:
-        if self._task is None:
-            return
-        done = self._progress.tasks[0].completed + 1
-        rate = f"{done / max(time.perf_counter() - self._start, 1e-9):.2f} docs/s"
-        self._progress.update(self._task, advance=1, rate=rate)
+COMMAND = Command(
+    "summarize",
+    SummarizeConfig,
+    run,
+    examples=EXAMPLES,
+    help="Summarize documents into JSONL, one line per document, resumable.",
+)

@@ -34,7 +34,7 @@ from pathlib import Path
 from longsum.console import log, note
 from longsum.errors import LongsumError
 from longsum.registry import MAX_SEED
-from longsum.settings import check, coerce, flag, from_mapping, read_config_file, setting
+from longsum.settings import Command, check, coerce, config_values, flag, read_config_file, setting
 
 DATA, LENGTHS, OPTIM, MEMORY, EVAL = ("Model and data", "Lengths and batches", "Optimization",
                                      "Precision and memory", "Evaluation, checkpoints and logs")  # fmt: skip
@@ -113,7 +113,7 @@ def load_config_file(path: str) -> dict:
     data = read_config_file(path)
     ours = {f.name for f in dataclasses.fields(TrainConfig)} - {"training_args"}
     theirs = typing.get_type_hints(Seq2SeqTrainingArguments)
-    config = from_mapping(TrainConfig, {k: v for k, v in data.items() if str(k).replace("-", "_") in ours}, where)
+    config, _ = config_values(TrainConfig, {k: v for k, v in data.items() if k != "training_args"}, where)
     # Seq2SeqTrainingArguments fields go at the top level or, as the setting is named, under `training_args:`.
     nested = data.get("training_args", {})
     if nested is None:
@@ -616,7 +616,8 @@ def run_identity(cfg: TrainConfig) -> dict:
 
 def _dataset_identity(name: str) -> str:
     """A local file by its content (moving it is fine, editing it is not); a Hub dataset by its id."""
-    from longsum.data import DATASET_ALIASES, _sha256
+    from longsum.data import _sha256
+    from longsum.registry import DATASET_ALIASES
 
     path = Path(name)
     if path.is_file():
@@ -829,3 +830,33 @@ def plot_curves(log_path: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+EXAMPLES = """Examples:
+
+  longsum train --model ./lsg-bart-base-4096 --dataset pubmed --output-dir runs/pubmed \\
+      --per-device-batch-size 8 --gradient-accumulation-steps 4 --bf16 --gradient-checkpointing \\
+      --eval-steps 2000 --save-steps 2000                      (the published recipe: lr 8e-5, warmup 10%)
+
+  longsum train --model ./lsg-bart-base-4096 --dataset train.jsonl --eval-dataset dev.jsonl \\
+      --output-dir runs/mine --max-steps 2000 --resume
+
+  accelerate launch -m longsum train --config examples/configs/pubmed.yaml     (multi-GPU; same flags)
+
+  torchrun --nproc-per-node 8 -m longsum train --config examples/configs/pubmed.yaml \\
+      --deepspeed examples/configs/ds_zero2.json
+
+--resume alone continues from the newest complete checkpoint in --output-dir; --resume PATH from that one
+(the run's model, data and hyper-parameters must be the same: train_run.json names them). An --output-dir
+that holds another run is refused; --overwrite removes what longsum train wrote there and starts over.
+--config FILE (YAML/JSON) sets any option below or any transformers Seq2SeqTrainingArguments field;
+options given on the command line win over the file."""
+
+COMMAND = Command(
+    "train",
+    TrainConfig,
+    run,
+    examples=EXAMPLES,
+    load=load_config_file,
+    help="Fine-tune a seq2seq model (LSG, LongT5, BART...) on a summarization dataset.",
+)

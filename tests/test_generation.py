@@ -20,7 +20,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_document(tiny_lsg_bart, 
 
     monkeypatch.setattr(summarizer, "_generate", flaky)
     results = {}
-    summarizer.summarize([(i, f"document number {i}. " * (i + 2)) for i in range(7)], results.__setitem__)
+    results.update(summarizer.summarize([(i, f"document number {i}. " * (i + 2)) for i in range(7)]))
     assert sorted(results) == list(range(7)) and all(r.summary is not None for r in results.values())
     assert sizes[:3] == [7, 3, 1] and max(sizes[3:]) == 1  # 7 docs -> halved to 3 -> 1, then it stays there
 
@@ -39,7 +39,7 @@ def test_one_failing_document_does_not_take_its_batch_down(tiny_lsg_bart, tokeni
     monkeypatch.setattr(summarizer, "_generate", picky)
     results = {}
     items = [("a", "a fine document."), ("b", "poison pill text here."), ("c", "another fine one.")]
-    summarizer.summarize(items, results.__setitem__)
+    results.update(summarizer.summarize(items))
     assert results["a"].summary is not None and results["c"].summary is not None
     assert results["b"].error == f"generation failed: RuntimeError{': ' + message if message else ''}"
 
@@ -103,8 +103,7 @@ def test_a_prefix_is_truncated_exactly_like_the_whole_text(tiny_lsg_bart, tokeni
     for i, text in enumerate(texts):  # the same through lazily read files
         (tmp_path / f"{i}.txt").write_text(text)
         items.append((f"file{i}", read_text_file(tmp_path / f"{i}.txt").text))
-    errors = {}
-    jobs, long_docs = summarizer._prepare(items, errors.__setitem__)
+    jobs, long_docs, errors = summarizer._prepare(items)
     assert not errors and not long_docs and len(jobs) == len(items)
     for job in jobs:
         text = texts[job.key] if isinstance(job.key, int) else texts[int(job.key[4:])]
@@ -126,7 +125,7 @@ def test_documents_are_taken_in_bounded_windows(tiny_lsg_bart, tokenizer):
             pulled += 1
             yield i, f"document number {i}. " * 3
 
-    summarizer.summarize(items(), lambda key, result: events.append((key, pulled)))
+    events = [(key, pulled) for key, _ in summarizer.summarize(items())]
     assert sorted(k for k, _ in events) == list(range(7))
     assert max(p for k, p in events if k < 3) == 3  # the first window was done after 3 documents were read
 
@@ -171,7 +170,7 @@ def test_linear_layers_are_packed_once_for_a_whole_run(tiny_lsg_bart, tokenizer,
         seen.clear()
         summarizer = Summarizer(model, tokenizer, GenerationOptions(batch_size=2, max_new_tokens=4, exact=exact))
         results = {}
-        summarizer.summarize(docs, results.__setitem__)
+        results.update(summarizer.summarize(docs))
         assert len(results) == 5 and len(seen) == 3 and all(s == during for s in seen), (exact, seen)
         assert all(type(m) is torch.nn.Linear and not hasattr(m, "packed")
                    for m in model.modules() if isinstance(m, torch.nn.Linear))  # fmt: skip
@@ -195,13 +194,13 @@ def test_22_13_a_source_length_past_the_position_table_is_refused_up_front(token
 
     config = SimpleNamespace(model_type=model_type, **positions)
     ok = resolve_settings(config, GenerationConfig(), tokenizer, GenerationOptions(max_source_length=1024))
-    assert ok["max_source_length"] == 1024
+    assert ok.max_source_length == 1024
     options = GenerationOptions(max_source_length=1025)
     if refused:
         with pytest.raises(LongsumError, match="--max-source-length 1025 is more than the model's 1024 positions"):
             resolve_settings(config, GenerationConfig(), tokenizer, options)
     else:
-        assert resolve_settings(config, GenerationConfig(), tokenizer, options)["max_source_length"] == 1025
+        assert resolve_settings(config, GenerationConfig(), tokenizer, options).max_source_length == 1025
 
 
 def test_22_13_summarize_refuses_a_source_length_past_the_positions_before_any_output(tmp_path, tiny_model_dir):
@@ -238,7 +237,7 @@ def test_a_lost_device_stops_the_run_instead_of_failing_every_later_document(tin
     results = {}
     items = [(i, f"document number {i}. " * (6 - i)) for i in range(4)]  # longest first: the order of the run
     with pytest.raises(DeviceLostError) as caught:
-        summarizer.summarize(items, results.__setitem__)
+        results.update(summarizer.summarize(items))
     assert list(results) == [0] and results[0].summary is not None  # done before; nothing for the rest
     assert calls == [1, 1]  # stopped at the failure: the other documents were not tried
     message = str(caught.value)
@@ -254,7 +253,7 @@ def test_an_ordinary_failure_on_a_working_device_is_one_documents_error(tiny_lsg
     summarizer = Summarizer(tiny_lsg_bart(), tokenizer, GenerationOptions(batch_size=1, max_new_tokens=2))
     monkeypatch.setattr(summarizer, "_generate", lambda ids: (_ for _ in ()).throw(RuntimeError("bad input")))
     results = {}
-    summarizer.summarize([("a", "one text."), ("b", "another text.")], results.__setitem__)
+    results.update(summarizer.summarize([("a", "one text."), ("b", "another text.")]))
     assert {k: r.error for k, r in results.items()} == {k: "generation failed: RuntimeError: bad input" for k in "ab"}
     assert probed == ["cpu", "cpu"]
 
@@ -277,7 +276,7 @@ def test_compile_reaches_decoding_and_is_part_of_the_identity_only_when_on(tiny_
     model = tiny_lsg_bart()
     summarizer = Summarizer(model, tokenizer, GenerationOptions(compile=True, max_new_tokens=2, num_beams=1))
     results = {}
-    summarizer.summarize([("a", "a short text.")], results.__setitem__)
+    results.update(summarizer.summarize([("a", "a short text.")]))
     assert len(calls) == 1 and results["a"].error is None  # (the stand-in returned None: decoded eagerly)
     assert summarizer.settings()["compile"] is True
     assert "compile" not in Summarizer(model, tokenizer, GenerationOptions(max_new_tokens=2)).settings()

@@ -54,7 +54,7 @@ def build(name, tokenizer):
 def summarize(model, tokenizer) -> list[str]:
     out: dict = {}
     summarizer = Summarizer(model, tokenizer, GenerationOptions(**OPTIONS))
-    summarizer.summarize(enumerate(DOCS), lambda key, result: out.__setitem__(key, result))
+    out.update(summarizer.summarize(enumerate(DOCS)))
     assert sorted(out) == list(range(len(DOCS))) and not any(r.error for r in out.values()), out
     return [out[key].summary for key in sorted(out)]
 

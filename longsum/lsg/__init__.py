@@ -1,9 +1,9 @@
 """Native LSG models on transformers 5.
 
-Importing this package registers the LSG model types (`lsg_bart`, `lsg_mbart`, `lsg_pegasus`,
-`lsg_bert`, `lsg_roberta`, `lsg_xlm-roberta`) with
-transformers' Auto classes, so longsum's own checkpoints load with
-`AutoModelForSeq2SeqLM.from_pretrained(dir)`.
+`register_auto_classes()` (`longsum.register()`; `load_model` calls it) registers the LSG model
+types (`lsg_bart`, `lsg_mbart`, `lsg_pegasus`, `lsg_bert`, `lsg_roberta`, `lsg_xlm-roberta`) with
+transformers' Auto classes, so longsum's own checkpoints also load with
+`AutoModelForSeq2SeqLM.from_pretrained(dir)`. Importing this package changes nothing in transformers.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def lsg_family(model_type: str) -> dict[str, type] | None:
 
 
 def register_auto_classes() -> None:
+    """Make transformers' Auto classes know the LSG model types (idempotent)."""
     for family in LSG_FAMILIES.values():
         config_class = family["config"]
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
@@ -82,8 +83,6 @@ def register_auto_classes() -> None:
             if task in family:
                 auto.register(config_class, family[task], exist_ok=True)
 
-
-register_auto_classes()
 
 __all__ = [
     "LSG_DEFAULTS",
