@@ -107,7 +107,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from longsum.tiny import build_tiny_lsg_bart
+    from longsum.model.tiny import build_tiny_lsg_bart
 
     tmp = Path(tempfile.mkdtemp())
     folder = tmp / "tiny"

@@ -65,7 +65,7 @@ def make_corpora(work: Path) -> dict[str, Path]:
 def tiny_model(work: Path) -> Path:
     folder = work / "tiny-lsg-bart"
     if not (folder / "config.json").exists():
-        from longsum.tiny import build_tiny_lsg_bart
+        from longsum.model.tiny import build_tiny_lsg_bart
 
         texts = [p.read_text() for p in (ROOT / "examples" / "docs").glob("*.txt")]
         build_tiny_lsg_bart(texts, folder, max_positions=4096, block_size=64, sparse_block_size=64)
@@ -118,8 +118,8 @@ def measure(cmd: list[str], output: Path, seconds: float, env: dict, cwd: Path) 
 
 
 def chunk_time(one_mb: Path, model: Path) -> dict:
-    from longsum.models import load_tokenizer
-    from longsum.text import sentence_windows
+    from longsum.data.text import sentence_windows
+    from longsum.model.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     text = one_mb.read_text()

@@ -5,7 +5,7 @@ peak memory of the process, for a bart-base-sized model with random weights, at 
 beam sizes, with `max_new_tokens == min_new_tokens` (every run decodes the same number of tokens) and
 `no_repeat_ngram_size=3`:
   stock     ``model.generate(input_ids, attention_mask=..., **settings)``
-  longsum   ``longsum.decoding.generate(model, input_ids, attention_mask, **settings)`` (cross-attention
+  longsum   ``longsum.model.decoding.generate(model, input_ids, attention_mask, **settings)`` (cross-attention
             keys/values once per document, shared by the beams; vectorized n-gram blocking; on CPU oneDNN's
             packed linear layers, or torch's own kernels with ``--exact``)
   batched   the same call on ``--batch-size`` documents at once, as ``longsum summarize`` decodes them
@@ -64,7 +64,7 @@ def build_model(length: int, device: str, dtype):
 
         model = BartForConditionalGeneration(BartConfig(**BASE, max_position_embeddings=DENSE_MAX))
     else:
-        from longsum.lsg import LSGBartConfig, LSGBartForConditionalGeneration
+        from longsum.model.lsg import LSGBartConfig, LSGBartForConditionalGeneration
 
         config = LSGBartConfig(**BASE, max_position_embeddings=length, block_size=128, sparse_block_size=128)
         model = LSGBartForConditionalGeneration(config)
@@ -114,7 +114,7 @@ def run_cell(args) -> dict:
     """One (length, beams, method) cell, in this process."""
     import torch
 
-    from longsum import decoding
+    from longsum.model import decoding
 
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -241,7 +241,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.cell_method:  # a child process: one cell, one JSON line
         if args.allocator == "tuned" and args.device == "cpu":
-            from longsum.generation import keep_freed_memory
+            from longsum.model.generation import keep_freed_memory
 
             keep_freed_memory()  # process-wide: CTranslate2's allocations get it too
         print(json.dumps(run_cell(args)))

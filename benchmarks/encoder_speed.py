@@ -14,7 +14,7 @@ Models (bart-base size unless noted):
   longt5-local        transformers' LongT5EncoderModel, long-t5-local-base size (radius 127)
   longt5-tglobal      transformers' LongT5EncoderModel, long-t5-tglobal-base size (global block 16)
   longsum-longt5-local / longsum-longt5-tglobal
-                      the same models with longsum's LongT5 attention (`longsum.longt5`)
+                      the same models with longsum's LongT5 attention (`longsum.model.longt5`)
   t5-floor            the same LongT5 encoder with attention replaced by the identity (keeps the q/k/v/o
                       projections and the gated FFNs): the floor for the LongT5 rows
   led-base            LED encoder, led-base-16384 size (window 1024)
@@ -72,8 +72,8 @@ def build(name: str, length: int):
     from transformers.models.bart.modeling_bart import BartEncoder
 
     if name.startswith("lsg-"):
-        from longsum.lsg import LSGBartConfig
-        from longsum.lsg.bart import LSGBartEncoder
+        from longsum.model.lsg import LSGBartConfig
+        from longsum.model.lsg.bart import LSGBartEncoder
 
         lsg = dict(block_size=128, sparse_block_size=128, sparsity_factor=2, sparsity_type="norm")
         if name == "lsg-local-256/0":
@@ -106,7 +106,7 @@ def build(name: str, length: int):
                               feed_forward_proj="gated-gelu")  # fmt: skip
         model = LongT5EncoderModel(config)
         if name.startswith("longsum-"):
-            from longsum.longt5 import use_longsum_attention
+            from longsum.model.longt5 import use_longsum_attention
 
             use_longsum_attention(model)
         if name == T5_FLOOR:

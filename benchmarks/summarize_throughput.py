@@ -8,7 +8,7 @@ process of its own (same seed, so the same weights):
   naive-tuned  the same loop after ``keep_freed_memory()``, the allocator setting `longsum summarize` applies
                on CPU (glibc hands big tensors back to the OS, so every beam-search step page-faults through
                fresh memory; this row shows how much of the speed-up that setting alone is worth)
-  batched      ``longsum.generation.Summarizer.summarize`` as `longsum summarize` runs it (tokenize once, sort
+  batched      ``longsum.model.generation.Summarizer.summarize`` as `longsum summarize` runs it (tokenize once, sort
                by length, batches of ``--batch-size``, ``keep_freed_memory()`` on CPU); the naive loops reuse
                its ``generate_kwargs`` and ``max_source_length``
   batched-exact  the same with ``--exact`` (torch's own CPU kernels instead of oneDNN's packed linear layers)
@@ -68,8 +68,8 @@ def example_texts() -> list[str]:
 def build_model(size: str, texts: list[str], device: str, dtype, seed: int, vocab_size: int):
     import torch
 
-    from longsum.lsg import LSGBartConfig, LSGBartForConditionalGeneration
-    from longsum.tiny import build_tokenizer
+    from longsum.model.lsg import LSGBartConfig, LSGBartForConditionalGeneration
+    from longsum.model.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(texts, vocab_size=min(vocab_size, 2000), model_max_length=4096)
     # A bigger vocabulary (bart-base's 50,265) costs every decoding step an lm_head that size; the example
@@ -225,7 +225,7 @@ def measure(args, method: str) -> dict:
 
     import torch
 
-    from longsum.generation import GenerationOptions, Summarizer, keep_freed_memory
+    from longsum.model.generation import GenerationOptions, Summarizer, keep_freed_memory
 
     device = resolve_device(args.device)
     tuned = device == "cpu" and METHODS[method]["tuned_allocator"] and keep_freed_memory()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from longsum.console import quiet_libraries
-from longsum.tiny import build_tiny_lsg_bart
+from longsum.model.tiny import build_tiny_lsg_bart
 
 DOCS = Path(__file__).parent / "docs"
 

@@ -17,14 +17,14 @@ __all__ = ["__version__", "LongsumError", "load_model", "register"]
 def register() -> None:
     """Register the LSG model types (`lsg_bart`, `lsg_mbart`, `lsg_pegasus`, `lsg_bert`, `lsg_roberta`,
     `lsg_xlm-roberta`) with transformers' Auto classes. Idempotent; imports torch and transformers."""
-    from longsum.lsg import register_auto_classes
+    from longsum.model.lsg import register_auto_classes
 
     register_auto_classes()
 
 
 def __getattr__(name: str):
     if name == "load_model":
-        from longsum.models import load_model
+        from longsum.model.checkpoint import load_model
 
         return load_model
     raise AttributeError(f"module 'longsum' has no attribute {name!r}")

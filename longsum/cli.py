@@ -12,7 +12,8 @@ import sys
 
 import typer
 
-from longsum import __version__, convert, evaluation, summarize, train
+from longsum import __version__
+from longsum.commands import convert, evaluation, summarize, train
 from longsum.console import quiet_libraries
 from longsum.errors import LongsumError
 from longsum.settings import command

@@ -1,7 +1,7 @@
 """Every fact that the CLI, the loaders, `convert`, the help texts and the README share, written once.
 
 No torch or transformers here: the CLI reads these tables to validate options before it imports
-anything heavy. A new model family is one entry in `FAMILIES` plus its module under `longsum/lsg/`.
+anything heavy. A new model family is one entry in `FAMILIES` plus its module under `longsum/model/lsg/`.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ UNBOUNDED_POSITIONS = ("t5", "mt5", "longt5", "pegasus_x", "t5gemma", "t5gemma2"
 # Stock seq2seq model types `load_model` is tested with (LSG ones come from FAMILIES).
 STOCK_SEQ2SEQ = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "led", "pegasus_x", "bigbird_pegasus")
 # Families checked (tests/test_decoding.py) to decode with each document's cross-attention keys/values
-# shared by its beams (`longsum.decoding`); another family decodes the stock way, with one line.
+# shared by its beams (`longsum.model.decoding`); another family decodes the stock way, with one line.
 SHARED_KV_MODEL_TYPES = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "pegasus_x", "bigbird_pegasus",
                          "led", "lsg_bart", "lsg_mbart", "lsg_pegasus")  # fmt: skip
 

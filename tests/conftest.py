@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from longsum.tiny import build_tokenizer
+    from longsum.model.tiny import build_tokenizer
 
     return build_tokenizer(CORPUS, vocab_size=400)
 
@@ -44,8 +44,8 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_lsg_bart(tokenizer):
     """Factory: an untrained tiny LSG-BART (seeded) with LSG overrides."""
-    from longsum.lsg import LSGBartForConditionalGeneration
-    from longsum.tiny import tiny_lsg_bart_config
+    from longsum.model.lsg import LSGBartForConditionalGeneration
+    from longsum.model.tiny import tiny_lsg_bart_config
 
     def make(seed: int = 0, **lsg):
         torch.manual_seed(seed)
@@ -57,7 +57,7 @@ def tiny_lsg_bart(tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny LSG-BART with only 256 positions (chunking is easy to trigger), 8-token summaries."""
-    from longsum.tiny import build_tiny_lsg_bart
+    from longsum.model.tiny import build_tiny_lsg_bart
 
     folder = tmp_path_factory.mktemp("tiny-model")
     texts = CORPUS + [" ".join("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split())] * 4

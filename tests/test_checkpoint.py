@@ -80,7 +80,7 @@ def test_eval_reads_each_checkpoint_file_once(tmp_path, tiny_model_dir):
 def test_the_checkpoint_fingerprint_is_the_folder_fingerprint(tmp_path, tiny_model_dir, monkeypatch):
     """The fingerprint reuses the config bytes already read: the same value as hashing the folder,
     also in the Hugging Face cache's layout (links to blobs, named by the Hub's own hash)."""
-    from longsum import models
+    from longsum.model import checkpoint as models
 
     cache = tmp_path / "snapshot"
     cache.mkdir()
@@ -98,7 +98,7 @@ def test_the_checkpoint_fingerprint_is_the_folder_fingerprint(tmp_path, tiny_mod
 
 
 def test_the_generation_config_handed_to_the_weights_is_the_one_they_would_read(tiny_model_dir):
-    from longsum.models import load_model, resolve
+    from longsum.model.checkpoint import load_model, resolve
 
     checkpoint = resolve(tiny_model_dir)
     assert checkpoint.generation_config.max_new_tokens == 8  # read for the settings: then handed over

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from longsum import __version__
 from longsum.cli import app
-from longsum.store import read_records
+from longsum.data.store import read_records
 from tests.helpers import longsum_process, run_longsum
 
 runner = CliRunner()

@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 from torch._dynamo.utils import counters
 
-from longsum import decoding
+from longsum.model import decoding
 from tests.conftest import input_dependent
 from tests.test_decoding import DIMS, SETTINGS, batch, build
 

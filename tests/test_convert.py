@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from longsum.cli import app
-from longsum.convert import order_positions, tile_positions
+from longsum.commands.convert import order_positions, tile_positions
 from tests.conftest import random_ids
 from tests.helpers import BART_DIMS, BART_TOKENS, T5_DIMS, T5_TOKENS, run_longsum
 
@@ -192,7 +192,8 @@ def test_t5_to_longt5(tmp_path, tokenizer, target):
 def test_converted_longt5_loads_with_longsum_attention_and_trains(tmp_path, tokenizer, target):
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from longsum import load_model, longt5
+    from longsum import load_model
+    from longsum.model import longt5
 
     torch.manual_seed(0)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), **T5_DIMS, **T5_TOKENS))
@@ -475,8 +476,8 @@ def test_22_4_source_without_a_real_tokenizer_is_refused(tmp_path, bart_source):
 
 
 def test_22_9_max_length_too_large_for_memory_or_disk_is_refused_up_front(tmp_path, bart_source, monkeypatch):
-    import longsum.convert as module
-    from longsum.convert import ConvertOptions
+    import longsum.commands.convert as module
+    from longsum.commands.convert import ConvertOptions
     from longsum.errors import LongsumError
 
     source, _ = bart_source
@@ -516,8 +517,8 @@ def test_22_9_max_length_too_large_for_memory_or_disk_is_refused_up_front(tmp_pa
 
 @pytest.mark.parametrize("key, value", [("encoder_ffn_dim", 128), ("max_position_embeddings", 512)])
 def test_22_13_config_that_does_not_match_the_weights_is_one_line(tmp_path, bart_source, key, value):
-    from longsum.convert import ConvertOptions
-    from longsum.convert import convert as run_convert
+    from longsum.commands.convert import ConvertOptions
+    from longsum.commands.convert import convert as run_convert
     from longsum.errors import LongsumError
 
     source, _ = bart_source

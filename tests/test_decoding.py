@@ -1,4 +1,4 @@
-"""longsum.decoding.generate gives exactly stock `model.generate`'s ids, for every encoder-decoder family."""
+"""longsum.model.decoding.generate gives exactly stock `model.generate`'s ids, for every encoder-decoder family."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 from transformers import NoRepeatNGramLogitsProcessor
 
-from longsum import decoding
+from longsum.model import decoding
 from tests import helpers
 from tests.conftest import input_dependent
 
@@ -16,7 +16,7 @@ T5_DIMS = dict(vocab_size=300, **helpers.T5_DIMS, dropout_rate=0.0, **helpers.T5
 
 
 def _lsg(name):
-    from longsum import lsg
+    from longsum.model import lsg
 
     config = getattr(lsg, f"LSG{name}Config")(**DIMS, max_position_embeddings=128, block_size=8, sparse_block_size=8)
     return getattr(lsg, f"LSG{name}ForConditionalGeneration")(config)

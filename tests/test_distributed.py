@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from longsum.distributed import Dist, _parts, open_results
+from longsum.data.distributed import Dist, _parts, open_results
+from longsum.data.store import read_records, sidecar_for
 from longsum.errors import LongsumError
-from longsum.store import read_records, sidecar_for
 
 ROOT = Path(__file__).resolve().parents[1]
 A = {"model_fingerprint": "A", "num_beams": 4, "generation": {"max_new_tokens": 8}}

@@ -135,7 +135,7 @@ def test_corrupt_predictions_or_run_json_are_refused(tmp_path, tiny_model_dir, d
 
 def test_train_config_files_are_typed_and_checked(tmp_path, tiny_model_dir, data):
     """YAML reads `1e-4` as a string: converted; a bad value or bad YAML: one line naming the key."""
-    from longsum.train import load_config_file
+    from longsum.commands.train import load_config_file
 
     good = tmp_path / "good.yaml"
     good.write_text("learning_rate: 1e-4\nmax_steps: '7'\nbf16: false\nadam_beta2: '0.98'\n")
@@ -159,7 +159,7 @@ def test_every_train_setting_is_an_option_and_every_option_a_setting():
     from typer.testing import CliRunner
 
     from longsum.cli import app
-    from longsum.train import TrainConfig
+    from longsum.commands.train import TrainConfig
 
     help_text = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
     for f in dataclasses.fields(TrainConfig):

@@ -12,8 +12,8 @@ from rouge_score import rouge_scorer
 from typer.testing import CliRunner
 
 from longsum.cli import app
-from longsum.metrics import aggregate, score_pair
-from longsum.store import read_records
+from longsum.data.metrics import aggregate, score_pair
+from longsum.data.store import read_records
 from tests.conftest import CORPUS
 from tests.helpers import run_longsum
 
@@ -94,7 +94,7 @@ def test_local_dataset_results_and_predictions(tmp_path, tiny_model_dir, dataset
 
 
 def test_limit_is_a_seeded_subset(tmp_path, tiny_model_dir, dataset):
-    from longsum.data import load_examples
+    from longsum.data.datasets import load_examples
 
     a, b, c = (list(load_examples(str(dataset), text_column="document", limit=3, seed=seed).examples())
                for seed in (1, 1, 2))  # fmt: skip
@@ -153,8 +153,8 @@ def test_list_aliases():
 
 
 def test_preset_fills_unset_options_and_yields_to_a_shorter_maximum():
-    from longsum.evaluation import EvalConfig, apply_preset
-    from longsum.generation import GenerationOptions
+    from longsum.commands.evaluation import EvalConfig, apply_preset
+    from longsum.model.generation import GenerationOptions
 
     cfg = EvalConfig("pubmed", "m", generation=GenerationOptions(num_beams=2))
     apply_preset(cfg)
@@ -244,7 +244,7 @@ def test_eval_reads_a_large_local_dataset_through_arrow(tmp_path):
     """Memory for 20,000 examples stays that of a few (Arrow is memory-mapped), not of the file."""
     import tracemalloc
 
-    from longsum.data import load_examples
+    from longsum.data.datasets import load_examples
 
     path = tmp_path / "big.jsonl"
     with open(path, "w") as f:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from longsum.train import TrainConfig, load_config_file
+from longsum.commands.train import TrainConfig, load_config_file
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
@@ -187,7 +187,7 @@ def test_transformers_fills_every_auto_of_the_deepspeed_config():
 
 
 def test_lsg_doc_covers_every_config_key():
-    from longsum.lsg.common import LSG_DEFAULTS
+    from longsum.model.lsg.common import LSG_DEFAULTS
 
     doc = (ROOT / "docs" / "lsg.md").read_text()
     missing = [key for key in LSG_DEFAULTS if key != "base_model_prefix" and f"`{key}`" not in doc]
@@ -198,7 +198,7 @@ def test_lsg_doc_covers_every_config_key():
 
 
 def test_example_docs_are_exactly_the_three_documents():
-    from longsum.inputs import DEFAULT_GLOB, list_folder
+    from longsum.data.inputs import DEFAULT_GLOB, list_folder
 
     docs = EXAMPLES / "docs"
     assert {p.name for p in docs.iterdir()} == EXAMPLE_DOCS

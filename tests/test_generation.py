@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longsum.generation import GenerationOptions, Summarizer, keep_freed_memory
+from longsum.model.generation import GenerationOptions, Summarizer, keep_freed_memory
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_every_document(tiny_lsg_bart, tokenizer, monkeypatch):
@@ -48,7 +48,7 @@ def test_one_failing_document_does_not_take_its_batch_down(tiny_lsg_bart, tokeni
 # left freed heap memory that a big block is then served from, whatever the mmap threshold.
 _MALLOC_PROBE = """
 import ctypes, json
-from longsum.generation import keep_freed_memory
+from longsum.model.generation import keep_freed_memory
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -92,7 +92,7 @@ def test_keep_freed_memory_applies_on_linux_glibc():
 
 def test_a_prefix_is_truncated_exactly_like_the_whole_text(tiny_lsg_bart, tokenizer, tmp_path):
     """Only a prefix of each document is read and tokenized; the ids are those of the whole text."""
-    from longsum.inputs import StringText, read_text_file
+    from longsum.data.inputs import StringText, read_text_file
     from tests.conftest import CORPUS
 
     summarizer = Summarizer(tiny_lsg_bart(), tokenizer, GenerationOptions(max_source_length=64))
@@ -144,7 +144,7 @@ def test_min_new_tokens_above_max_new_tokens_is_refused():
 def test_a_model_minimum_gives_way_to_a_shorter_maximum_you_chose():
     from transformers import GenerationConfig
 
-    from longsum.generation import resolve_generation_kwargs
+    from longsum.model.generation import resolve_generation_kwargs
 
     model_config = GenerationConfig(min_new_tokens=100, max_new_tokens=300)
     # --max-new-tokens 64 alone: the model's minimum of 100 would force every summary to 64 tokens.
@@ -156,7 +156,7 @@ def test_a_model_minimum_gives_way_to_a_shorter_maximum_you_chose():
 
 
 def test_linear_layers_are_packed_once_for_a_whole_run(tiny_lsg_bart, tokenizer, monkeypatch):
-    from longsum import decoding
+    from longsum.model import decoding
 
     model, real, seen = tiny_lsg_bart(), decoding.generate, []
 
@@ -190,7 +190,7 @@ def test_22_13_a_source_length_past_the_position_table_is_refused_up_front(token
     from transformers import GenerationConfig
 
     from longsum.errors import LongsumError
-    from longsum.generation import resolve_settings
+    from longsum.model.generation import resolve_settings
 
     config = SimpleNamespace(model_type=model_type, **positions)
     ok = resolve_settings(config, GenerationConfig(), tokenizer, GenerationOptions(max_source_length=1024))
@@ -204,8 +204,8 @@ def test_22_13_a_source_length_past_the_position_table_is_refused_up_front(token
 
 
 def test_22_13_summarize_refuses_a_source_length_past_the_positions_before_any_output(tmp_path, tiny_model_dir):
+    from longsum.commands.summarize import SummarizeConfig, run
     from longsum.errors import LongsumError
-    from longsum.summarize import SummarizeConfig, run
 
     (tmp_path / "a.txt").write_text("A short document.")
     out = tmp_path / "out.jsonl"
@@ -220,8 +220,8 @@ def test_22_13_summarize_refuses_a_source_length_past_the_positions_before_any_o
 def test_a_lost_device_stops_the_run_instead_of_failing_every_later_document(tiny_lsg_bart, tokenizer, monkeypatch):
     """A sticky device error (a CUDA device-side assert poisons the context) stops the run with one line
     saying to rerun; the failing batch gets no error record, so the rerun summarizes it."""
-    from longsum import generation
     from longsum.errors import DeviceLostError
+    from longsum.model import generation
 
     summarizer = Summarizer(tiny_lsg_bart(), tokenizer, GenerationOptions(batch_size=1, max_new_tokens=2))
     real, calls = summarizer._generate, []
@@ -246,7 +246,7 @@ def test_a_lost_device_stops_the_run_instead_of_failing_every_later_document(tin
 
 
 def test_an_ordinary_failure_on_a_working_device_is_one_documents_error(tiny_lsg_bart, tokenizer, monkeypatch):
-    from longsum import generation
+    from longsum.model import generation
 
     probed = []
     monkeypatch.setattr(generation, "device_lost", lambda device: probed.append(str(device)))  # works: None
@@ -259,7 +259,7 @@ def test_an_ordinary_failure_on_a_working_device_is_one_documents_error(tiny_lsg
 
 
 def test_the_device_probe():
-    from longsum.generation import device_lost
+    from longsum.model.generation import device_lost
 
     assert device_lost("cpu") is None  # a CPU cannot be poisoned
     # A device whose tensors cannot be brought back (here meta, which holds no data) counts as lost.
@@ -269,7 +269,7 @@ def test_the_device_probe():
 def test_compile_reaches_decoding_and_is_part_of_the_identity_only_when_on(tiny_lsg_bart, tokenizer, monkeypatch):
     """--compile is passed to decoding.generate, and is in the settings a result file's identity compares
     only when on (so outputs written before the option existed still resume)."""
-    from longsum import decoding
+    from longsum.model import decoding
 
     calls = []
     monkeypatch.setattr(decoding, "compiled_generate", lambda model, ids, mask, **kw: calls.append(tuple(ids.shape)))

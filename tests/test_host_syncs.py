@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from longsum import longt5
-from longsum.lsg import LSGBartForConditionalGeneration, attention
-from longsum.lsg.attention import LSGSpec, lsg_attention
-from longsum.tiny import tiny_lsg_bart_config
+from longsum.model import longt5
+from longsum.model.lsg import LSGBartForConditionalGeneration, attention
+from longsum.model.lsg.attention import LSGSpec, lsg_attention
+from longsum.model.tiny import tiny_lsg_bart_config
 from tests.test_longt5 import batch, build, pair
 
 # aten ops that make the host wait for the device (their overload packet names).

@@ -10,8 +10,7 @@ import tracemalloc
 
 import pytest
 
-from longsum.errors import LongsumError
-from longsum.inputs import (
+from longsum.data.inputs import (
     CSV_FIELD_LIMIT,
     DocumentError,
     FileText,
@@ -21,6 +20,7 @@ from longsum.inputs import (
     plan_inputs,
     read_text_file,
 )
+from longsum.errors import LongsumError
 
 
 def documents(*inputs, **kwargs):
@@ -86,7 +86,7 @@ def test_csv_with_huge_fields_and_malformed_rows(tmp_path):
 
 
 def test_csv_field_limit_is_reported_not_fatal(tmp_path, monkeypatch):
-    monkeypatch.setattr("longsum.inputs.CSV_FIELD_LIMIT", 1000)
+    monkeypatch.setattr("longsum.data.inputs.CSV_FIELD_LIMIT", 1000)
     path = tmp_path / "t.csv"
     path.write_text('id,text\nx,"' + "y" * 5000 + '"\nz,fine\n')
     docs = documents(path)
@@ -282,7 +282,7 @@ def test_22_7_summarize_writes_records_for_bad_names_and_surrogates(tmp_path, ti
     from typer.testing import CliRunner
 
     from longsum.cli import app
-    from longsum.store import read_records
+    from longsum.data.store import read_records
 
     root = os.fsencode(tmp_path)
     os.mkdir(root + b"/docs")
@@ -339,7 +339,7 @@ def test_22_8_devices_are_error_records_and_files_are_read_to_the_limit(tmp_path
     assert [d.key for d in docs] == [("/dev/zero", None), ("/dev/urandom", None)]
     path = tmp_path / "big.txt"
     path.write_bytes(b"word " * 300_000)  # 1.5 MB
-    monkeypatch.setattr("longsum.inputs.MAX_DOCUMENT_BYTES", 1 << 20)
+    monkeypatch.setattr("longsum.data.inputs.MAX_DOCUMENT_BYTES", 1 << 20)
     text = read_text_file(path).text
     assert text.read(1000) == ("word " * 200, False)
     with pytest.raises(DocumentError, match=r"^document larger than 1 MB \(LONGSUM_MAX_DOCUMENT_MB\)$"):
@@ -372,8 +372,8 @@ def _own_files_by_the_store(out):
     """The files longsum itself makes beside the output `out`, made by the functions that make them (so
     a name changed there is a name this test looks for): sidecar, lock, part file, the leftovers of
     a compaction and of the sidecar's atomic write that a killed run leaves."""
-    from longsum import store
-    from longsum.distributed import part_path
+    from longsum.data import store
+    from longsum.data.distributed import part_path
 
     made = []
 
@@ -444,7 +444,7 @@ def test_22_12_summarize_into_an_input_folder_resumes(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 
     from longsum.cli import app
-    from longsum.store import read_records
+    from longsum.data.store import read_records
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -606,7 +606,7 @@ def test_22_15d_a_header_is_split_where_it_has_the_most_fields(tmp_path):
 def test_22_15e_ids_keep_their_json_view_and_their_key(tmp_path):
     """`true` and `{"a":1}` are not Python's `True` and `{'a': 1}`: a record carries the id as the input
     has it, and the key of the record as written and read back is the document's (a rerun finds it done)."""
-    from longsum.store import record_key, to_json_line
+    from longsum.data.store import record_key, to_json_line
 
     src = write_jsonl(tmp_path / "r.jsonl", ['{"id": true, "text": "t"}', '{"id": {"a": 1}, "text": "t"}',
                                              '{"id": [1, "x"], "text": "t"}', '{"id": 1.5, "text": "t"}',
@@ -655,7 +655,7 @@ def test_22_15_summarize_gzip_broken_links_and_json_ids(tmp_path, tiny_model_dir
     from typer.testing import CliRunner
 
     from longsum.cli import app
-    from longsum.store import read_records
+    from longsum.data.store import read_records
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -9,7 +9,7 @@ import torch
 from transformers import LongT5Config, LongT5ForConditionalGeneration
 from transformers.models.longt5 import modeling_longt5 as stock
 
-from longsum import longt5
+from longsum.model import longt5
 from tests.conftest import enable_checkpointing, input_dependent
 from tests.helpers import T5_DIMS, T5_OWN_TOKENS
 
@@ -158,7 +158,7 @@ def test_chunks_bound_the_mask():
 
 
 def test_load_model_uses_longsum_attention_unless_stock(tmp_path, tokenizer):
-    from longsum.models import load_model
+    from longsum.model.checkpoint import load_model
 
     model = build("transient-global", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(tmp_path)

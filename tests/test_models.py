@@ -78,7 +78,7 @@ def test_import_longsum_has_no_side_effects_and_register_is_explicit(tmp_path):
 
     code = (
         "import sys, longsum; assert 'torch' not in sys.modules and 'transformers' not in sys.modules;"
-        "import transformers; from transformers import AutoConfig; assert 'longsum.lsg' not in sys.modules;"
+        "import transformers; from transformers import AutoConfig; assert 'longsum.model.lsg' not in sys.modules;"
         "longsum.register(); print(AutoConfig.for_model('lsg_bart').__class__.__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -215,7 +215,7 @@ def test_bad_task_and_dtype():
 
 
 def test_auto_device_and_dtype_on_cpu():
-    from longsum.models import resolve_device, resolve_dtype
+    from longsum.model.checkpoint import resolve_device, resolve_dtype
 
     if not torch.cuda.is_available():
         assert resolve_device("auto") == "cpu"
@@ -235,7 +235,7 @@ def test_cuda_bf16_load_and_generate():
 
 def test_the_registry_and_the_lsg_classes_agree():
     """One table (longsum.registry) drives load_model, convert and the CLI: the classes match it."""
-    from longsum.lsg import LSG_FAMILIES
+    from longsum.model.lsg import LSG_FAMILIES
     from longsum.registry import FAMILIES, TASKS
 
     assert set(LSG_FAMILIES) == set(FAMILIES)

@@ -18,8 +18,8 @@ import torch
 import transformers as tf
 from transformers.models.longt5 import modeling_longt5 as stock
 
-from longsum import decoding, longt5
-from longsum.generation import GenerationOptions, Summarizer
+from longsum.model import decoding, longt5
+from longsum.model.generation import GenerationOptions, Summarizer
 from tests import helpers
 from tests.conftest import CORPUS, input_dependent
 
@@ -29,8 +29,8 @@ BART_DIMS = {**helpers.BART_DIMS, **helpers.NO_DROPOUT, **helpers.BART_TOKENS}
 
 
 def _lsg_bart(vocab):
-    from longsum.lsg import LSGBartForConditionalGeneration
-    from longsum.tiny import tiny_lsg_bart_config
+    from longsum.model.lsg import LSGBartForConditionalGeneration
+    from longsum.model.tiny import tiny_lsg_bart_config
 
     return LSGBartForConditionalGeneration(tiny_lsg_bart_config(vocab, 1024, block_size=8, sparse_block_size=8))
 

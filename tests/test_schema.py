@@ -1,4 +1,4 @@
-"""The output schemas in code (`longsum.schema`) against their documentation (docs/eval-results.md,
+"""The output schemas in code (`longsum.data.schema`) against their documentation (docs/eval-results.md,
 README) and against real outputs of `longsum eval` and `longsum summarize` (issue 25, item 6)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from longsum import schema
 from longsum.cli import app
-from longsum.generation import Result
-from longsum.store import read_records
+from longsum.data import schema
+from longsum.data.store import read_records
+from longsum.model.generation import Result
 from tests.conftest import CORPUS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_results_table_matches_the_typeddict():
 
 
 def test_results_schema_name_is_the_one_written():
-    from longsum.evaluation import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
+    from longsum.commands.evaluation import RESULTS_SCHEMA, RESULTS_SCHEMA_VERSION
 
     assert typing.get_args(hints(schema.EvalResults)["schema"]) == (RESULTS_SCHEMA,)
     assert DOC.splitlines()[0].endswith(f"schema version {RESULTS_SCHEMA_VERSION}")
@@ -129,7 +129,7 @@ def test_prediction_records_documented_match_the_typeddicts():
     text = " ".join(DOC.split())
     m = re.search(r"`predictions\.jsonl` beside it holds one record per example generated: (?P<base>.*?), then "
                   r"(?P<scored>.*?); or, where its generation failed, (?P<failed>.*?) in their place", text)  # fmt: skip
-    assert m, "the predictions.jsonl sentence of docs/eval-results.md changed: update this test and longsum.schema"
+    assert m, "the predictions.jsonl sentence of docs/eval-results.md changed: update this test and longsum.data.schema"
     base, scored, failed = (set(names(m.group(g))) for g in ("base", "scored", "failed"))
     assert keys(schema.Prediction) == (base | scored, set())
     assert keys(schema.FailedPrediction) == (base | failed, set())
@@ -155,7 +155,7 @@ def test_summary_records_documented_match_the_typeddicts():
 
 
 def test_schema_module_imports_no_torch():
-    code = "import sys, longsum.schema; sys.exit('torch' in sys.modules)"
+    code = "import sys, longsum.data.schema; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -172,7 +172,7 @@ def test_the_checker_reports_extra_missing_and_mistyped_keys():
 
 
 def test_a_failed_prediction_record_follows_the_schema():
-    from longsum.evaluation import prediction_record
+    from longsum.commands.evaluation import prediction_record
 
     record = prediction_record("ex1", "a reference", Result(error="out of memory"), tokenizer=None)
     assert problems(json.loads(json.dumps(record)), schema.PredictionRecord) == []

@@ -60,8 +60,8 @@ def build(name: str, **lsg):
     """(model with longsum's attention, ids, mask) for one of MODELS, on CPU."""
     torch.manual_seed(0)
     if name == "lsg_bart":
-        from longsum.lsg import LSGBartForConditionalGeneration
-        from longsum.tiny import tiny_lsg_bart_config
+        from longsum.model.lsg import LSGBartForConditionalGeneration
+        from longsum.model.tiny import tiny_lsg_bart_config
 
         settings = {"block_size": 16, "sparse_block_size": 16, **lsg}
         model = LSGBartForConditionalGeneration(tiny_lsg_bart_config(300, 1024, **settings))
@@ -71,7 +71,7 @@ def build(name: str, **lsg):
     else:
         from transformers import LongT5Config, LongT5ForConditionalGeneration
 
-        from longsum import longt5
+        from longsum.model import longt5
 
         kind = {"longt5_local": "local", "longt5_tglobal": "transient-global"}[name]
         config = LongT5Config(vocab_size=300, **T5_DIMS, dropout_rate=0.0, **T5_OWN_TOKENS, local_radius=3,
@@ -84,7 +84,7 @@ def build(name: str, **lsg):
 
 def run_model(name: str, decode: bool = True, **lsg) -> dict:
     """The encoder (and beam decoding) on CPU and on the stand-in device, and what the stand-in saw."""
-    from longsum import decoding
+    from longsum.model import decoding
     from tests import standin_device as sd
 
     cpu_model, ids, mask = build(name, **lsg)
@@ -120,7 +120,7 @@ def run_model(name: str, decode: bool = True, **lsg) -> dict:
 
 def planted_mismatches() -> dict:
     """Bugs of the kind the stand-in is for: each must be recorded and raised."""
-    from longsum.lsg import attention
+    from longsum.model.lsg import attention
     from tests import standin_device as sd
 
     facts = {}
@@ -236,7 +236,7 @@ def allowed_ops() -> dict:
 def swallowed_mismatch() -> dict:
     """A mismatch inside code that catches errors (decoding.generate falls back to stock generate
     when its fast path fails) must still be reported: here the fast n-gram blocker gets a CPU mask."""
-    from longsum import decoding
+    from longsum.model import decoding
     from tests import standin_device as sd
 
     original = decoding.NoRepeatNGram.__call__
@@ -334,7 +334,7 @@ def test_planted_cpu_tensor_fails_the_mismatch_check(report, case):
 def test_planted_cpu_block_index_fails_in_the_lsg_encoder(report):
     facts = report["planted_mismatches"]["lsg_block_index_on_cpu"]
     assert facts["error"] is not None and facts["error"].startswith("DeviceMismatch")
-    assert any("longsum/lsg/attention.py" in site for site in facts["mismatches"]), facts["mismatches"]
+    assert any("longsum/model/lsg/attention.py" in site for site in facts["mismatches"]), facts["mismatches"]
 
 
 @pytest.mark.parametrize("kind", ["item", "branch", "equal", "nonzero", "mask_index", "to_host"])

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from longsum.data.store import PartWriter, ResultStore, compact, read_records, sidecar_for
 from longsum.errors import LongsumError
-from longsum.store import PartWriter, ResultStore, compact, read_records, sidecar_for
 
 IDENTITY = {"model_fingerprint": "abc", "num_beams": 4, "generation": {"max_new_tokens": 8}}
 
@@ -105,7 +105,7 @@ def test_compaction_drops_what_it_is_told_and_is_atomic(tmp_path):
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     path = tmp_path / "out.jsonl"
     first = ResultStore(path, IDENTITY)
-    code = ("import sys; from longsum.store import ResultStore\n"
+    code = ("import sys; from longsum.data.store import ResultStore\n"
             "try:\n    ResultStore(sys.argv[1], {'model_fingerprint': 'abc', 'num_beams': 4, "
             "'generation': {'max_new_tokens': 8}})\nexcept Exception as e:\n    print(e)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True).stdout
@@ -289,7 +289,7 @@ def test_22_7_a_record_with_a_lone_surrogate_is_written_and_found_done_again(tmp
 
 
 def test_22_10_an_output_that_cannot_be_emptied_keeps_the_sidecar_of_its_records(tmp_path, monkeypatch):
-    import longsum.store
+    import longsum.data.store
 
     path = tmp_path / "out.jsonl"
     fill(path, [{"id": "a", "summary": "s"}])
@@ -300,7 +300,7 @@ def test_22_10_an_output_that_cannot_be_emptied_keeps_the_sidecar_of_its_records
             raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(longsum.store, "open", refusing_open, raising=False)
+    monkeypatch.setattr(longsum.data.store, "open", refusing_open, raising=False)
     other = {**IDENTITY, "num_beams": 2}
     with pytest.raises(LongsumError, match="cannot write to .*Permission denied"):
         ResultStore(path, other, overwrite=True)

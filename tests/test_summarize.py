@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from longsum.cli import app
-from longsum.store import read_records
+from longsum.data.store import read_records
 from tests.conftest import CORPUS
 from tests.helpers import run_longsum
 
@@ -177,7 +177,7 @@ def test_chunking_a_document_longer_than_the_model(tmp_path, tiny_model_dir):
 
 
 def test_sentence_windows_fit_and_overlap(tokenizer):
-    from longsum.text import sentence_windows
+    from longsum.data.text import sentence_windows
 
     text = document(80)
     windows = list(sentence_windows(text, tokenizer, 256))  # overlap budget ~25 tokens: one sentence
@@ -435,8 +435,8 @@ def test_a_rerun_naming_the_inputs_differently_skips_what_is_done(tmp_path, tiny
 def test_a_lost_device_stops_summarize_and_the_rerun_finishes(tmp_path, tiny_model_dir, monkeypatch):
     """After a sticky device error the run stops (exit 2, one line); no document gets an error record
     for it, and the rerun of the same command summarizes exactly the ones left."""
-    from longsum import generation
     from longsum.errors import DeviceLostError
+    from longsum.model import generation
 
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text(document(2 + i, seed=i))

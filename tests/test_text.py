@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from longsum import text as text_module
-from longsum.text import SEGMENT_CHARS, segments, sentence_windows, split_sentences
+from longsum.data import text as text_module
+from longsum.data.text import SEGMENT_CHARS, segments, sentence_windows, split_sentences
 from tests.conftest import CORPUS
 
 

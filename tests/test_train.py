@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from longsum.commands.train import TrainConfig, load_config_file, run
 from longsum.errors import LongsumError
-from longsum.train import TrainConfig, load_config_file, run
 from tests.helpers import run_longsum
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -149,7 +149,7 @@ def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path, tiny_model
 
 
 def test_eval_steps_on_a_local_file_hold_out_rows_instead_of_reusing_training_rows(tmp_path, data):
-    from longsum.train import _datasets
+    from longsum.commands.train import _datasets
 
     cfg = TrainConfig(model="unused", dataset=str(data), output_dir=str(tmp_path), eval_steps=2, eval_limit=100)
     train, held = _datasets(cfg)
@@ -212,13 +212,13 @@ def _no_package(monkeypatch, name: str) -> None:
 def test_22_settings_bad_trainer_values_are_refused_before_loading(tmp_path, monkeypatch, settings, message):
     from transformers.integrations import integration_utils
 
-    import longsum.models
+    import longsum.model.checkpoint
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ds.json").write_text('{"train_batch_size": 8}')
     monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: False)
     _no_package(monkeypatch, "deepspeed")
-    monkeypatch.setattr(longsum.models, "load_model", _not_loaded)
+    monkeypatch.setattr(longsum.model.checkpoint, "load_model", _not_loaded)
     out = tmp_path / "run"
     cfg = TrainConfig(model=str(tmp_path / "no-model"), dataset=str(tmp_path / "no-data.jsonl"), output_dir=str(out),
                       **settings)  # fmt: skip
@@ -274,7 +274,7 @@ def test_22_run_folder_every_setting_is_classified():
     """A new TrainConfig field must be declared run-defining or changeable on --resume."""
     import dataclasses
 
-    from longsum.train import RESUMABLE_SETTINGS, RUN_SETTINGS
+    from longsum.commands.train import RESUMABLE_SETTINGS, RUN_SETTINGS
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     classified = [*RUN_SETTINGS, *RESUMABLE_SETTINGS, "model", "dataset", "training_args"]
@@ -289,7 +289,7 @@ def _base(model, data, out, **more):
 def test_22_run_folder_new_run_into_a_run_is_refused_and_overwrite_removes_only_trains_files(
     tmp_path, tiny_model_dir, data, monkeypatch
 ):
-    import longsum.models
+    import longsum.model.checkpoint
 
     out = tmp_path / "run"
     run(TrainConfig(**_base(tiny_model_dir, data, out)))
@@ -298,8 +298,8 @@ def test_22_run_folder_new_run_into_a_run_is_refused_and_overwrite_removes_only_
     log_before = (out / "train_log.jsonl").read_bytes()
     weights = (out / "final" / "model.safetensors").read_bytes()
 
-    real_load = longsum.models.load_model
-    monkeypatch.setattr(longsum.models, "load_model", _not_loaded)  # refusals come before any loading
+    real_load = longsum.model.checkpoint.load_model
+    monkeypatch.setattr(longsum.model.checkpoint, "load_model", _not_loaded)  # refusals come before any loading
     with pytest.raises(LongsumError, match=r"already holds a training run \(checkpoint-2, final, train_config.json, "
                                            r"train_log.jsonl, \.\.\.\): use --resume to continue it, or --overwrite / "
                                            r"another --output-dir"):  # fmt: skip
@@ -314,7 +314,7 @@ def test_22_run_folder_new_run_into_a_run_is_refused_and_overwrite_removes_only_
         run(TrainConfig(**_base(tiny_model_dir, data, foreign, overwrite=True)))
     assert sorted(p.name for p in foreign.iterdir()) == ["checkpoint-3", "final"]
 
-    monkeypatch.setattr(longsum.models, "load_model", real_load)
+    monkeypatch.setattr(longsum.model.checkpoint, "load_model", real_load)
     (out / "notes.txt").write_text("mine")
     run(TrainConfig(**_base(tiny_model_dir, data, out, learning_rate=1e-3, overwrite=True)))
     assert (out / "notes.txt").read_text() == "mine"
@@ -325,8 +325,8 @@ def test_22_run_folder_new_run_into_a_run_is_refused_and_overwrite_removes_only_
 
 def test_22_run_folder_resume_refuses_another_model_data_or_hyperparameters(tmp_path, tiny_model_dir, data,
                                                                             monkeypatch, capsys):  # fmt: skip
-    import longsum.models
-    from longsum.tiny import build_tiny_lsg_bart
+    import longsum.model.checkpoint
+    from longsum.model.tiny import build_tiny_lsg_bart
 
     out = tmp_path / "run"
     run(TrainConfig(**_base(tiny_model_dir, data, out)))
@@ -336,8 +336,8 @@ def test_22_run_folder_resume_refuses_another_model_data_or_hyperparameters(tmp_
     other_data = tmp_path / "other.jsonl"
     other_data.write_text(data.read_text().replace("alpha", "omega"))
 
-    real_load = longsum.models.load_model
-    monkeypatch.setattr(longsum.models, "load_model", _not_loaded)
+    real_load = longsum.model.checkpoint.load_model
+    monkeypatch.setattr(longsum.model.checkpoint, "load_model", _not_loaded)
     resume = dict(resume="auto", max_steps=4)
     cases = [
         (dict(model=str(other_model)), rf"another model or data \(--model {tiny_model_dir} then \(weights \w+\), "
@@ -357,7 +357,7 @@ def test_22_run_folder_resume_refuses_another_model_data_or_hyperparameters(tmp_
 
     # What may change: how long it runs, evaluation (on its own data), saving and logging. The lines a
     # killed run logged after its last checkpoint are not kept beside the resumed run's.
-    monkeypatch.setattr(longsum.models, "load_model", real_load)
+    monkeypatch.setattr(longsum.model.checkpoint, "load_model", real_load)
     with open(out / "train_log.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
     moved = tmp_path / "moved.jsonl"

@@ -113,8 +113,8 @@ sanity() {
 import sys, time
 import torch
 from longsum import decoding
-from longsum.lsg import LSGBartForConditionalGeneration
-from longsum.tiny import tiny_lsg_bart_config
+from longsum.model.lsg import LSGBartForConditionalGeneration
+from longsum.model.tiny import tiny_lsg_bart_config
 device = sys.argv[1]
 torch.manual_seed(0)
 model = LSGBartForConditionalGeneration(tiny_lsg_bart_config(300, 1024)).eval()

@@ -90,7 +90,7 @@ def qkv(b, h, n, d, lengths, seed=0):
 
 @part("1. LSG attention on the device vs CPU float32 (b=2, one padded; 12 heads x 64; 1+4096 tokens)")
 def correctness(device, quick):
-    from longsum.lsg.attention import LSGSpec, lsg_attention
+    from longsum.model.lsg.attention import LSGSpec, lsg_attention
 
     n = 1 + (1024 if quick else 4096)
     out = {}
@@ -121,7 +121,7 @@ def correctness(device, quick):
 
     from transformers import LongT5Config, LongT5EncoderModel
 
-    from longsum.longt5 import use_longsum_attention
+    from longsum.model.longt5 import use_longsum_attention
 
     nan = {}
     for kind in ("local", "transient-global"):
@@ -170,7 +170,7 @@ def lsg_model(length, device, dtype, layers=6):
     """LSG-BART at bart-base size (decode_speed.py's BASE), random weights, on `device` in `dtype`."""
     from decode_speed import BASE
 
-    from longsum.lsg import LSGBartConfig, LSGBartForConditionalGeneration
+    from longsum.model.lsg import LSGBartConfig, LSGBartForConditionalGeneration
 
     torch.manual_seed(0)
     config = LSGBartConfig(**{**BASE, "encoder_layers": layers, "decoder_layers": layers},
@@ -182,7 +182,7 @@ def lsg_model(length, device, dtype, layers=6):
 
 @part("2. host syncs on the device (torch.cuda.set_sync_debug_mode), LSG-BART base bf16, 4,096 tokens")
 def syncs(device, quick):
-    from longsum import decoding
+    from longsum.model import decoding
 
     if device != "cuda":
         print("  skipped: needs CUDA")
@@ -224,9 +224,9 @@ def syncs(device, quick):
 
 def attention_row(q, k, v, mask, spec, device) -> dict:
     """One length of part 3: ms per call of each kernel (and flex's compile time and error)."""
-    import longsum.lsg.attention as A
-    from longsum.lsg.attention import lsg_attention
-    from longsum.lsg.flex import flex_lsg_attention
+    import longsum.model.lsg.attention as A
+    from longsum.model.lsg.attention import lsg_attention
+    from longsum.model.lsg.flex import flex_lsg_attention
 
     row = {}
     with torch.no_grad():
@@ -252,7 +252,7 @@ def attention_row(q, k, v, mask, spec, device) -> dict:
 
 @part("3. LSG attention alone, b=1, 12 heads x 64, bf16 (median of 10, CUDA events): ms")
 def attention_speed(device, quick, lengths):
-    from longsum.lsg.attention import LSGSpec
+    from longsum.model.lsg.attention import LSGSpec
 
     rows = RESULTS["attention_ms"] = {}
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -267,7 +267,7 @@ def attention_speed(device, quick, lengths):
 
 @part("4. decoding, beams 4: decoding.generate eager vs compile=True (4,096 tokens, 32 new; --quick 1,024, 8)")
 def compiled_decode(device, quick):
-    from longsum import decoding
+    from longsum.model import decoding
 
     n, new = (1024, 8) if quick else (4096, 32)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from longsum.errors import LSGConfigError
-from longsum.lsg.attention import SPARSE_SELECTORS, LSGSpec, block_index, compress, lsg_attention
+from longsum.model.lsg.attention import SPARSE_SELECTORS, LSGSpec, block_index, compress, lsg_attention
 
 ATOL64 = 1e-10
 
@@ -208,7 +208,7 @@ def test_padded_rows_equal_rows_alone(sparsity_type):
 
 def test_chunked_gather_is_exact(monkeypatch):
     """Processing blocks a few at a time (bounded memory) changes nothing."""
-    import longsum.lsg.attention as attention
+    import longsum.model.lsg.attention as attention
 
     spec = LSGSpec(block_size=8, sparse_block_size=8, sparsity_factor=2)
     q, k, v, mask = qkv_mask(n=1 + 96, lengths=[70])
@@ -302,7 +302,7 @@ def test_block_index_cached_under_inference_mode_still_trains():
 def test_norm_selection_in_half_precision_picks_the_keys_fp32_picks(dtype):
     """Issue 23.1: the norms are ranked in fp32, so half-precision inputs keep the keys that fp32
     keeps on the same (rounded) inputs; ranked in bf16, near-ties flipped (~1% of outputs moved)."""
-    from longsum.lsg.attention import select_norm
+    from longsum.model.lsg.attention import select_norm
 
     spec = LSGSpec(block_size=16, sparse_block_size=16, sparsity_factor=4, sparsity_type="norm")
     _, k, v, mask = qkv_mask(b=2, h=4, n=256, d=64, seed=3, dtype=torch.float32, lengths=[256, 200])

@@ -15,16 +15,16 @@ from transformers.models.bart import modeling_bart as bart
 from transformers.models.bert import modeling_bert as bert
 
 from longsum.errors import LSGConfigError
-from longsum.lsg import common, kernels
-from longsum.lsg.attention import lsg_attention
-from longsum.lsg.bart import LSGBartAttention, LSGBartConfig, LSGBartForConditionalGeneration
-from longsum.lsg.bert import LSGBertConfig, LSGBertModel, LSGBertSelfAttention
-from longsum.lsg.common import LSGSelfAttention
-from longsum.lsg.flex import flex_lsg_attention
-from longsum.lsg.kernels import ATTN_IMPLEMENTATION_KERNELS, LSG_KERNELS, kernel_name, select_kernel
-from longsum.lsg.mbart import LSGMBartAttention
-from longsum.lsg.pegasus import LSGPegasusAttention
-from longsum.lsg.roberta import LSGRobertaSelfAttention, LSGXLMRobertaSelfAttention
+from longsum.model.lsg import common, kernels
+from longsum.model.lsg.attention import lsg_attention
+from longsum.model.lsg.bart import LSGBartAttention, LSGBartConfig, LSGBartForConditionalGeneration
+from longsum.model.lsg.bert import LSGBertConfig, LSGBertModel, LSGBertSelfAttention
+from longsum.model.lsg.common import LSGSelfAttention
+from longsum.model.lsg.flex import flex_lsg_attention
+from longsum.model.lsg.kernels import ATTN_IMPLEMENTATION_KERNELS, LSG_KERNELS, kernel_name, select_kernel
+from longsum.model.lsg.mbart import LSGMBartAttention
+from longsum.model.lsg.pegasus import LSGPegasusAttention
+from longsum.model.lsg.roberta import LSGRobertaSelfAttention, LSGXLMRobertaSelfAttention
 from tests.conftest import random_ids
 from tests.lsg.test_models import SMALL
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.models.bart import modeling_bart as bart
 
-from longsum.lsg import LSG_FAMILIES, LSGBartConfig, LSGBartForConditionalGeneration
+from longsum.model.lsg import LSG_FAMILIES, LSGBartConfig, LSGBartForConditionalGeneration
 from tests.conftest import random_ids
 
 SEQ2SEQ = dict(

@@ -18,8 +18,8 @@ from transformers import (
 from transformers.masking_utils import create_bidirectional_mask
 
 from longsum.errors import InputTooLongError, LSGConfigError
-from longsum.lsg.bert import LSGBertConfig, LSGBertForMaskedLM, LSGBertForSequenceClassification, LSGBertModel
-from longsum.lsg.roberta import (
+from longsum.model.lsg.bert import LSGBertConfig, LSGBertForMaskedLM, LSGBertForSequenceClassification, LSGBertModel
+from longsum.model.lsg.roberta import (
     LSGRobertaConfig,
     LSGRobertaForMaskedLM,
     LSGRobertaForSequenceClassification,

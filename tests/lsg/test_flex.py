@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_attention_module
 
-from longsum import decoding
-from longsum.lsg import flex as lsg_flex_module
-from longsum.lsg.attention import LSGSpec, intended_sparse_offsets, lsg_attention, sparse_offsets
-from longsum.lsg.flex import (
+from longsum.model import decoding
+from longsum.model.lsg import flex as lsg_flex_module
+from longsum.model.lsg.attention import LSGSpec, intended_sparse_offsets, lsg_attention, sparse_offsets
+from longsum.model.lsg.flex import (
     KV_TILE,
     Q_TILE,
     block_mask,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longsum.lsg import (
+from longsum.model.lsg import (
     LSGMBartConfig,
     LSGMBartForConditionalGeneration,
     LSGPegasusConfig,
     LSGPegasusForConditionalGeneration,
 )
-from longsum.lsg.common import padding_mask
+from longsum.model.lsg.common import padding_mask
 from tests.conftest import random_ids
 
 PAD, EOS = 1, 2

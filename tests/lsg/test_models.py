@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longsum.errors import InputTooLongError, LSGConfigError
-from longsum.lsg import (
+from longsum.model.lsg import (
     LSGBartConfig,
     LSGBartForSequenceClassification,
     LSGMBartConfig,

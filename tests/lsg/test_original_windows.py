@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from longsum.errors import LSGConfigError
-from longsum.lsg import LSGBartConfig, LSGBartForConditionalGeneration
-from longsum.lsg.attention import LSGSpec, block_index, compress, lsg_attention
-from longsum.lsg.common import needs_original_windows
+from longsum.model.lsg import LSGBartConfig, LSGBartForConditionalGeneration
+from longsum.model.lsg.attention import LSGSpec, block_index, compress, lsg_attention
+from longsum.model.lsg.common import needs_original_windows
 from tests.conftest import LSG_REF
 from tests.lsg.test_attention import naive_lsg, qkv_mask
 
@@ -298,8 +298,8 @@ def write_config(folder, **changes):
 
 
 def test_loader_sets_original_windows_for_original_checkpoints(tmp_path, capsys, monkeypatch):
-    from longsum import models
-    from longsum.models import load_config
+    from longsum.model import checkpoint as models
+    from longsum.model.checkpoint import load_config
 
     monkeypatch.setattr(models, "_SAID", set())  # said once per process: start afresh
     folder = write_config(tmp_path / "orig", block_size=16, sparse_block_size=4)  # model_type "bart"
@@ -314,8 +314,8 @@ def test_loaded_original_checkpoint_runs_with_original_windows(tmp_path, capsys,
     and the loader says so once (per process, however often a command reads the config)."""
     import shutil
 
-    from longsum import models
-    from longsum.models import load_model
+    from longsum.model import checkpoint as models
+    from longsum.model.checkpoint import load_model
 
     monkeypatch.setattr(models, "_SAID", set())  # other tests in this process may have said it already
 
@@ -343,7 +343,7 @@ def test_loaded_original_checkpoint_runs_with_original_windows(tmp_path, capsys,
     ids=["longsum-format", "agreeing-settings", "explicit-key"],
 )
 def test_loader_keeps_intended_windows(tmp_path, capsys, changes):
-    from longsum.models import load_config
+    from longsum.model.checkpoint import load_config
 
     _, config = load_config(write_config(tmp_path / "ckpt", **changes))
     assert config.sparse_windows == "intended"

@@ -3,7 +3,7 @@
 rouge1/rouge2/rougeL/rougeLsum F-measures (x100) with `use_stemmer=True`, from Google's
 `rouge-score` package directly (`evaluate.load("rouge")` downloads a script from the Hub, so it
 fails offline; it wraps the same package). rougeLsum needs one sentence per line, so predictions
-and references are split with an offline splitter first (`longsum.text.SENTENCE_SPLITTER`).
+and references are split with an offline splitter first (`longsum.data.text.SENTENCE_SPLITTER`).
 The corpus score is the mean over examples, with a seeded bootstrap 95% interval.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from longsum.text import SENTENCE_SPLITTER, split_sentences
+from longsum.data.text import SENTENCE_SPLITTER, split_sentences
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRIC_RECIPE = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PegasusConfig
 from transformers.models.pegasus import modeling_pegasus as pegasus
 
-from longsum.lsg.common import (
+from longsum.model.lsg.common import (
     LSGAttentionMixin,
     LSGConfigMixin,
     LSGEncoderMixin,

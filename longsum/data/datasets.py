@@ -3,7 +3,7 @@
 Data stays in Arrow (memory-mapped by `datasets`), never in Python lists: a 400 MB local file costs
 a few MB of memory. Hub datasets load with `datasets` (parquet data, no loading scripts: datasets 5
 no longer runs them); local JSONL / CSV / parquet / JSON files are streamed once through
-`longsum.inputs`' row readers into an Arrow cache (rebuilt when the file changes). Without network
+`longsum.data.inputs`' row readers into an Arrow cache (rebuilt when the file changes). Without network
 access only Hub datasets already in the local cache load.
 
 Each example is (id, text, reference). An example that cannot be scored (no document, a missing
@@ -270,7 +270,7 @@ def content_identity(data: EvalData) -> dict:
 
 
 def _local_rows_raw(path: Path):
-    from longsum.inputs import DocumentError, iter_rows
+    from longsum.data.inputs import DocumentError, iter_rows
 
     if path.suffix.lower() == ".json":
         yield from _json_rows(path)
@@ -286,7 +286,7 @@ def _json_rows(path: Path):
     with open(path, encoding="utf-8-sig") as f:
         head = f.read(1 << 16).lstrip()
     if not head.startswith("["):
-        from longsum.inputs import jsonl_rows
+        from longsum.data.inputs import jsonl_rows
 
         yield from jsonl_rows(path)
         return

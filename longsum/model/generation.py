@@ -23,11 +23,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from longsum.data.inputs import DocumentError, StringText, Text
+from longsum.data.text import sentence_windows
 from longsum.errors import DeviceLostError, LongsumError, describe
-from longsum.inputs import DocumentError, StringText, Text
 from longsum.registry import LONG_INPUT_MODES, UNBOUNDED_POSITIONS
 from longsum.settings import check, setting
-from longsum.text import sentence_windows
 
 GENERATION = "Generation"  # the help panel of these options
 # Used when neither the command line nor the model's generation_config sets a value.
@@ -246,9 +246,9 @@ def resolve_settings(config, generation_config, tokenizer, options: GenerationOp
 def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: str) -> RunSettings:
     """`resolve_settings` for a checkpoint plus the dtype it will run in, without its weights.
 
-    `checkpoint` is a `longsum.models.Checkpoint` (a run's, resolved once), or a name to resolve.
+    `checkpoint` is a `longsum.model.checkpoint.Checkpoint` (a run's, resolved once), or a name to resolve.
     """
-    from longsum.models import Checkpoint, resolve, resolve_device, resolve_dtype
+    from longsum.model.checkpoint import Checkpoint, resolve, resolve_device, resolve_dtype
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = resolve(checkpoint)
@@ -258,7 +258,7 @@ def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: st
 
 class Summarizer:
     """Summaries for many documents with one model; see the module docstring. Batches decode with
-    `longsum.decoding.generate` (stock generate's decoding, keys/values shared between beams; on CPU
+    `longsum.model.decoding.generate` (stock generate's decoding, keys/values shared between beams; on CPU
     oneDNN's linear layers unless `options.exact`).
 
     `settings` (from `resolve_settings`) may be passed when already resolved; by default they
@@ -283,12 +283,12 @@ class Summarizer:
     def summarize(self, items: Iterable[tuple[object, Text | str]]) -> Iterator[tuple[object, Result]]:
         """(key, result) for each of the (key, text) pairs of `items`, as each document finishes.
 
-        `items` is consumed lazily, one window at a time; a text is a `str` or a `longsum.inputs.Text`
+        `items` is consumed lazily, one window at a time; a text is a `str` or a `longsum.data.inputs.Text`
         (read only as far as needed). A text that cannot be read gets a Result with its `error`.
-        On CPU the linear layers are packed for oneDNN (`longsum.decoding.packed_linears`) once for the
+        On CPU the linear layers are packed for oneDNN (`longsum.model.decoding.packed_linears`) once for the
         whole run, not once per batch: the packing time is paid once.
         """
-        from longsum.decoding import linear_kernels
+        from longsum.model.decoding import linear_kernels
 
         with linear_kernels(self.model, self.run_settings.exact):
             for window in self._windows(items):
@@ -453,7 +453,7 @@ class Summarizer:
     def _generate(self, batch_ids: list[list[int]]) -> list[str]:
         import torch
 
-        from longsum.decoding import generate
+        from longsum.model.decoding import generate
 
         batch = {"input_ids": [ids.tolist() for ids in batch_ids]}
         inputs = self.tokenizer.pad(batch, return_tensors="pt").to(self.model.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import MBartConfig
 from transformers.models.mbart import modeling_mbart as mbart
 
-from longsum.lsg.common import (
+from longsum.model.lsg.common import (
     LSGAttentionMixin,
     LSGConfigMixin,
     LSGEncoderMixin,

@@ -1,6 +1,6 @@
 """LSG attention (docs/lsg.md) as one FlexAttention call over a static block mask.
 
-Same contract and results as `longsum.lsg.attention.lsg_attention`; only the computation differs:
+Same contract and results as `longsum.model.lsg.attention.lsg_attention`; only the computation differs:
 * Global queries attend to every key: one dense SDPA call, as in the blocked kernel.
 * Ordinary queries go through one `flex_attention` call over keys laid out
   `[tokens (t) | compressed (t/f) | globals (G)]`. Tokens come first so that LSG's blocks line up with
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from longsum.errors import describe
-from longsum.lsg.attention import LSGSpec, blocks_and_globals, compress, lsg_attention, sparse_offsets
+from longsum.model.lsg.attention import LSGSpec, blocks_and_globals, compress, lsg_attention, sparse_offsets
 
 try:  # torch >= 2.5; the kernel steps aside without it
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -250,7 +250,7 @@ def _why_not(q, k, v, spec: LSGSpec, dropout_p: float) -> str | None:
 
 
 def _step_aside(reason: str) -> None:
-    from longsum.decoding import step_aside  # lazy: decoding imports the models, which import this module
+    from longsum.model.decoding import step_aside  # lazy: decoding imports the models, which import this module
 
     step_aside("LSG flex attention", f"{reason} (LSG's blocked SDPA kernel)")
 

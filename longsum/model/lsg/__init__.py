@@ -11,18 +11,18 @@ from __future__ import annotations
 import transformers
 from transformers import AutoConfig
 
-from longsum.lsg.attention import SPARSE_SELECTORS, SPARSITY_TYPES, LSGSpec, lsg_attention
-from longsum.lsg.bart import (
+from longsum.model.lsg.attention import SPARSE_SELECTORS, SPARSITY_TYPES, LSGSpec, lsg_attention
+from longsum.model.lsg.bart import (
     LSGBartConfig,
     LSGBartForConditionalGeneration,
     LSGBartForSequenceClassification,
     LSGBartModel,
 )
-from longsum.lsg.bert import LSGBertConfig, LSGBertForMaskedLM, LSGBertForSequenceClassification, LSGBertModel
-from longsum.lsg.common import LSG_DEFAULTS
-from longsum.lsg.mbart import LSGMBartConfig, LSGMBartForConditionalGeneration, LSGMBartModel
-from longsum.lsg.pegasus import LSGPegasusConfig, LSGPegasusForConditionalGeneration, LSGPegasusModel
-from longsum.lsg.roberta import (
+from longsum.model.lsg.bert import LSGBertConfig, LSGBertForMaskedLM, LSGBertForSequenceClassification, LSGBertModel
+from longsum.model.lsg.common import LSG_DEFAULTS
+from longsum.model.lsg.mbart import LSGMBartConfig, LSGMBartForConditionalGeneration, LSGMBartModel
+from longsum.model.lsg.pegasus import LSGPegasusConfig, LSGPegasusForConditionalGeneration, LSGPegasusModel
+from longsum.model.lsg.roberta import (
     LSGRobertaConfig,
     LSGRobertaForMaskedLM,
     LSGRobertaForSequenceClassification,

@@ -2,7 +2,7 @@
 
 Outputs in `--output-dir`:
 * `predictions.jsonl`: one record per scored example (id, prediction, reference, per-example
-  scores), written as examples finish; a `longsum.store.ResultStore` with `run.json` as its
+  scores), written as examples finish; a `longsum.data.store.ResultStore` with `run.json` as its
   sidecar, so a rerun resumes only with the same data, model weights and output-changing settings,
   and retries examples whose record is an error;
 * `results.json`: metrics with bootstrap intervals, what was left out of the scores and why, the
@@ -25,9 +25,9 @@ from typing import Any
 
 from longsum import errors
 from longsum.console import alert, log, note, stdout_console
+from longsum.data.schema import EvalResults, ModelIdentity, PredictionRecord
 from longsum.errors import LongsumError
-from longsum.generation import GenerationOptions, Result
-from longsum.schema import EvalResults, ModelIdentity, PredictionRecord
+from longsum.model.generation import GenerationOptions, Result
 from longsum.settings import Action, Command, RunDtype, device_setting, dtype_setting, model_setting, setting
 
 SHOWN_EXCLUDED_IDS = 20  # ids of left-out examples listed in results.json
@@ -68,7 +68,7 @@ def default_output_dir(cfg: EvalConfig) -> Path:
 
 def apply_preset(cfg: EvalConfig) -> dict:
     """Fill unset generation options from the dataset's published preset; returns what was used."""
-    from longsum.generation import minimum_gives_way
+    from longsum.model.generation import minimum_gives_way
     from longsum.registry import DATASET_ALIASES
 
     preset = dict(DATASET_ALIASES[cfg.dataset].preset) if cfg.dataset in DATASET_ALIASES else {}
@@ -82,7 +82,7 @@ def apply_preset(cfg: EvalConfig) -> dict:
 
 
 def model_identity(checkpoint) -> ModelIdentity:
-    """What results.json says of the model (`checkpoint`: the run's `longsum.models.Checkpoint`)."""
+    """What results.json says of the model (`checkpoint`: the run's `longsum.model.checkpoint.Checkpoint`)."""
     return {"name": checkpoint.name, "resolved": checkpoint.resolved, "path": str(checkpoint.folder),
             "model_type": checkpoint.model_type, "fingerprint": checkpoint.fingerprint}  # fmt: skip
 
@@ -109,8 +109,8 @@ class _EvalRun:
     """One eval run as it goes: what it was given and resolved, then what generation did."""
 
     cfg: EvalConfig
-    checkpoint: Any  # the run's `longsum.models.Checkpoint`
-    data: Any  # `longsum.data.EvalData`
+    checkpoint: Any  # the run's `longsum.model.checkpoint.Checkpoint`
+    data: Any  # `longsum.data.datasets.EvalData`
     plan: _Plan
     out_dir: Path
     preset: dict  # the generation options the dataset's preset filled in
@@ -126,12 +126,13 @@ class _EvalRun:
 
 
 def run(cfg: EvalConfig) -> int:
-    from longsum import __version__, distributed
-    from longsum.data import content_identity, load_examples
-    from longsum.driver import Tally, summaries
-    from longsum.generation import plan_settings
-    from longsum.models import resolve
-    from longsum.provenance import now
+    from longsum import __version__
+    from longsum.commands.driver import Tally, summaries
+    from longsum.data import distributed
+    from longsum.data.datasets import content_identity, load_examples
+    from longsum.data.provenance import now
+    from longsum.model.checkpoint import resolve
+    from longsum.model.generation import plan_settings
 
     started, t0 = now(), time.perf_counter()
     comparison = check_config(cfg)  # what is wrong with the command fails before any data or model is read
@@ -233,7 +234,7 @@ def _report_plan(cfg, data, plan, predictions) -> None:
 
 def prediction_record(ex_id: str, reference: str, result: Result, tokenizer) -> PredictionRecord:
     """One example's record in predictions.jsonl (docs/eval-results.md): its prediction and scores, or its error."""
-    from longsum.metrics import score_pair
+    from longsum.data.metrics import score_pair
 
     if result.error:
         return {"id": ex_id, "reference": reference, "error": result.error}
@@ -245,8 +246,8 @@ def prediction_record(ex_id: str, reference: str, result: Result, tokenizer) -> 
 
 def _score(ev: _EvalRun) -> int:
     """Score the run's predictions, write results.json, print the table; the exit code."""
-    from longsum.metrics import ROUGE_TYPES, aggregate
-    from longsum.store import latest_records
+    from longsum.data.metrics import ROUGE_TYPES, aggregate
+    from longsum.data.store import latest_records
 
     cfg, plan, predictions = ev.cfg, ev.plan, ev.predictions
 
@@ -293,8 +294,8 @@ def results_record(ev: _EvalRun, *, metrics, examples: int, failed: int, tokens:
                    truncated: int) -> EvalResults:  # fmt: skip
     """results.json (docs/eval-results.md): `examples` scored, `failed`, and the `tokens`, `words` and
     `truncated` inputs of the scored predictions."""
-    from longsum.metrics import METRIC_RECIPE
-    from longsum.provenance import now, provenance
+    from longsum.data.metrics import METRIC_RECIPE
+    from longsum.data.provenance import now, provenance
 
     plan, gen_stats = ev.plan, ev.throughput
 
@@ -329,7 +330,7 @@ def results_record(ev: _EvalRun, *, metrics, examples: int, failed: int, tokens:
 
 def _write_results(path: Path, results: dict) -> Path | None:
     """Write results.json; an earlier one is renamed `results.<its finish time>.json`, never overwritten."""
-    from longsum.store import write_json_atomic
+    from longsum.data.store import write_json_atomic
 
     kept = None
     if path.exists():
@@ -394,7 +395,7 @@ mean over examples with a seeded bootstrap 95% interval. Hub datasets need the H
 
 def list_datasets() -> None:
     """`longsum eval --list`: the dataset aliases, their columns and presets."""
-    from longsum.data import list_aliases
+    from longsum.data.datasets import list_aliases
 
     for entry in list_aliases():
         print(f"{entry['alias']:<10} {entry['hub_id']} [{entry['config']}] {entry['text_column']} -> "

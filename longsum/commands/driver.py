@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from longsum.console import log, note
-from longsum.generation import GenerationOptions, Result, RunSettings
-from longsum.inputs import Text
+from longsum.data.inputs import Text
+from longsum.model.generation import GenerationOptions, Result, RunSettings
 
 
 @dataclass
@@ -37,7 +37,7 @@ def summaries(checkpoint, options: GenerationOptions, settings: RunSettings, ite
     """(payload, result) for each (payload, text) of `items`, as each finishes, summarized with
     `checkpoint`'s model (loaded here, once) under `settings`; `tally` counts them. `main`: this
     process reports (the first rank under a launcher). Stopping early (closing the generator) is fine."""
-    from longsum.generation import Summarizer, keep_freed_memory
+    from longsum.model.generation import Summarizer, keep_freed_memory
 
     model, tokenizer = checkpoint.load(device, dtype)
     if model.device.type == "cpu":

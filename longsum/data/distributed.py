@@ -2,7 +2,7 @@
 
 Every rank reads the same inputs and takes every `world`-th pending document; each writes its own
 part file (`<output>.part<rank>`). Rank 0 alone opens the real output (checks, lock, resume state:
-`longsum.store.ResultStore`) and, at the end, appends the parts to it and compacts it. Part files
+`longsum.data.store.ResultStore`) and, at the end, appends the parts to it and compacts it. Part files
 left behind by a crashed run are folded in at the next start, so nothing is lost or duplicated.
 A check that fails on rank 0 fails on every rank (`Dist.agree`), so no rank waits forever.
 
@@ -165,14 +165,14 @@ def _part_records(part: Path):
 
     Raises NotOurs at a complete line that is not a record.
     """
-    from longsum.store import scan
+    from longsum.data.store import scan
 
     return (record for _, _, record in scan(part, first=2) if record is not None)  # (None: a torn last line)
 
 
 def _mergeable(part: Path, identity: dict) -> bool:
     """Is `part` ours, of `identity`, and every line after its header a record?"""
-    from longsum.store import NotOurs
+    from longsum.data.store import NotOurs
 
     kind, found = _part_header(part)
     if kind != "ours" or found != identity:
@@ -211,7 +211,7 @@ def _tidy_parts(store, output: Path, ranks: int, overwrite: bool, other: str) ->
 
 
 def _tidy(store, output: Path, ranks: int, overwrite: bool, other: str) -> None:
-    from longsum.store import identity_difference
+    from longsum.data.store import identity_difference
 
     identity = _plain(store.identity)
     stale: list[Path] = []
@@ -242,10 +242,10 @@ def _tidy(store, output: Path, ranks: int, overwrite: bool, other: str) -> None:
 
 
 class _PartWriter:
-    """This rank's part file: its header first, then the records (`longsum.store.PartWriter`)."""
+    """This rank's part file: its header first, then the records (`longsum.data.store.PartWriter`)."""
 
     def __init__(self, path: Path, identity: dict):
-        from longsum.store import PartWriter
+        from longsum.data.store import PartWriter
 
         self._writer = PartWriter(path)  # rank 0 made sure nothing but an empty file stood there
         self._writer.write({"format": PART_FORMAT, "format_version": PART_FORMAT_VERSION, "identity": identity})
@@ -286,7 +286,7 @@ class Results:
 def open_results(output: str, identity: dict, dist: Dist, *, info: dict, overwrite: bool = False,
                  sidecar: Path | None = None, other: str = "another --output") -> Results:  # fmt: skip
     """Open `output` for this run on every rank (see the module docstring)."""
-    from longsum.store import ResultStore, statuses
+    from longsum.data.store import ResultStore, statuses
 
     kwargs = {"info": info, "overwrite": overwrite, "sidecar": sidecar, "other": other}
     if dist.world == 1:

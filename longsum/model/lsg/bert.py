@@ -30,7 +30,7 @@ from transformers.models.bert import modeling_bert as bert
 from transformers.utils.output_capturing import capture_outputs
 
 from longsum.errors import LSGConfigError
-from longsum.lsg.common import (
+from longsum.model.lsg.common import (
     MAX_GLOBAL_TOKENS,
     LSGConfigMixin,
     LSGSelfAttention,

@@ -19,7 +19,7 @@ How it is computed, and why:
 
 The sparse selectors (how the compressed sequence is built) are small functions in
 `SPARSE_SELECTORS`, chosen by name. This file's `lsg_attention` is one kernel (how the whole pattern is
-computed); `longsum.lsg.kernels` lists them all and picks one per attention module from the config.
+computed); `longsum.model.lsg.kernels` lists them all and picks one per attention module from the config.
 
 Sparse windows (`LSGSpec.sparse_windows`): "intended" reads the `sbs` compressed positions just
 left and just right of a block's local window, as docs/lsg.md says. The original code computes those

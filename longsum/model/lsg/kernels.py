@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 
 from longsum.errors import LSGConfigError
-from longsum.lsg.attention import LSGSpec, lsg_attention
-from longsum.lsg.flex import flex_lsg_attention
+from longsum.model.lsg.attention import LSGSpec, lsg_attention
+from longsum.model.lsg.flex import flex_lsg_attention
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, LSGSpec, float], torch.Tensor]
 

@@ -33,8 +33,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from longsum.errors import InputTooLongError
-from longsum.lsg.attention import LSGSpec, intended_sparse_offsets, original_sparse_offsets
-from longsum.lsg.kernels import select_kernel
+from longsum.model.lsg.attention import LSGSpec, intended_sparse_offsets, original_sparse_offsets
+from longsum.model.lsg.kernels import select_kernel
 from longsum.registry import LSG_DEFAULTS, MAX_GLOBAL_TOKENS  # noqa: F401  (re-exported)
 
 
@@ -79,17 +79,12 @@ def needs_original_windows(config) -> bool:
 def build_once(init):
     """Decorator for an LSG model's `__init__`: every part is allocated and initialised once.
 
-    The stock `__init__`s build their children before the LSG classes replace them
-    (`BartForConditionalGeneration` builds a stock `BartModel`, which builds a stock encoder, whose
-    layers build stock self-attention...): built for real, a bart-base-sized LSG model allocated and
-    initialised its encoder three times, its decoder twice and a vocabulary-sized embedding seven
-    times. Under this decorator the `__init__` runs on the meta device (no memory, no init: replaced
-    parts cost a few Python objects), then the finished model gets real storage once (`to_empty`)
-    and is initialised once by transformers' `init_weights` (each module's `_init_weights`, then the
-    weight tying; tied copies are not drawn): what `from_pretrained` does, which builds on meta too.
-    Nested LSG models and `from_pretrained` (already on meta) leave the materialising to the
-    outermost call. Under DeepSpeed ZeRO-3, whose `zero.Init` partitions parameters as they are
-    created (`from_pretrained` then builds off meta), the `__init__` runs as it is.
+    Why: the stock `__init__`s build their children before the LSG classes replace them, so a
+    model built for real allocated and initialised its encoder several times. The `__init__` runs
+    on the meta device, then the finished model gets storage once (`to_empty`) and transformers'
+    `init_weights` (as `from_pretrained`, which builds on meta too). Nested LSG models and
+    `from_pretrained` leave this to the outermost call; under DeepSpeed ZeRO-3 (`zero.Init`
+    partitions parameters as they are created) the `__init__` runs as it is.
     """
 
     @functools.wraps(init)

@@ -66,8 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from longsum.data.store import record_key
 from longsum.errors import LongsumError
-from longsum.store import record_key
 
 DEFAULT_GLOB = "*.txt,*.md"
 TEXT_FIELDS = ("text", "article")  # record fields tried for the text, in order, without --text-field
@@ -440,7 +440,7 @@ class Document:
     @property
     def key(self) -> tuple:
         """What identifies this document in the output, on every rerun: the key that the store makes
-        of its record (`longsum.store.record_key`), so a rerun finds it done, whatever the id's type."""
+        of its record (`longsum.data.store.record_key`), so a rerun finds it done, whatever the id's type."""
         record = {"id": self.id, "path": self.path}
         if self.source is not None:
             record["source"] = self.source
@@ -760,7 +760,7 @@ def _matches(relative: str, name: str, patterns: list[str]) -> bool:
 def _own_name(name: str, output: str) -> bool:
     """Is `name` the output file's name `output` or that of a file longsum keeps beside it?
 
-    Those files (their names are made in `longsum.store` and `longsum.distributed`; the test
+    Those files (their names are made in `longsum.data.store` and `longsum.data.distributed`; the test
     `test_22_12_every_file_beside_the_output_is_left_out` checks them against those functions):
     OUTPUT, OUTPUT.run.json (the sidecar), OUTPUT.lock, OUTPUT.part<N> (a launched run's part files),
     .OUTPUT.<PID>.compact (compaction) and .OUTPUT.run.json.<PID>.tmp (the sidecar's atomic write).
@@ -786,7 +786,7 @@ def output_files(output: str | None) -> Callable[[str], bool]:
     that the --glob matches (`summarize docs/ --glob '*' -o docs/out.jsonl`) is left out alike on the
     first run, when it does not exist yet, and on every rerun, which then resumes. They are looked
     for beside the output as named and beside the file it links to (where a symlinked output's
-    sidecar, lock and part files are, `longsum.store.ResultStore`). None or `-`: nothing is.
+    sidecar, lock and part files are, `longsum.data.store.ResultStore`). None or `-`: nothing is.
     """
     if not output or output == "-":
         return lambda real: False

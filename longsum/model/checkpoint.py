@@ -160,8 +160,8 @@ def _model_class(config_dict: dict[str, Any], task: str):
     """(class, config) for an LSG checkpoint, or (Auto class, None) for a stock one."""
     model_type = str(config_dict.get("model_type", ""))
     if is_lsg_config(config_dict):
-        from longsum.lsg import LSG_DEFAULTS, LSG_FAMILIES, lsg_family
-        from longsum.lsg.common import needs_original_windows
+        from longsum.model.lsg import LSG_DEFAULTS, LSG_FAMILIES, lsg_family
+        from longsum.model.lsg.common import needs_original_windows
 
         family = lsg_family(model_type)
         if family is None:
@@ -272,7 +272,7 @@ class Checkpoint:
             kwargs["generation_config"] = self.generation_config
         model = load_weights(self.model_class, self.folder, config=self.config, **kwargs)
         if attention == "longsum" and self.config.model_type == "longt5":
-            from longsum.longt5 import use_longsum_attention
+            from longsum.model.longt5 import use_longsum_attention
 
             use_longsum_attention(model)
         model.to(device).eval()
@@ -294,7 +294,7 @@ def resolve(name_or_path: str | os.PathLike, task: str = "seq2seq", *, revision:
 
     from transformers import AutoConfig
 
-    from longsum.lsg import register_auto_classes
+    from longsum.model.lsg import register_auto_classes
 
     register_auto_classes()  # longsum's own checkpoints name the lsg_* model types
 
@@ -432,7 +432,7 @@ def load_model(
         dtype: "auto" (bf16 on CUDA that supports it, else fp32), "fp32", "bf16" or "fp16".
         revision: Hub revision (branch, tag or commit) for Hub ids.
         attn_implementation: transformers attention backend for the stock parts ("sdpa" default).
-        attention: "longsum" runs LongT5 encoders with longsum's attention (`longsum.longt5`: the
+        attention: "longsum" runs LongT5 encoders with longsum's attention (`longsum.model.longt5`: the
             same numbers in bounded memory, several times faster at 16k); "stock" keeps transformers'.
 
     Returns:

@@ -1,10 +1,10 @@
 """`longsum summarize`: files, folders, stdin or records in; one JSON line per document out.
 
-Inputs are streamed (`longsum.inputs`): memory grows with the batch, not the corpus. Every input
+Inputs are streamed (`longsum.data.inputs`): memory grows with the batch, not the corpus. Every input
 document ends with exactly one record in the output, keyed by (`source`, `id`) (see
-`longsum.inputs` for how keys are made unique and stable). Records are flushed as documents finish.
+`longsum.data.inputs` for how keys are made unique and stable). Records are flushed as documents finish.
 
-The output is a `longsum.store.ResultStore`: rerunning into it skips documents already summarized
+The output is a `longsum.data.store.ResultStore`: rerunning into it skips documents already summarized
 and retries those whose record is an error (the newer record replaces the error); it must have been
 written by the same model weights and output-changing settings (else a one-line refusal naming the
 difference); a file longsum did not write is never touched; a second concurrent run is refused.
@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from longsum.console import alert, log, note
-from longsum.errors import LongsumError
-from longsum.generation import GenerationOptions, Result
-from longsum.inputs import (
+from longsum.data.inputs import (
     DEFAULT_GLOB,
     Document,
     InputPlan,
@@ -32,8 +30,10 @@ from longsum.inputs import (
     plan_inputs,
     printable,
 )
+from longsum.data.schema import SummaryRecord
+from longsum.errors import LongsumError
+from longsum.model.generation import GenerationOptions, Result
 from longsum.registry import DEFAULT_MODEL
-from longsum.schema import SummaryRecord
 from longsum.settings import Command, RunDtype, device_setting, dtype_setting, model_setting, setting
 
 
@@ -67,10 +67,11 @@ def _check_output_is_not_an_input(output: str, plan: InputPlan) -> None:
 
 def run(cfg: SummarizeConfig) -> int:
     """Summarize `cfg.inputs` into `cfg.output`; returns the exit code (1 if any document failed)."""
-    from longsum import __version__, distributed
-    from longsum.driver import Tally, summaries
-    from longsum.generation import plan_settings
-    from longsum.models import resolve
+    from longsum import __version__
+    from longsum.commands.driver import Tally, summaries
+    from longsum.data import distributed
+    from longsum.model.checkpoint import resolve
+    from longsum.model.generation import plan_settings
 
     # A missing path, or nothing at all to read: error now. The output's own files are left out of
     # folders (a rerun must see the inputs the first run saw); named as an input, the output is refused.
@@ -137,7 +138,7 @@ class _ToDo:
     def stale(self, record: dict) -> bool:
         """An error record of a record file read whole in this run, for a key it no longer has (a
         fixed line now has its own id): the document it was about has this run's record."""
-        from longsum.store import is_failure, record_key
+        from longsum.data.store import is_failure, record_key
 
         sources = {printable(str(path)) for kind, path in self.plan.items if kind == "records"}  # as records name them
         return is_failure(record) and record.get("source") in sources and record_key(record) not in self.seen

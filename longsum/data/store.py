@@ -53,7 +53,7 @@ Key = tuple  # (source or None, id)
 
 def record_key(record: dict) -> Key:
     """(resolved file path, id) of a record from a record file; (path, None) of a text file's
-    record; (None, id) of stdin, pipes and eval examples. See `longsum.inputs`."""
+    record; (None, id) of stdin, pipes and eval examples. See `longsum.data.inputs`."""
     path = record.get("path")
     if path is None:
         return (None, str(record["id"]))
@@ -412,7 +412,7 @@ class ResultStore:
                                f"{self.other}")  # fmt: skip
 
     def _start_fresh(self, info: dict) -> None:
-        from longsum.provenance import now
+        from longsum.data.provenance import now
 
         created = not self.path.exists()
         # Empty the file before the new sidecar is written: the other way round, a file that cannot be

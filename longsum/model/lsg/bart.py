@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import BartConfig
 from transformers.models.bart import modeling_bart as bart
 
-from longsum.lsg.common import (
+from longsum.model.lsg.common import (
     LSGAttentionMixin,
     LSGConfigMixin,
     LSGEncoderMixin,

@@ -36,7 +36,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 500, model_max_lengt
 
 def tiny_lsg_bart_config(vocab_size: int, max_positions: int = 4096, **lsg):
     """A 2+2-layer LSG-BART config (d_model 32); `lsg` overrides LSG keys."""
-    from longsum.lsg import LSGBartConfig
+    from longsum.model.lsg import LSGBartConfig
 
     settings = {"block_size": 32, "sparse_block_size": 32, "sparsity_factor": 2, **lsg}
     return LSGBartConfig(
@@ -66,7 +66,7 @@ def build_tiny_lsg_bart(
     """(model, tokenizer) for an untrained tiny LSG-BART; saved to `out_dir` when given."""
     import torch
 
-    from longsum.lsg import LSGBartForConditionalGeneration
+    from longsum.model.lsg import LSGBartForConditionalGeneration
 
     tokenizer = build_tokenizer(texts, model_max_length=max_positions)
     torch.manual_seed(seed)

@@ -263,7 +263,7 @@ def use_longsum_attention(model) -> int:
     modules = [module for module in model.modules() if type(module) in ATTENTION_CLASSES]
     for kind in {type(module) for module in modules}:
         if (why := differs(kind)) is not None:
-            from longsum.decoding import step_aside
+            from longsum.model.decoding import step_aside
 
             step_aside("longsum's LongT5 attention", f"{why} (transformers' own modules)")
             return 0

@@ -303,7 +303,7 @@ def global_embeddings(positions: torch.Tensor, tokens: torch.Tensor, bos_id: int
 # ------------------------------------------------------------------------------------ convert
 def convert(source: str, output_dir: str | Path | None = None, options: ConvertOptions | None = None) -> ConvertReport:
     """Convert `source` (folder, Hub id or alias) and write the result to `output_dir`."""
-    from longsum.models import is_lsg_config, locate, read_config, resolve_name
+    from longsum.model.checkpoint import is_lsg_config, locate, read_config, resolve_name
 
     options = options or ConvertOptions()
     start = time.perf_counter()
@@ -352,7 +352,7 @@ def convert(source: str, output_dir: str | Path | None = None, options: ConvertO
 def _check_tokenizer_files(folder: Path) -> None:
     """Refuse a source without tokenizer files: transformers would build a tokenizer of special tokens
     only, and every document summarized with the converted model would then be an empty document."""
-    from longsum.models import _TOKENIZER_FILES
+    from longsum.model.checkpoint import _TOKENIZER_FILES
 
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise LongsumError(f"{folder} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}): copy them "
@@ -363,7 +363,7 @@ def _check_tokenizer_files(folder: Path) -> None:
 def _load_tokenizer(folder: Path):
     """The source's tokenizer, refused when it has no vocabulary beyond its special tokens (a
     tokenizer_config.json without the vocabulary file it names loads as such a tokenizer)."""
-    from longsum.models import load_tokenizer
+    from longsum.model.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(folder)
     if not set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids):
@@ -478,9 +478,9 @@ def _convert_lsg(folder: Path, config: dict, model_type: str, is_lsg: bool, toke
                  options: ConvertOptions) -> ConvertReport:  # fmt: skip
     import torch
 
-    from longsum.lsg import lsg_family
-    from longsum.lsg.attention import LSGSpec
-    from longsum.models import resolve_dtype
+    from longsum.model.checkpoint import resolve_dtype
+    from longsum.model.lsg import lsg_family
+    from longsum.model.lsg.attention import LSGSpec
 
     family, classes = FAMILIES[model_type], lsg_family(model_type)
     if classes is None:
@@ -561,7 +561,7 @@ def _load_source(folder, config, model_type, is_lsg, task, classes):
     import torch
     import transformers
 
-    from longsum.models import _model_class, load_weights
+    from longsum.model.checkpoint import _model_class, load_weights
     from longsum.registry import TASKS
 
     if is_lsg:
@@ -598,7 +598,7 @@ def _convert_t5(folder: Path, config: dict, tokenizer, out: Path, options: Conve
     import torch
     from transformers import LongT5Config, LongT5ForConditionalGeneration, T5ForConditionalGeneration
 
-    from longsum.models import load_weights, resolve_dtype
+    from longsum.model.checkpoint import load_weights, resolve_dtype
 
     source = load_weights(T5ForConditionalGeneration, folder, dtype=torch.float32, trust_remote_code=False).eval()
     c = source.config

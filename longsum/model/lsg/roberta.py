@@ -12,8 +12,8 @@ from transformers import RobertaConfig, XLMRobertaConfig
 from transformers.models.roberta import modeling_roberta as roberta
 from transformers.models.xlm_roberta import modeling_xlm_roberta as xlmr
 
-from longsum.lsg.bert import LSGEmbeddingsMixin, LSGEncoderModelMixin, LSGSelfAttentionMixin
-from longsum.lsg.common import LSGConfigMixin, build_once
+from longsum.model.lsg.bert import LSGEmbeddingsMixin, LSGEncoderModelMixin, LSGSelfAttentionMixin
+from longsum.model.lsg.common import LSGConfigMixin, build_once
 
 
 class _RobertaPositionsMixin:

@@ -153,7 +153,7 @@ HOLDOUT_FRACTION = 0.1  # of a local file's rows, held out for --eval-steps with
 
 
 def _is_local(name: str) -> bool:
-    from longsum.data import LOCAL_SUFFIXES
+    from longsum.data.datasets import LOCAL_SUFFIXES
 
     return Path(name).suffix.lower() in LOCAL_SUFFIXES or Path(name).exists()
 
@@ -161,7 +161,7 @@ def _is_local(name: str) -> bool:
 def _datasets(cfg: TrainConfig):
     """(train EvalData, eval EvalData or None). A local file without --eval-dataset gives up a
     seeded held-out part for evaluation (a file has no validation split; its rows are not trained on)."""
-    from longsum.data import load_examples
+    from longsum.data.datasets import load_examples
 
     train = load_examples(cfg.dataset, cfg.train_split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
                           config=cfg.dataset_config)  # fmt: skip
@@ -217,8 +217,8 @@ def run(cfg: TrainConfig) -> Path:
     import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
-    from longsum.generation import model_max_source_length
-    from longsum.models import load_model
+    from longsum.model.checkpoint import load_model
+    from longsum.model.generation import model_max_source_length
 
     if cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
         raise LongsumError(f"--save-steps ({cfg.save_steps}) must be a multiple of --eval-steps ({cfg.eval_steps}) "
@@ -574,8 +574,8 @@ class RunFolder:
     def start(self) -> None:
         """Record the run (once: a resumed run keeps its record) and drop log lines past the step it
         starts from (what a killed run logged after its last checkpoint would repeat, mixed)."""
-        from longsum.provenance import now
-        from longsum.store import write_json_atomic
+        from longsum.data.provenance import now
+        from longsum.data.store import write_json_atomic
 
         if not self.path.exists():
             write_json_atomic(self.path, {"format": RUN_FORMAT, "format_version": 1, "identity": self.identity,
@@ -604,7 +604,7 @@ class RunFolder:
 
 def run_identity(cfg: TrainConfig) -> dict:
     """What a resumed run must match (JSON values): the model's weights, the training data and RUN_SETTINGS."""
-    from longsum.models import fingerprint
+    from longsum.model.checkpoint import fingerprint
 
     identity = {"model": fingerprint(cfg.model), "dataset": _dataset_identity(cfg.dataset)}
     identity.update({name: getattr(cfg, name) for name in RUN_SETTINGS})
@@ -616,7 +616,7 @@ def run_identity(cfg: TrainConfig) -> dict:
 
 def _dataset_identity(name: str) -> str:
     """A local file by its content (moving it is fine, editing it is not); a Hub dataset by its id."""
-    from longsum.data import _sha256
+    from longsum.data.datasets import _sha256
     from longsum.registry import DATASET_ALIASES
 
     path = Path(name)
@@ -733,7 +733,7 @@ def _wait_for_everyone() -> None:
 def _rouge_metrics(tokenizer):
     import numpy as np
 
-    from longsum.metrics import ROUGE_TYPES, score_pair
+    from longsum.data.metrics import ROUGE_TYPES, score_pair
 
     def compute(eval_pred):
         predictions, labels = eval_pred.predictions, eval_pred.label_ids
