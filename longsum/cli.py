@@ -14,7 +14,7 @@ import typer
 
 from longsum import __version__
 from longsum.commands import convert, evaluation, summarize, train
-from longsum.console import quiet_libraries
+from longsum.console import quiet_libraries, set_verbose
 from longsum.errors import LongsumError
 from longsum.settings import command
 
@@ -42,6 +42,7 @@ def _main(
     """Summarize long documents with LSG, LongT5, LED and other long-context seq2seq models."""
     if not verbose:
         quiet_libraries()
+    set_verbose(verbose)
 
 
 # The commands, each declared in its module (settings, run, help, examples): `longsum.settings.Command`.

@@ -35,6 +35,20 @@ def log(message: str) -> None:
     stderr_console().print(message)
 
 
+_VERBOSE = [False]
+
+
+def set_verbose(on: bool = True) -> None:
+    """`longsum -v`: also print `detail` lines."""
+    _VERBOSE[0] = on
+
+
+def detail(message: str) -> None:
+    """What only `longsum -v` shows (which kernels a run chose, and why)."""
+    if _VERBOSE[0]:
+        stderr_console().print(message)
+
+
 def note(message: str) -> None:
     """Something the user should know (yellow on a terminal)."""
     stderr_console().print(message, style="yellow")

@@ -163,8 +163,21 @@ FEW_ROWS = 8  # query rows per (document, head): beams x new tokens
 FEW_ROWS_MIN_BYTES = 4 << 20  # keys + values of one layer
 
 
+_FEW_ROWS_ON = [True]  # off while a decoding call runs where SDPA measured faster (`few_rows_attention`)
+
+
+@contextmanager
+def few_rows_attention(on: bool):
+    """Use (or not) the few-rows cross-attention while decoding (`longsum.model.cpu.kernel_choice` decides)."""
+    saved, _FEW_ROWS_ON[0] = _FEW_ROWS_ON[0], on
+    try:
+        yield
+    finally:
+        _FEW_ROWS_ON[0] = saved
+
+
 def _few_rows_wins(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
-    return (query.device.type == "cpu" and query.dtype == torch.float32 and query.shape[2] <= FEW_ROWS
+    return (_FEW_ROWS_ON[0] and query.device.type == "cpu" and query.dtype == torch.float32 and query.shape[2] <= FEW_ROWS
             and not kwargs.get("dropout") and 2 * key.numel() * key.element_size() >= FEW_ROWS_MIN_BYTES)  # fmt: skip
 
 
@@ -439,6 +452,7 @@ def packing_fails() -> str | None:
         with torch.no_grad():
             expected = layer(rows)
             layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_ROWS)
+            layer.pad_to = MIN_ROWS
             got = PackedLinear.forward(layer, rows)
         if not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
             return "oneDNN's packed product differs from F.linear"
@@ -459,8 +473,8 @@ class PackedLinear(torch.nn.Linear):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_out]
         rows = hidden.reshape(-1, hidden.shape[-1])  # [n, d_in]
         n = rows.shape[0]
-        if n < MIN_ROWS:  # greedy decoding of one document: zero rows up to the faster kernel
-            rows = torch.cat([rows, rows.new_zeros(MIN_ROWS - n, rows.shape[1])])  # [MIN_ROWS, d_in]
+        if n < self.pad_to:  # greedy decoding of one document: zero rows up to the faster kernel
+            rows = torch.cat([rows, rows.new_zeros(self.pad_to - n, rows.shape[1])])  # [pad_to, d_in]
         out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), self.packed, self.bias, "none", [], "")
         return out[:n].view(*hidden.shape[:-1], -1)  # [n, d_out] -> [..., d_out]
 
@@ -473,8 +487,11 @@ def _sole_weights(model) -> set[int]:
 
 
 @contextmanager
-def packed_linears(model):
+def packed_linears(model, pad: bool = True):
     """Run every `nn.Linear` of `model` as a `PackedLinear` while decoding (those with float32 CPU weights).
+
+    `pad`: fewer than `MIN_ROWS` rows are zero-padded to `MIN_ROWS` (faster on CPUs where oneDNN
+    multiplies 1-2 rows slowly; `longsum.model.cpu` measures which).
 
     The packed copy replaces the weight while decoding: a weight that nothing else shares is emptied
     on entry and restored bit for bit from the packed copy on exit (`to_dense()`), so only tied
@@ -492,6 +509,7 @@ def packed_linears(model):
         try:
             for module in linears:
                 module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACK_ROWS)
+                module.pad_to = MIN_ROWS if pad else 0
                 module.__class__ = PackedLinear
                 if id(module.weight) in sole:
                     module.weight.data = module.weight.data.new_empty(0)  # the packed copy is the weight now
@@ -511,14 +529,34 @@ def _unpack(linears: list, emptied: set) -> None:
     for module in linears:
         module.__class__ = torch.nn.Linear
         packed = module.__dict__.pop("packed", None)
+        module.__dict__.pop("pad_to", None)
         if module in emptied:
             module.weight.data = packed.to_dense()  # exact: the same values, in torch's layout
         del packed
 
 
-def linear_kernels(model, exact: bool):
-    """The CPU linear kernels to decode with: torch's own (`exact`), else `packed_linears(model)`."""
-    return contextlib.nullcontext() if exact else packed_linears(model)
+_SAID: set[str] = set()
+
+
+@contextmanager
+def linear_kernels(model, exact: bool, rows: int = 1):
+    """The CPU kernels to decode with, for steps of `rows` rows (documents x beams): torch's own
+    (`exact`, or no float32 CPU linear layer), else what `longsum.model.cpu.kernel_choice` measured fastest
+    on this CPU: torch's, `packed_linears(model)` (padded or not), and the few-rows cross-attention or
+    SDPA's. `longsum -v` prints the choice and why, once per process."""
+    if exact or not any(_packable(m) for m in model.modules()):
+        yield
+        return
+    from longsum.console import detail
+    from longsum.model.cpu import kernel_choice
+
+    choice = kernel_choice(rows)
+    if (line := f"CPU kernels, {choice.describe(rows)}") not in _SAID:
+        _SAID.add(line)
+        detail(line)
+    linears = contextlib.nullcontext() if choice.linear == "torch" else packed_linears(model, pad=choice.linear == "packed-padded")
+    with linears, few_rows_attention(choice.few_rows):
+        yield
 
 
 # -- n-gram blocking -------------------------------------------------------------------------------
@@ -636,7 +674,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if compile and (ids := compiled_generate(model, input_ids, attention_mask, **kwargs)) is not None:
                 return ids
             # (a packed head is not sliced: it is no longer an nn.Linear)
-            with linear_kernels(model, exact), sliced_logits(model):
+            rows = input_ids.shape[0] * (kwargs.get("num_beams", model.generation_config.num_beams) or 1)
+            with linear_kernels(model, exact, rows), sliced_logits(model):
                 return _generate(model, input_ids, attention_mask, **kwargs)
         except torch.OutOfMemoryError:
             raise  # the caller halves the batch

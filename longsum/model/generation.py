@@ -290,7 +290,8 @@ class Summarizer:
         """
         from longsum.model.decoding import linear_kernels
 
-        with linear_kernels(self.model, self.run_settings.exact):
+        rows = self.batch_size * (self.run_settings.generate.get("num_beams") or 1)  # a decoding step's
+        with linear_kernels(self.model, self.run_settings.exact, rows):
             for window in self._windows(items):
                 jobs, long_docs, failed = self._prepare(window)
                 del window  # the texts are no longer needed (except those to chunk)

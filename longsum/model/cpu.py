@@ -1,0 +1,286 @@
+"""Which CPU kernels decode fastest on this machine: measured once per CPU model, cached, explained.
+
+Packed oneDNN linear layers (`longsum.model.decoding.PackedLinear`) beat torch's MKL products 1.5-2.7x on a
+decoding step's few rows on an AVX-512 EPYC, but are slower than them for greedy decoding on an
+AVX2-only one: a fast path must look at the machine. `kernel_choice(rows)` says, for a decoding step
+of `rows` rows (documents x beams), which linear kernel to run (`torch`, `packed`, or `packed-padded`:
+packed with the rows zero-padded to `MIN_ROWS`, which oneDNN multiplies faster than 1-2 rows on some
+CPUs) and whether the few-rows cross-attention (`few_rows_eager`) replaces SDPA's, and why.
+
+The choice comes from `calibrate()`: a short run (about a second at one thread) timing both kernels on
+bart-base-sized layers, out of cache, at one representative row count per `ROW_CLASSES` class, and
+the two attentions. Its numbers are cached in `cpu_kernels.json` under the cache folder
+(`LONGSUM_CACHE`, else `$XDG_CACHE_HOME/longsum`, else `~/.cache/longsum`), keyed by the CPU's model
+name, torch's version and the thread count, so a machine measures once. A candidate replaces torch's
+kernel only when it wins by `MARGIN`: the default path is never slower than torch's own kernels by
+more than the measurement's noise. Without measurements (`LONGSUM_CALIBRATE=0`) the choice follows
+the CPU's features (`from_features`). Reset: `python -m longsum.model.cpu --reset` (measures again and
+prints the choice), `reset()` from Python, or delete the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CACHE_FILE = "cpu_kernels.json"
+# Decoding-step rows (documents x beams) -> the class whose measurement decides; the row count timed.
+ROW_CLASSES = {"one": (1, 2, 1), "few": (3, 64, 8), "many": (65, None, 256)}  # class: (low, high, timed)
+LINEAR_KERNELS = ("torch", "packed", "packed-padded")
+MARGIN = 1.05  # a candidate must be this much faster than torch's kernel to replace it
+CALIBRATION_VERSION = 1  # bump when what is measured changes: older entries are measured again
+# Calibration layers: bart-base's feed-forward (768 -> 3,072), enough of them to leave the caches as a
+# decoding step does (8 x 9.4 MB of weights).
+D_MODEL, D_FFN, LAYERS = 768, 3072, 8
+# Cross-attention of the calibration: 12 heads of 64, 4 query rows against 1,024 keys, 6 layers.
+HEADS, HEAD_DIM, KEYS, ATTENTION_LAYERS = 12, 64, 1024, 6
+
+
+# ------------------------------------------------------------------------------------------ the machine
+@dataclass(frozen=True)
+class Features:
+    """What the CPU is: its model name, its flags (/proc/cpuinfo), torch's vector ISA, threads, torch."""
+
+    name: str
+    flags: frozenset[str] = field(default_factory=frozenset)
+    capability: str = ""
+    threads: int = 1
+    torch: str = ""
+
+    @property
+    def key(self) -> str:
+        """The cache key: measurements hold for the same CPU model, torch release and thread count."""
+        return f"{self.name} | torch {self.torch} | {self.threads} threads"
+
+    @property
+    def avx512(self) -> bool:
+        return "avx512f" in self.flags
+
+    @property
+    def vnni(self) -> bool:
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+
+    def summary(self) -> str:
+        isa = "AVX-512" if self.avx512 else "AVX2" if "avx2" in self.flags else self.capability or "?"
+        return f"{self.name} ({isa}{', VNNI' if self.vnni else ''}; torch's kernels: {self.capability})"
+
+
+def features() -> Features:
+    """This machine's `Features` (Linux reads /proc/cpuinfo; elsewhere the name from `platform`)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:  # the first processor's lines
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    flags = frozenset((info.get("flags") or info.get("Features") or "").split())
+    return Features(name=name, flags=flags, capability=torch.backends.cpu.get_cpu_capability(),
+                    threads=torch.get_num_threads(), torch=torch.__version__)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the choice
+@dataclass(frozen=True)
+class Choice:
+    """Kernels for a decoding step's row class: `linear` (one of `LINEAR_KERNELS`), `few_rows`
+    (the few-rows cross-attention), `why` (a sentence), `source` (calibrated/cached/features/forced)."""
+
+    linear: str
+    few_rows: bool
+    why: str
+    source: str
+
+    def describe(self, rows: int) -> str:
+        attention = "few-rows cross-attention" if self.few_rows else "SDPA cross-attention"
+        return f"{rows} rows per step: {self.linear} linear layers, {attention} ({self.source}: {self.why})"
+
+
+def row_class(rows: int) -> str:
+    for name, (low, high, _) in ROW_CLASSES.items():
+        if rows >= low and (high is None or rows <= high):
+            return name
+    return "one"
+
+
+def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
+    """The kernels for `rows` rows per step from calibration milliseconds (deterministic: no timing here).
+
+    `measured`: {"linear": {class: {kernel: ms}}, "attention": {"sdpa": ms, "few_rows": ms}}. A kernel
+    replaces torch's only when `MARGIN` times faster; the few-rows attention likewise replaces SDPA.
+    """
+    cls = row_class(rows)
+    times = measured["linear"][cls]
+    best = min((k for k in LINEAR_KERNELS if k in times), key=lambda k: times[k])
+    linear = best if best != "torch" and times[best] * MARGIN < times["torch"] else "torch"
+    shown = ", ".join(f"{k} {times[k]:.3g} ms" for k in LINEAR_KERNELS if k in times)
+    attention = measured.get("attention", {})
+    few_rows = bool(attention) and attention["few_rows"] * MARGIN < attention["sdpa"]
+    why = f"{ROW_CLASSES[cls][2]} rows timed: {shown}"
+    if attention:
+        why += f"; attention sdpa {attention['sdpa']:.3g} ms, few-rows {attention['few_rows']:.3g} ms"
+    return Choice(linear, few_rows, why, source)
+
+
+def from_features(feat: Features, rows: int) -> Choice:
+    """The choice without measurements: packed oneDNN layers only on AVX-512 (where they were measured
+    faster; padded below `MIN_ROWS` rows), torch's elsewhere; the few-rows attention everywhere."""
+    if feat.avx512:
+        linear = "packed-padded" if row_class(rows) == "one" else "packed"
+        return Choice(linear, True, "AVX-512: packed oneDNN layers (LONGSUM_CALIBRATE=0, not measured)", "features")
+    return Choice("torch", True, "no AVX-512: torch's kernels (LONGSUM_CALIBRATE=0, not measured)", "features")
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def cache_dir() -> Path:
+    if os.environ.get("LONGSUM_CACHE"):
+        return Path(os.environ["LONGSUM_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "longsum"
+
+
+def cache_path() -> Path:
+    return cache_dir() / CACHE_FILE
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(cache_path().read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(entries: dict) -> None:
+    """Write atomically; a read-only cache folder only costs a measurement per process."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def reset() -> None:
+    """Forget every cached measurement (this process and the cache file): the next use measures again."""
+    _MEASURED.clear()
+    try:
+        cache_path().unlink()
+    except FileNotFoundError:
+        pass
+
+
+_MEASURED: dict[str, tuple[dict, str]] = {}  # features key -> (measurements, "calibrated" | "cached")
+
+
+def measurements(feat: Features | None = None) -> tuple[dict, str]:
+    """This CPU's calibration: (milliseconds as `choose` reads them, "cached" or "calibrated"), measured
+    on first use and cached per `Features.key`."""
+    feat = feat or features()
+    if feat.key not in _MEASURED:
+        entry = _read_cache().get(feat.key)
+        if isinstance(entry, dict) and entry.get("version") == CALIBRATION_VERSION:
+            _MEASURED[feat.key] = entry, "cached"
+        else:
+            from longsum.console import note
+
+            note(f"measuring this CPU's decoding kernels once ({feat.name}; cached in {cache_path()})")
+            entry = {**calibrate(), "version": CALIBRATION_VERSION, "cpu": feat.summary()}
+            _write_cache({**_read_cache(), feat.key: entry})
+            _MEASURED[feat.key] = entry, "calibrated"
+    return _MEASURED[feat.key]
+
+
+def kernel_choice(rows: int) -> Choice:
+    """The kernels for decoding steps of `rows` rows on this CPU (measured once, then cached).
+
+    `LONGSUM_CPU_KERNELS=torch|packed|packed-padded` forces the linear kernel (with the few-rows
+    attention); `LONGSUM_CALIBRATE=0` uses `from_features` instead of measuring.
+    """
+    forced = os.environ.get("LONGSUM_CPU_KERNELS", "auto")
+    if forced in LINEAR_KERNELS:
+        return Choice(forced, True, "LONGSUM_CPU_KERNELS", "forced")
+    feat = features()
+    if os.environ.get("LONGSUM_CALIBRATE", "1") == "0":
+        return from_features(feat, rows)
+    measured, source = measurements(feat)
+    return choose(measured, rows, source)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _best_ms(fn, repeats: int) -> float:
+    fn()  # first call: allocation, primitive creation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def calibrate() -> dict:
+    """Time torch's and oneDNN's packed linear products per row class and the two cross-attentions.
+
+    Every number is the best of a few runs of a whole stack of layers (out of cache, as in a decoding
+    step), in milliseconds. Packed kernels that fail here are left out (torch's then stays).
+    """
+    from longsum.model.decoding import MIN_ROWS, PACK_ROWS, few_rows_eager, packing_fails
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(D_FFN, D_MODEL, generator=g) * 0.02 for _ in range(LAYERS)]  # [3072, 768] each
+    packed = [] if packing_fails() else [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) for w in weights]
+    linear: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for cls, (_, _, rows) in ROW_CLASSES.items():
+            x = torch.randn(rows, D_MODEL, generator=g)
+            stack = weights if rows <= 64 else weights[:2]  # (many rows: compute-bound, two layers suffice)
+            repeats = 5 if rows <= 64 else 2
+            times = {"torch": _best_ms(lambda: [torch.nn.functional.linear(x, w) for w in stack], repeats)}  # noqa: B023
+            if packed:
+                pk = packed[: len(stack)]
+
+                def run(rows_in):
+                    return [torch.ops.mkldnn._linear_pointwise(rows_in, p, None, "none", [], "") for p in pk]  # noqa: B023
+
+                times["packed"] = _best_ms(lambda: run(x), repeats)  # noqa: B023
+                if rows < MIN_ROWS:
+                    padded = torch.cat([x, x.new_zeros(MIN_ROWS - rows, D_MODEL)])
+                    times["packed-padded"] = _best_ms(lambda: run(padded), repeats)  # noqa: B023
+            linear[cls] = times
+        q = torch.randn(1, HEADS, 4, HEAD_DIM, generator=g)  # [b, h, rows, d]: 4 beams' queries
+        kv = [(torch.randn(1, HEADS, KEYS, HEAD_DIM, generator=g), torch.randn(1, HEADS, KEYS, HEAD_DIM, generator=g))
+              for _ in range(ATTENTION_LAYERS)]  # fmt: skip
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        attention = {"sdpa": _best_ms(lambda: [sdpa(q, k, v) for k, v in kv], 5),
+                     "few_rows": _best_ms(lambda: [few_rows_eager(None, q, k, v, None) for k, v in kv], 5)}  # fmt: skip
+    return {"linear": linear, "attention": attention}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m longsum.model.cpu [--reset]`: this CPU, its measurements and the kernels chosen per row class."""
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--reset"]):
+        print("usage: python -m longsum.model.cpu [--reset]   (--reset: forget the cached measurements, measure again)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args == ["--reset"]:
+        reset()
+    feat = features()
+    print(f"CPU: {feat.summary()}; cache: {cache_path()}")
+    for cls, (_, _, rows) in ROW_CLASSES.items():
+        print(f"  {cls}: {kernel_choice(rows).describe(rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
