@@ -554,7 +554,8 @@ def linear_kernels(model, exact: bool, rows: int = 1):
     if (line := f"CPU kernels, {choice.describe(rows)}") not in _SAID:
         _SAID.add(line)
         detail(line)
-    linears = contextlib.nullcontext() if choice.linear == "torch" else packed_linears(model, pad=choice.linear == "packed-padded")
+    pad = choice.linear == "packed-padded"
+    linears = contextlib.nullcontext() if choice.linear == "torch" else packed_linears(model, pad=pad)
     with linears, few_rows_attention(choice.few_rows):
         yield
 
