@@ -43,9 +43,13 @@ def set_verbose(on: bool = True) -> None:
     _VERBOSE[0] = on
 
 
+_DETAILED: set[str] = set()
+
+
 def detail(message: str) -> None:
-    """What only `longsum -v` shows (which kernels a run chose, and why)."""
-    if _VERBOSE[0]:
+    """What only `longsum -v` shows (which kernels a run chose, and why), once per process."""
+    if _VERBOSE[0] and message not in _DETAILED:
+        _DETAILED.add(message)
         stderr_console().print(message)
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from longsum.errors import LongsumError
-from longsum.registry import DEFAULT_MODEL, DTYPES
+from longsum.registry import DEFAULT_MODEL, DTYPES, QUANTIZED_DTYPES
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", panel: str | None = None, *,
@@ -316,7 +316,7 @@ CONFIG_FILE = "config_file"  # the parameter of `--config` (a settings field may
 
 # ------------------------------------------------------------------------------------------ shared settings
 # Settings of more than one command (summarize, eval): one name, default and help everywhere.
-RunDtype = Literal[("auto", *DTYPES)]
+RunDtype = Literal[("auto", *DTYPES, *QUANTIZED_DTYPES)]
 
 
 def model_setting() -> Any:
@@ -328,4 +328,4 @@ def device_setting() -> Any:
 
 
 def dtype_setting() -> Any:
-    return setting("auto", "auto: bf16 on CUDA that supports it, else fp32.")
+    return setting("auto", "auto: bf16 on CUDA that supports it, else fp32. int8: CPU only, int8 linear layers.")

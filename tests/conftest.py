@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: fail fast instead of retrying
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses too: tiny models only lose from thread handoffs
+# CPU kernels from the CPU's features, not a timing run (deterministic, no second of calibration per process);
+# a cache folder of the session's own, never the user's (tests/test_cpu_kernels.py measures in tmp_path).
+os.environ.setdefault("LONGSUM_CALIBRATE", "0")
+os.environ.setdefault("LONGSUM_CACHE", tempfile.mkdtemp(prefix="longsum-test-cache-"))
 torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from longsum.errors import ModelLoadError
-from longsum.registry import DEVICE_TYPES, DTYPE_ALIASES, DTYPES, FAMILIES, STOCK_SEQ2SEQ
+from longsum.registry import DEVICE_TYPES, DTYPE_ALIASES, DTYPES, FAMILIES, QUANTIZED_DTYPES, STOCK_SEQ2SEQ
 from longsum.registry import MODEL_ALIASES as REGISTRY_ALIASES
 from longsum.registry import TASKS as REGISTRY_TASKS
 
@@ -129,11 +129,17 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
-    """`auto` is bf16 on CUDA devices that support it, else fp32."""
+    """The torch dtype the weights load in: `auto` is bf16 on CUDA devices that support it, else fp32;
+    `int8` loads fp32 (its linear layers are quantized after: CPU only, a one-line error elsewhere)."""
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in QUANTIZED_DTYPES:
+        if not str(device).startswith("cpu"):
+            raise ModelLoadError(f"--dtype {dtype} runs on CPU only (oneDNN's int8 kernels), not on {device}: use "
+                                 f"--device cpu, or --dtype auto/bf16/fp16 on a GPU")  # fmt: skip
+        dtype = QUANTIZED_DTYPES[dtype]
     if dtype == "auto":
         if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -142,6 +148,13 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
     if name not in DTYPES:
         raise ModelLoadError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[name])
+
+
+def dtype_name(dtype: str = "auto", device: str = "cpu") -> str:
+    """What a run's identity records: the torch name of the float dtype (`float32`, `bfloat16`, ...), or
+    the quantized dtype's own name (`int8`), so an int8 run never resumes into a float one's output."""
+    loaded = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+    return dtype if dtype in QUANTIZED_DTYPES else loaded
 
 
 _SAID: set[str] = set()
@@ -276,6 +289,13 @@ class Checkpoint:
 
             use_longsum_attention(model)
         model.to(device).eval()
+        if dtype in QUANTIZED_DTYPES:
+            from longsum.model.int8 import quantize_int8
+
+            try:
+                quantize_int8(model)
+            except RuntimeError as err:
+                raise ModelLoadError(str(err)) from None
         return model, tokenizer
 
 
@@ -429,7 +449,8 @@ def load_model(
         task: "seq2seq" (conditional generation), "classification" (sequence classification head),
             "masked_lm" (encoders) or "base" (the bare model).
         device: "auto" (CUDA when present, else CPU) or a torch device string.
-        dtype: "auto" (bf16 on CUDA that supports it, else fp32), "fp32", "bf16" or "fp16".
+        dtype: "auto" (bf16 on CUDA that supports it, else fp32), "fp32", "bf16", "fp16", or "int8" (CPU
+            only: linear layers with int8 weights and inputs quantized per call, `longsum.model.int8`).
         revision: Hub revision (branch, tag or commit) for Hub ids.
         attn_implementation: transformers attention backend for the stock parts ("sdpa" default).
         attention: "longsum" runs LongT5 encoders with longsum's attention (`longsum.model.longt5`: the

@@ -535,9 +535,6 @@ def _unpack(linears: list, emptied: set) -> None:
         del packed
 
 
-_SAID: set[str] = set()
-
-
 @contextmanager
 def linear_kernels(model, exact: bool, rows: int = 1):
     """The CPU kernels to decode with, for steps of `rows` rows (documents x beams): torch's own
@@ -551,9 +548,7 @@ def linear_kernels(model, exact: bool, rows: int = 1):
     from longsum.model.cpu import kernel_choice
 
     choice = kernel_choice(rows)
-    if (line := f"CPU kernels, {choice.describe(rows)}") not in _SAID:
-        _SAID.add(line)
-        detail(line)
+    detail(f"CPU kernels, {choice.describe(rows)}")
     pad = choice.linear == "packed-padded"
     linears = contextlib.nullcontext() if choice.linear == "torch" else packed_linears(model, pad=pad)
     with linears, few_rows_attention(choice.few_rows):

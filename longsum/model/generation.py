@@ -248,12 +248,12 @@ def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: st
 
     `checkpoint` is a `longsum.model.checkpoint.Checkpoint` (a run's, resolved once), or a name to resolve.
     """
-    from longsum.model.checkpoint import Checkpoint, resolve, resolve_device, resolve_dtype
+    from longsum.model.checkpoint import Checkpoint, dtype_name, resolve, resolve_device
 
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = resolve(checkpoint)
     settings = resolve_settings(checkpoint.config, checkpoint.generation_config, checkpoint.tokenizer, options)
-    return replace(settings, dtype=str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch."))
+    return replace(settings, dtype=dtype_name(dtype, resolve_device(device)))
 
 
 class Summarizer:

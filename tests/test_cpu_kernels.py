@@ -1,0 +1,171 @@
+"""longsum.cpu: CPU kernels chosen from measurements (injected here, never timed in an assertion), cached per CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longsum.model import cpu, decoding
+
+
+def measured(one=None, few=None, many=None, sdpa=1.0, few_rows=1.0) -> dict:
+    default = {"torch": 1.0}
+    return {"linear": {"one": one or default, "few": few or default, "many": many or default},
+            "attention": {"sdpa": sdpa, "few_rows": few_rows}}  # fmt: skip
+
+
+def test_row_classes_cover_every_row_count():
+    assert [cpu.row_class(n) for n in (1, 2, 3, 64, 65, 4096)] == ["one", "one", "few", "few", "many", "many"]
+
+
+def test_a_kernel_replaces_torch_only_when_faster_by_the_margin():
+    # packed 1.2x faster on few rows: chosen; on one row, packed only 1.02x faster: torch stays
+    numbers = measured(one={"torch": 1.02, "packed": 1.0, "packed-padded": 1.5}, few={"torch": 1.2, "packed": 1.0})
+    assert cpu.choose(numbers, rows=4).linear == "packed"
+    assert cpu.choose(numbers, rows=1).linear == "torch"
+    # slower than torch (the AVX2 greedy case of issue 26): torch
+    assert cpu.choose(measured(one={"torch": 10.0, "packed": 13.0, "packed-padded": 14.0}), rows=1).linear == "torch"
+
+
+def test_padding_chosen_where_padded_rows_are_fastest():
+    numbers = measured(one={"torch": 2.0, "packed": 1.6, "packed-padded": 1.2})
+    choice = cpu.choose(numbers, rows=2)
+    assert choice.linear == "packed-padded" and "packed-padded 1.2 ms" in choice.why
+    assert cpu.choose(measured(one={"torch": 2.0, "packed": 1.2, "packed-padded": 1.6}), rows=1).linear == "packed"
+
+
+def test_few_rows_attention_only_where_measured_faster():
+    assert cpu.choose(measured(sdpa=1.3, few_rows=1.0), rows=4).few_rows
+    assert not cpu.choose(measured(sdpa=1.0, few_rows=1.0), rows=4).few_rows
+    assert not cpu.choose(measured(sdpa=1.0, few_rows=1.3), rows=4).few_rows
+
+
+def test_choice_without_measurements_follows_the_features():
+    avx512 = cpu.Features("EPYC Zen 4", frozenset({"avx2", "avx512f"}))
+    avx2 = cpu.Features("EPYC Zen 2", frozenset({"avx2"}))
+    assert cpu.from_features(avx512, 1).linear == "packed-padded" and cpu.from_features(avx512, 8).linear == "packed"
+    assert cpu.from_features(avx2, 1).linear == "torch" and cpu.from_features(avx2, 8).linear == "torch"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache folder in tmp_path, measurements counted and injected instead of timed."""
+    monkeypatch.setenv("LONGSUM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LONGSUM_CALIBRATE", "1")
+    monkeypatch.delenv("LONGSUM_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(cpu, "_MEASURED", {})
+    calls = []
+
+    def fake():
+        calls.append(1)
+        return measured(few={"torch": 2.0, "packed": 1.0})
+
+    monkeypatch.setattr(cpu, "calibrate", fake)
+    return calls
+
+
+def test_measured_once_then_read_from_the_cache(cache, tmp_path, monkeypatch):
+    first = cpu.kernel_choice(8)
+    assert (first.linear, first.source, len(cache)) == ("packed", "calibrated", 1)
+    entries = json.loads((tmp_path / "cache" / cpu.CACHE_FILE).read_text())
+    assert list(entries) == [cpu.features().key] and cpu.features().name in cpu.features().key
+    monkeypatch.setattr(cpu, "_MEASURED", {})  # a new process
+    second = cpu.kernel_choice(8)
+    assert (second.linear, second.source, len(cache)) == ("packed", "cached", 1)
+    cpu.reset()
+    assert not (tmp_path / "cache" / cpu.CACHE_FILE).exists()
+    assert cpu.kernel_choice(8).source == "calibrated" and len(cache) == 2
+
+
+def test_another_cpu_or_torch_or_an_old_entry_is_measured_again(cache, monkeypatch):
+    cpu.kernel_choice(8)
+    other = cpu.Features("another CPU", torch=torch.__version__)
+    assert cpu.measurements(other)[1] == "calibrated" and len(cache) == 2
+    path = cpu.cache_path()
+    entries = json.loads(path.read_text())
+    entries[cpu.features().key]["version"] = cpu.CALIBRATION_VERSION - 1
+    path.write_text(json.dumps(entries))
+    monkeypatch.setattr(cpu, "_MEASURED", {})
+    assert cpu.kernel_choice(8).source == "calibrated" and len(cache) == 3
+
+
+def test_cache_folder_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("LONGSUM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu.cache_path() == tmp_path / "xdg" / "longsum" / cpu.CACHE_FILE
+    monkeypatch.setenv("LONGSUM_CACHE", str(tmp_path / "mine"))
+    assert cpu.cache_path() == tmp_path / "mine" / cpu.CACHE_FILE
+
+
+def test_forced_and_feature_choices_skip_measuring(cache, monkeypatch):
+    monkeypatch.setenv("LONGSUM_CPU_KERNELS", "torch")
+    assert cpu.kernel_choice(8).source == "forced" and cpu.kernel_choice(8).linear == "torch"
+    monkeypatch.delenv("LONGSUM_CPU_KERNELS")
+    monkeypatch.setenv("LONGSUM_CALIBRATE", "0")
+    assert cpu.kernel_choice(8).source == "features" and not cache
+
+
+def test_reset_from_the_command_line(cache, capsys):
+    cpu.kernel_choice(8)
+    assert cpu.main(["--reset"]) == 0
+    out = capsys.readouterr().out
+    assert len(cache) == 2 and "few: 8 rows per step: packed linear layers" in out and str(cpu.cache_path()) in out
+    assert cpu.main(["--bogus"]) == 2
+
+
+def test_calibration_measures_every_candidate():
+    """The real (timed) calibration: every class has torch's time and the packed ones (no timing compared)."""
+    numbers = cpu.calibrate()
+    assert set(numbers["linear"]) == set(cpu.ROW_CLASSES) and set(numbers["attention"]) == {"sdpa", "few_rows"}
+    kernels = {"torch"} if decoding.packing_fails() else {"torch", "packed"}
+    assert set(numbers["linear"]["few"]) == kernels and set(numbers["linear"]["many"]) == kernels
+    assert all(ms > 0 for times in numbers["linear"].values() for ms in times.values())
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from tests.helpers import BART_DIMS, BART_TOKENS, NO_DROPOUT
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(vocab_size=64, **BART_DIMS, **BART_TOKENS, **NO_DROPOUT)).eval()
+
+
+@pytest.mark.parametrize("linear", ["torch", "packed", "packed-padded"])
+@pytest.mark.parametrize("few_rows", [False, True])
+def test_decoding_runs_the_chosen_kernels(monkeypatch, linear, few_rows):
+    from longsum import console
+
+    model = tiny_bart()
+    seen = {}
+    monkeypatch.setattr(cpu, "kernel_choice", lambda rows: cpu.Choice(linear, few_rows, f"{rows} rows", "forced"))
+    monkeypatch.setattr(console, "_VERBOSE", [True])
+    with decoding.linear_kernels(model, exact=False, rows=4):
+        layer = model.model.encoder.layers[0].fc1
+        seen = {"class": type(layer), "pad": getattr(layer, "pad_to", None), "few_rows": decoding._FEW_ROWS_ON[0]}
+    packed = linear != "torch"
+    assert (seen["class"] is decoding.PackedLinear) == packed and seen["few_rows"] == few_rows
+    assert seen["pad"] == (decoding.MIN_ROWS if linear == "packed-padded" else 0 if packed else None)
+    assert type(model.model.encoder.layers[0].fc1) is torch.nn.Linear and decoding._FEW_ROWS_ON[0]  # restored
+    with decoding.linear_kernels(model, exact=True, rows=4):  # exact: torch's, nothing asked
+        assert type(model.model.encoder.layers[0].fc1) is torch.nn.Linear
+
+
+def test_verbose_says_which_kernels_and_why(monkeypatch, capsys):
+    from longsum import console
+
+    monkeypatch.setattr(cpu, "kernel_choice", lambda rows: cpu.Choice("torch", False, "measured 1 < 2", "cached"))
+    monkeypatch.setattr(console, "_DETAILED", set())
+    monkeypatch.setattr(console, "_VERBOSE", [False])
+    with decoding.linear_kernels(tiny_bart(), exact=False, rows=4):
+        pass
+    assert "CPU kernels" not in capsys.readouterr().err
+    monkeypatch.setattr(console, "_VERBOSE", [True])
+    for _ in range(2):  # once per process
+        with decoding.linear_kernels(tiny_bart(), exact=False, rows=4):
+            pass
+    err = capsys.readouterr().err
+    assert err.count("CPU kernels") == 1
+    assert "CPU kernels, 4 rows per step: torch linear layers, SDPA cross-attention (cached: measured 1 < 2)" in err
