@@ -6,17 +6,24 @@ beam sizes, with `max_new_tokens == min_new_tokens` (every run decodes the same 
 `no_repeat_ngram_size=3`:
   stock     ``model.generate(input_ids, attention_mask=..., **settings)``
   longsum   ``longsum.model.decoding.generate(model, input_ids, attention_mask, **settings)`` (cross-attention
-            keys/values once per document, shared by the beams; vectorized n-gram blocking; on CPU oneDNN's
-            packed linear layers, or torch's own kernels with ``--exact``)
+            keys/values once per document, shared by the beams; vectorized n-gram blocking; on CPU the
+            kernels `longsum.model.cpu` measured fastest on this CPU (cached per CPU model; the cell reports
+            which), or torch's own kernels with ``--exact``)
+  int8      (CPU) the same call on the model quantized by ``longsum.model.int8.quantize_int8`` (``--dtype int8``:
+            int8 linear layers, inputs quantized per call); its ids are compared with stock's, not required equal
   batched   the same call on ``--batch-size`` documents at once, as ``longsum summarize`` decodes them
             (only with ``--batch-size`` > 1; seconds per document = batch seconds / batch size)
   ct2       (1,024 tokens, dense BART-base, only when the optional ``ctranslate2`` package is installed)
             the same weights converted to CTranslate2 and run with ``translate_batch`` (fp32 CPU);
-            ``ct2-batched`` with ``--batch-size`` documents per call
+            ``ct2-int8`` the same with ``compute_type="int8"``; ``ct2-batched`` with ``--batch-size``
+            documents per call
 The model is LSG-BART (bart-base size: 6+6 layers, d_model 768, vocabulary 50,265; block size 128) for
 inputs longer than 1,024 tokens and dense BART-base at 1,024. Each (length, beams, method) cell runs in its
 own process (so that its peak RSS is its own), times ``--docs`` documents after a short warm-up document and
-reports the median; both methods' token ids are compared (they must be identical). Nothing is asserted.
+reports the median; the fp32 methods' token ids are compared (they must be identical). Nothing is asserted;
+the JSON's ``targets`` holds the ratios issue 26 states (longsum fp32 >= stock in every cell, within 1.1x of
+CTranslate2 fp32, int8 >= CTranslate2 int8 at 1,024 tokens, int8 >= 1.5x fp32 at 4,096 tokens beams 4 with
+no more peak memory), and ``cpu`` the CPU's name and flags.
 Every cell gets the same allocator: glibc's defaults, or with ``--allocator tuned`` the setting
 `longsum summarize` applies on CPU (``keep_freed_memory()``), which also speeds up the stock loop and
 CTranslate2.
@@ -26,6 +33,7 @@ Run from the repository root (CPU: 1 thread by default, as the targets are state
     python benchmarks/decode_speed.py --lengths 4096 --beams 4 --new-tokens 64
     python benchmarks/decode_speed.py --lengths 4096 --beams 4 --docs 4 --batch-size 4   # plus batched decoding
     python benchmarks/decode_speed.py --lengths 1024 --beams 4 --docs 4 --batch-size 4 --allocator tuned
+    python benchmarks/decode_speed.py --lengths 1024 4096 --beams 1 4 --docs 2 --allocator tuned   # issue 26's grid
     python benchmarks/decode_speed.py --device cuda                     # bf16 on a GPU
 Outputs: a table on stdout; decode_speed.json (cells, settings, provenance) and decode_speed.png in
 --out-dir (default benchmarks/results/).
@@ -52,7 +60,15 @@ BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, e
             attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
             forced_eos_token_id=2)  # fmt: skip
 DENSE_MAX = 1024  # BART-base's own length; longer inputs use LSG-BART
-COLORS = {"stock": "C1", "longsum": "C0", "batched": "C3", "ct2": "C2", "ct2-batched": "C4"}
+COLORS = {
+    "stock": "C1",
+    "longsum": "C0",
+    "int8": "C5",
+    "batched": "C3",
+    "ct2": "C2",
+    "ct2-int8": "C6",
+    "ct2-batched": "C4",
+}
 
 
 def build_model(length: int, device: str, dtype):
@@ -123,6 +139,10 @@ def run_cell(args) -> dict:
     model = build_model(args.cell_length, device, dtype)
     if args.cell_method.startswith("ct2"):
         return run_ct2(model, args, settings)
+    if args.cell_method == "int8":
+        from longsum.model.int8 import quantize_int8
+
+        quantize_int8(model)  # as `--dtype int8` loads: fp32 weights first, then their int8 copies
     loaded = peak_memory(device)
 
     def generate(ids, **overrides):
@@ -138,8 +158,14 @@ def run_cell(args) -> dict:
     # [n, length] per call: equal lengths, no padding
     seconds, outputs = timed_calls(list(documents(args.docs, args.cell_length)), per_call(args),
                                    lambda docs: generate(torch.cat(docs).to(device)).tolist(), sync)  # fmt: skip
+    kernels = None
+    if device == "cpu" and args.cell_method != "stock" and not args.exact:
+        from longsum.model.cpu import kernel_choice
+
+        rows = per_call(args) * args.cell_beams
+        kernels = kernel_choice(rows).describe(rows)
     return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory(device),
-                model_bytes=loaded, outputs=outputs)  # fmt: skip
+                model_bytes=loaded, outputs=outputs, kernels=kernels)  # fmt: skip
 
 
 def run_ct2(model, args, settings) -> dict:
@@ -168,7 +194,10 @@ def run_ct2(model, args, settings) -> dict:
         (hf / "config.json").write_text(json.dumps(config))
         TransformersConverter(str(hf)).convert(str(ct), force=True)
         del model
-        translator = ctranslate2.Translator(str(ct), device="cpu", compute_type="float32", intra_threads=args.threads)
+        compute_type = "int8" if args.cell_method.startswith("ct2-int8") else "float32"
+        translator = ctranslate2.Translator(
+            str(ct), device="cpu", compute_type=compute_type, intra_threads=args.threads
+        )
         options = dict(beam_size=settings["num_beams"], max_decoding_length=args.new_tokens,
                        min_decoding_length=args.new_tokens, no_repeat_ngram_size=3, length_penalty=1.0,
                        max_input_length=args.cell_length)  # fmt: skip
@@ -190,6 +219,40 @@ def cell_in_subprocess(args, length: int, beams: int, method: str) -> dict:
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_facts() -> dict:
+    """The CPU's name, flags and vector ISA, and the kernels longsum measured for it (`longsum.model.cpu`)."""
+    from longsum.model import cpu
+
+    feat = cpu.features()
+    return dict(name=feat.name, flags=sorted(feat.flags), torch_capability=feat.capability, avx512=feat.avx512,
+                vnni=feat.vnni, cores=os.cpu_count())  # fmt: skip
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 26's targets as ratios (above 1: met) for the cells this run has."""
+    cells = {(r["length"], r["beams"], r["method"]): r for r in rows if "median_s" in r}
+    out = []
+
+    def ratio(what, length, beams, slow, fast, need=1.0):
+        a, b = cells.get((length, beams, slow)), cells.get((length, beams, fast))
+        if a and b:
+            value = a["median_s"] / b["median_s"]
+            out.append(dict(what=f"{length} tokens, beams {beams}: {what}", ratio=value, met=value >= need))
+
+    for length, beams in sorted({(r["length"], r["beams"]) for r in rows}):
+        ratio("longsum fp32 / stock speed (>= 1)", length, beams, "stock", "longsum")
+        ratio("longsum fp32 / CTranslate2 fp32 speed (>= 1/1.1)", length, beams, "ct2", "longsum", 1 / 1.1)
+        ratio("longsum int8 / CTranslate2 int8 speed (>= 1)", length, beams, "ct2-int8", "int8")
+        ratio("longsum int8 / longsum fp32 speed (>= 1.5 at 4,096 beams 4)", length, beams, "longsum", "int8",
+              1.5 if (length, beams) == (4096, 4) else 1.0)  # fmt: skip
+        a, b = cells.get((length, beams, "longsum")), cells.get((length, beams, "int8"))
+        if a and b:
+            value = a["peak_bytes"] / b["peak_bytes"]
+            out.append(dict(what=f"{length} tokens, beams {beams}: fp32 / int8 peak memory (>= 1)", ratio=value,
+                            met=value >= 1))  # fmt: skip
+    return out
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -262,9 +325,10 @@ def main() -> None:
     print(header)
     for length in args.lengths:
         for beams in args.beams:
-            methods = ["stock", "longsum"] + (["batched"] if args.batch_size > 1 else [])
+            methods = ["stock", "longsum"] + (["int8"] if args.device == "cpu" else [])
+            methods += ["batched"] if args.batch_size > 1 else []
             if peer and length <= DENSE_MAX and args.device == "cpu":
-                methods += ["ct2"] + (["ct2-batched"] if args.batch_size > 1 else [])
+                methods += ["ct2", "ct2-int8"] + (["ct2-batched"] if args.batch_size > 1 else [])
             cells = {}
             for method in methods:
                 cell = cell_in_subprocess(args, length, beams, method)
@@ -275,20 +339,26 @@ def main() -> None:
                     row["speedup_vs_stock"] = cells["stock"]["median_s"] / cell["median_s"]
                 if method in ("longsum", "batched") and "outputs" in cells["stock"] and "outputs" in cell:
                     row["same_ids_as_stock"] = cells["stock"]["outputs"] == cell["outputs"]
+                if method == "int8" and "outputs" in cells["stock"] and "outputs" in cell:  # a share: not bit-identical
+                    pairs = list(zip(cells["stock"]["outputs"], cell["outputs"]))
+                    row["identical_to_stock"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
                 rows.append(row)
                 if "error" in cell:
                     print(f"{length:>7} {beams:>5} {method:>11}  error: {cell['error']}")
                     continue
+                same = row.get("same_ids_as_stock", row.get("identical_to_stock", ""))
                 print(f"{length:>7} {beams:>5} {method:>11} {cell['median_s']:>8.2f} {cell['peak_bytes'] / 2**20:>9.0f}"
-                      f" {row.get('speedup_vs_stock', float('nan')):>7.2f}x  {row.get('same_ids_as_stock', '')}",
-                      flush=True)  # fmt: skip
+                      f" {row.get('speedup_vs_stock', float('nan')):>7.2f}x  {same}", flush=True)  # fmt: skip
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     result = dict(settings=dict(lengths=args.lengths, beams=args.beams, new_tokens=args.new_tokens, docs=args.docs,
                                 batch_size=args.batch_size, allocator=args.allocator, exact=args.exact,
                                 threads=args.threads, device=args.device, no_repeat_ngram_size=3,
                                 dtype="bfloat16" if args.device == "cuda" else "float32", model="bart-base size, "
                                 "random weights (LSG-BART above 1,024 tokens)", busy_cores_at_start=busy),
-                  rows=rows, provenance=provenance(device_name))  # fmt: skip
+                  rows=rows, targets=targets(rows), cpu=cpu_facts() if args.device == "cpu" else None,
+                  provenance=provenance(device_name))  # fmt: skip
+    for line in result["targets"]:
+        print(f"target: {line['what']}: {line['ratio']:.2f} ({'met' if line['met'] else 'NOT met'})")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, args.out_dir / f"{args.name}.png", f"Seconds per document, {args.new_tokens} new tokens, {device_name}")
