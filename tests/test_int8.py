@@ -165,15 +165,16 @@ def task(n: int, g: torch.Generator):
 @pytest.mark.parametrize("head", [True, False], ids=["int8-head", "fp32-head"])
 @pytest.mark.parametrize("beams", [1, 4])
 def test_int8_moves_results_little_on_a_trained_model(trained, head, beams):
-    """Tolerances from the measurement in docs/cpu-decoding.md (about 1% logit error, 99.8% top-1 agreement,
-    90-97% identical summaries over 448 steps of 32 documents), with room for another CPU's rounding."""
+    """Tolerances from the measurement in docs/cpu-decoding.md (1.0-1.7% median logit error, 6.5-16% at most,
+    99.8-100% top-1 agreement, 90-100% identical summaries over 448 steps of 32 documents, with 8-bit and
+    7-bit inputs), with room for another CPU's rounding."""
     model, sources = trained
     quantized = int8.quantize_int8(copy.deepcopy(model), head=head)
     assert isinstance(quantized.lm_head, int8.Int8Linear) == head
     stats = int8.compare(model, quantized, sources, num_beams=beams, max_new_tokens=TARGET + 2,
                          min_new_tokens=TARGET + 2, do_sample=False)  # fmt: skip
     assert stats["steps"] >= 400
-    assert 1e-4 < stats["logit_rel_error"] < 0.03 and stats["logit_rel_error_max"] < 0.15
+    assert 1e-4 < stats["logit_rel_error"] < 0.03 and stats["logit_rel_error_max"] < 0.25  # 7-bit inputs: 0.16
     assert stats["top1_agreement"] >= 0.98 and stats["identical_summaries"] >= 0.75
 
 

@@ -68,8 +68,8 @@ class GenerationOptions:
                                                     "summarize them whole (map-reduce).", GENERATION)  # fmt: skip
     exact: bool = setting(False, "On CPU, keep torch's own matrix kernels: the token ids of transformers' "
                                  "generate(), but decoding ~1.2-1.6x slower than "
-                                 "with the default oneDNN kernels (which round differently, so a near-tie can "
-                                 "go the other way).", GENERATION)  # fmt: skip
+                                 "with the kernels measured fastest on this CPU (oneDNN's round differently, so a "
+                                 "near-tie can go the other way).", GENERATION)  # fmt: skip
     compile: bool = setting(False, "Compile each decoding step with torch.compile (CUDA graphs on a GPU); each "
                                    "new batch shape compiles first (seconds to minutes). Not faster on CPU at base "
                                    "size. Steps aside to eager decoding where it cannot compile.",
