@@ -132,7 +132,7 @@ def test_help_shows_defaults_and_choices():
     """Rich used to eat "[default ...]" written in help texts ("Beam size ."); choices are listed."""
     summarize = plain_help("summarize")
     assert "Beam size (default: the preset's, the model's, else 4)." in summarize
-    assert "<truncate|chunk>" in summarize and "<auto|fp32|bf16|fp16>" in summarize
+    assert "<truncate|chunk>" in summarize and "<auto|fp32|bf16|fp16|int8>" in summarize
     convert = plain_help("convert")
     assert "[default: 4096]" in convert and "<norm|pooling|ls" in convert
     train = runner.invoke(app, ["train", "--help"], terminal_width=300).output
