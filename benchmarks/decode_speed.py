@@ -165,7 +165,7 @@ def run_cell(args) -> dict:
         rows = per_call(args) * args.cell_beams
         kernels = kernel_choice(rows).describe(rows)
         if args.cell_method == "int8":  # (the choice's linear kernel applies to float layers only: none here)
-            from longsum.int8 import activation_range
+            from longsum.model.int8 import activation_range
 
             kernels = f"oneDNN int8 linear layers, inputs in [-{activation_range()}, {activation_range()}]; {kernels}"
     return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory(device),

@@ -17,7 +17,7 @@ TASKS = {
     "base": "AutoModel",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # command-line name -> torch name
-# Quantized dtypes (`--dtype int8`, CPU only): the float dtype the weights load in before `longsum.int8`
+# Quantized dtypes (`--dtype int8`, CPU only): the float dtype the weights load in before `longsum.model.int8`
 # quantizes the linear layers.
 QUANTIZED_DTYPES = {"int8": "fp32"}
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

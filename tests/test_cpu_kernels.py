@@ -1,4 +1,4 @@
-"""longsum.cpu: CPU kernels chosen from measurements (injected here, never timed in an assertion), cached per CPU."""
+"""longsum.model.cpu: CPU kernels chosen from measurements (injected here, never timed in an assertion), cached per CPU."""
 
 from __future__ import annotations
 
