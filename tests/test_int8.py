@@ -111,8 +111,8 @@ def test_identity_of_an_int8_run_differs_from_fp32(tiny_model_dir):
     from longsum.model.generation import GenerationOptions, plan_settings
 
     options = GenerationOptions()
-    fp32 = plan_settings(str(tiny_model_dir), options, "fp32", "cpu")
-    quantized = plan_settings(str(tiny_model_dir), options, "int8", "cpu")
+    fp32 = plan_settings(str(tiny_model_dir), options, "fp32", "cpu").as_dict()
+    quantized = plan_settings(str(tiny_model_dir), options, "int8", "cpu").as_dict()
     assert (fp32["dtype"], quantized["dtype"]) == ("float32", "int8")
     assert {k: v for k, v in fp32.items() if k != "dtype"} == {k: v for k, v in quantized.items() if k != "dtype"}
 
