@@ -99,6 +99,12 @@ def test_cache_folder_from_the_environment(tmp_path, monkeypatch):
     assert cpu.cache_path() == tmp_path / "mine" / cpu.CACHE_FILE
 
 
+def test_an_unknown_forced_kernel_is_said_and_ignored(cache, monkeypatch, capsys):
+    monkeypatch.setenv("LONGSUM_CPU_KERNELS", "mkl")
+    assert cpu.kernel_choice(8).source == "calibrated"
+    assert "LONGSUM_CPU_KERNELS=mkl steps aside for the stock path: not one of auto, torch" in capsys.readouterr().err
+
+
 def test_forced_and_feature_choices_skip_measuring(cache, monkeypatch):
     monkeypatch.setenv("LONGSUM_CPU_KERNELS", "torch")
     assert cpu.kernel_choice(8).source == "forced" and cpu.kernel_choice(8).linear == "torch"

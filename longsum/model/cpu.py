@@ -210,6 +210,11 @@ def kernel_choice(rows: int) -> Choice:
     forced = os.environ.get("LONGSUM_CPU_KERNELS", "auto")
     if forced in LINEAR_KERNELS:
         return Choice(forced, True, "LONGSUM_CPU_KERNELS", "forced")
+    if forced != "auto":
+        from longsum.model.decoding import step_aside
+
+        known = ", ".join(LINEAR_KERNELS)
+        step_aside(f"LONGSUM_CPU_KERNELS={forced}", f"not one of auto, {known} (the measured choice)")
     feat = features()
     if os.environ.get("LONGSUM_CALIBRATE", "1") == "0":
         return from_features(feat, rows)
