@@ -159,6 +159,21 @@ def test_decoding_runs_the_chosen_kernels(monkeypatch, linear, few_rows):
         assert type(model.model.encoder.layers[0].fc1) is torch.nn.Linear
 
 
+def test_an_int8_model_keeps_its_layers_and_gets_the_chosen_attention(monkeypatch, capsys):
+    from longsum import console
+    from longsum.model.int8 import Int8Linear, int8_fails, quantize_int8
+
+    if int8_fails():
+        pytest.skip(int8_fails())
+    model = quantize_int8(tiny_bart())
+    monkeypatch.setattr(cpu, "kernel_choice", lambda rows: cpu.Choice("packed", False, "measured", "cached"))
+    monkeypatch.setattr(console, "_DETAILED", set())
+    monkeypatch.setattr(console, "_VERBOSE", [True])
+    with decoding.linear_kernels(model, exact=False, rows=4):
+        assert isinstance(model.model.encoder.layers[0].fc1, Int8Linear) and not decoding._FEW_ROWS_ON[0]
+    assert "4 rows per step: oneDNN int8 linear layers, SDPA cross-attention" in capsys.readouterr().err
+
+
 def test_verbose_says_which_kernels_and_why(monkeypatch, capsys):
     from longsum import console
 

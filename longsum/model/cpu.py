@@ -99,9 +99,10 @@ class Choice:
     why: str
     source: str
 
-    def describe(self, rows: int) -> str:
+    def describe(self, rows: int, linear: str | None = None) -> str:
+        """`linear`: what the linear layers are when not this choice's (an int8 model's)."""
         attention = "few-rows cross-attention" if self.few_rows else "SDPA cross-attention"
-        return f"{rows} rows per step: {self.linear} linear layers, {attention} ({self.source}: {self.why})"
+        return f"{rows} rows per step: {linear or self.linear} linear layers, {attention} ({self.source}: {self.why})"
 
 
 def row_class(rows: int) -> str:

@@ -540,17 +540,22 @@ def linear_kernels(model, exact: bool, rows: int = 1):
     """The CPU kernels to decode with, for steps of `rows` rows (documents x beams): torch's own
     (`exact`, or no float32 CPU linear layer), else what `longsum.model.cpu.kernel_choice` measured fastest
     on this CPU: torch's, `packed_linears(model)` (padded or not), and the few-rows cross-attention or
-    SDPA's. `longsum -v` prints the choice and why, once per process."""
-    if exact or not any(_packable(m) for m in model.modules()):
+    SDPA's. An int8 model (`longsum.model.int8`) keeps its int8 layers; the attention is chosen the same
+    way. `longsum -v` prints the choice and why, once per process."""
+    from longsum.model.int8 import is_int8
+
+    packable, int8 = any(_packable(m) for m in model.modules()), is_int8(model)
+    if exact or not (packable or int8):
         yield
         return
     from longsum.console import detail
     from longsum.model.cpu import kernel_choice
 
     choice = kernel_choice(rows)
-    detail(f"CPU kernels, {choice.describe(rows)}")
+    detail(f"CPU kernels, {choice.describe(rows, 'oneDNN int8' if int8 else None)}")
     pad = choice.linear == "packed-padded"
-    linears = contextlib.nullcontext() if choice.linear == "torch" else packed_linears(model, pad=pad)
+    use_packed = packable and choice.linear != "torch"  # (an int8 model's float head, if any)
+    linears = packed_linears(model, pad=pad) if use_packed else contextlib.nullcontext()
     with linears, few_rows_attention(choice.few_rows):
         yield
 
