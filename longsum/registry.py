@@ -84,11 +84,12 @@ T5_TYPES = ("t5", "mt5")  # converted to LongT5 (`--to`), not to LSG
 UNBOUNDED_POSITIONS = ("t5", "mt5", "longt5", "pegasus_x", "t5gemma", "t5gemma2")
 
 # Stock seq2seq model types `load_model` is tested with (LSG ones come from FAMILIES).
-STOCK_SEQ2SEQ = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "led", "pegasus_x", "bigbird_pegasus")
+STOCK_SEQ2SEQ = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "led", "pegasus_x", "bigbird_pegasus", "t5gemma",
+                 "t5gemma2")  # fmt: skip
 # Families checked (tests/test_decoding.py) to decode with each document's cross-attention keys/values
 # shared by its beams (`longsum.decoding`); another family decodes the stock way, with one line.
 SHARED_KV_MODEL_TYPES = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "pegasus_x", "bigbird_pegasus",
-                         "led", "lsg_bart", "lsg_mbart", "lsg_pegasus")  # fmt: skip
+                         "led", "lsg_bart", "lsg_mbart", "lsg_pegasus", "t5gemma", "t5gemma2")  # fmt: skip
 
 
 def convertible() -> str:
