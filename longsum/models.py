@@ -334,9 +334,13 @@ def _build_tokenizer(folder: Path, config=None):
 
     given = {} if config is None else {"config": config}
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **given)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **given)
     except (OSError, ValueError, TypeError) as err:
         raise ModelLoadError(f"no usable tokenizer in {folder}: {_first_line(err)}") from None
+    # Documents and references are padded on the right: Gemma's tokenizer (T5Gemma) pads on the left, as
+    # decoder-only prompts need, which would put padding before the reference tokens in train's labels.
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def load_generation_config(folder: Path, config):

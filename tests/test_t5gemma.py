@@ -202,3 +202,129 @@ def test_a_family_that_cannot_share_steps_aside_with_one_line_and_stock_ids(monk
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["shared cross-attention keys/values steps aside for the stock path: "
                      "T5Gemma2MergedAttention.forward takes (x, ...)"]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ checkpoints, commands
+POSITIONS = {"t5gemma": 2048, "t5gemma2": 131_072}  # what their configs say: max_source_length's default
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    """(family, folder): a saved tiny model with a Gemma-style tokenizer (tokenizer.json), 8-token summaries."""
+    from longsum.tiny import build_gemma_tokenizer
+
+    family = request.param
+    tokenizer = build_gemma_tokenizer(CORPUS, vocab_size=300)
+    model = build(family, vocab_size=len(tokenizer), positions=POSITIONS[family])
+    model.generation_config.max_new_tokens = 8
+    folder = tmp_path_factory.mktemp(family)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return family, folder
+
+
+def test_load_model_round_trip(checkpoint, tmp_path):
+    """load_model gives the saved weights and tokenizer back (right padding for documents); saved again
+    (as train saves) and loaded, the same logits; max_source_length defaults to the config's positions."""
+    from longsum import load_model
+    from longsum.generation import model_max_source_length
+
+    family, folder = checkpoint
+    model, tokenizer = load_model(folder, device="cpu", dtype="fp32")
+    assert type(model) is CLASSES[family] and model.config.model_type == family
+    assert type(tokenizer).__name__ == "GemmaTokenizer" and tokenizer.padding_side == "right"
+    texts = [CORPUS[0], CORPUS[3] + " " + CORPUS[4]]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    assert inputs["input_ids"][0, 0] == 2 and inputs["attention_mask"][0, -1] == 0  # <bos> first, padding last
+    start = torch.full((2, 1), model.generation_config.bos_token_id)
+    with torch.inference_mode():
+        logits = model(**inputs, decoder_input_ids=start).logits
+    model.save_pretrained(tmp_path / "again")
+    tokenizer.save_pretrained(tmp_path / "again")
+    again, tokenizer_again = load_model(tmp_path / "again", device="cpu", dtype="fp32")
+    with torch.inference_mode():
+        assert torch.equal(again(**inputs, decoder_input_ids=start).logits, logits)
+    assert tokenizer_again(texts)["input_ids"] == tokenizer(texts)["input_ids"]
+    assert model_max_source_length(model.config, tokenizer) == POSITIONS[family]
+    assert decoding.sharing(model) is None
+
+
+def _quiet(stderr: str) -> None:
+    """No warnings, no tracebacks, and no fast path stepping aside."""
+    assert "Warning" not in stderr and "Traceback" not in stderr and "steps aside" not in stderr, stderr
+
+
+def test_summarize_end_to_end(checkpoint, tmp_path):
+    """Three documents of different lengths in one batch; each summary is the one it gets alone."""
+    family, folder = checkpoint
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text(" ".join(CORPUS[i : i + 4 * (i + 1)]))
+    out, alone = tmp_path / "out.jsonl", tmp_path / "alone.jsonl"
+    run = run_longsum("summarize", docs, "-m", folder, "-o", out, "--batch-size", 3)
+    assert run.returncode == 0, run.stderr
+    _quiet(run.stderr)
+    assert f"max_source_length={POSITIONS[family]}" in run.stderr
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(records) == 3 and all(r["summary"] and not r["truncated"] for r in records.values())
+    assert len({r["input_tokens"] for r in records.values()}) == 3
+    run = run_longsum("summarize", docs, "-m", folder, "-o", alone, "--batch-size", 1)
+    assert run.returncode == 0, run.stderr
+    for record in map(json.loads, alone.read_text().splitlines()):
+        assert record["summary"] == records[record["id"]]["summary"], record["id"]
+
+
+def test_eval_end_to_end(checkpoint, tmp_path):
+    family, folder = checkpoint
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"id": f"ex{i}", "text": " ".join(CORPUS[i : i + 6]), "summary": CORPUS[i]}) + "\n")
+    out = tmp_path / "run"
+    run = run_longsum("eval", data, "-m", folder, "--output-dir", out, "--batch-size", 4)
+    assert run.returncode == 0, run.stderr
+    _quiet(run.stderr)
+    results = json.loads((out / "results.json").read_text())
+    assert results["examples"] == 4 and results["failed"] == 0 and results["model"]["model_type"] == family
+    assert all(0 <= results["metrics"][name]["mean"] <= 100 for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
+
+
+def test_labels_drop_the_leading_bos_and_end_with_eos(checkpoint):
+    """Gemma's tokenizer writes `<bos> text` (T5Gemma's decoder start) and no `<eos>`: labels are `text <eos>`,
+    so that a fine-tuned model learns to stop; BART-style ids are left as they are."""
+    from longsum.models import load_tokenizer
+    from longsum.train import as_labels
+
+    _, folder = checkpoint
+    tokenizer = load_tokenizer(folder)
+    ids = tokenizer(text_target="Summaries are short.")["input_ids"]
+    assert ids[0] == 2 and 1 not in ids
+    assert as_labels(tokenizer, start=2)(ids) == [*ids[1:], 1]
+    bart_like = as_labels(tokenizer, start=None)
+    assert bart_like([2, 7, 8]) == [2, 7, 8, 1]
+
+
+def test_train_bf16_with_gradient_checkpointing_loss_falls(checkpoint, tmp_path):
+    """A few steps in bf16 with gradient checkpointing: the loss falls, and the saved model keeps the
+    checkpoint's local/global layer pattern and loads back."""
+    from longsum import load_model
+    from longsum.train import TrainConfig, run
+
+    family, folder = checkpoint
+    data = tmp_path / "train.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            text = " ".join(CORPUS[(i + j) % 5] for j in range(3))
+            f.write(json.dumps({"id": i, "text": text, "summary": CORPUS[i % 5]}) + "\n")
+    out = tmp_path / "run"
+    final = run(TrainConfig(model=str(folder), dataset=str(data), output_dir=str(out), max_steps=24, learning_rate=3e-3,
+                            per_device_batch_size=4, logging_steps=4, save_steps=24, max_target_length=24, bf16=True,
+                            gradient_checkpointing=True, warmup_ratio=0.0))  # fmt: skip
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    seen = [r["loss"] for r in rows if "loss" in r]
+    assert len(seen) == 6 and seen[-1] < 0.7 * seen[0], seen
+    model, _ = load_model(final, device="cpu", dtype="fp32")
+    trained, original = model.config.to_dict(), json.loads((folder / "config.json").read_text())
+    assert trained["decoder"]["layer_types"] == original["decoder"]["layer_types"]
+    assert trained["decoder"]["sliding_window"] == original["decoder"]["sliding_window"]
