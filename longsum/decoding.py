@@ -35,9 +35,13 @@ stopping rules: it *is* `model.generate`), with these changes around it:
    and the ids are stock generate's.
 
 Families whose attention calls go through transformers' attention interface share keys/values
-that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus);
-LED's decoder attention predates the interface, so its cross-attention modules run as
-`SharedKVLEDDecoderAttention` (a one-level subclass) while decoding. Any other model decodes
+that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus,
+T5Gemma); LED's decoder attention predates the interface, so its cross-attention modules run as
+`SharedKVLEDDecoderAttention` (a one-level subclass) while decoding; T5Gemma 2's decoder attends over
+`[self | cross]` keys in one softmax, so its merged modules run as `SharedKVMergedAttention`, which
+joins the beams' own self part and the document's shared cross part (`merged_shared_attention`;
+`merged_expanded_attention` under `exact=True`). The beams' self-attention cache is made from the
+decoder's config, as stock generate() makes it (sliding-window layers keep their window). Any other model decodes
 with the stock layout and the fast n-gram blocker, with the same ids; `sharing(model)` says why.
 `cache_implementation="static"` works too (stock ids): the beams' self-attention then lives in a
 preallocated `StaticCache` beside the shared cross-attention part, reordered in place (`StaticBeamCache`).
@@ -54,7 +58,8 @@ compile (LED's decoder on torch 2.13, no compiler, a graph break) it steps aside
 
 What the installed transformers offers is read from its code, never from its version: the keyword a
 model's forward takes its cache under (`cache_keyword`: `cache` from 5.24, `past_key_values` before),
-the attention and cache interfaces (`_interfaces`), LED's attention signature (`_led_interface`).
+the attention and cache interfaces (`_interfaces`), LED's and T5Gemma 2's attention signatures
+(`_led_interface`, `_merged_interface`).
 Everything above is an optimisation and steps aside, with one stderr line (`step_aside`): before
 decoding when a precondition fails (`sharing`, `packing_fails`), and at run time when the fast path
 fails where stock `generate()` does not (the model then decodes with stock `generate()`).
