@@ -303,6 +303,13 @@ def test_labels_drop_the_leading_bos_and_end_with_eos(checkpoint):
     assert as_labels(tokenizer, start=2)(ids) == [*ids[1:], 1]
     bart_like = as_labels(tokenizer, start=None)
     assert bart_like([2, 7, 8]) == [2, 7, 8, 1]
+    # train's collator pads the labels on the tokenizer's side: on the right, after `text <eos>`, not before it
+    from transformers import DataCollatorForSeq2Seq
+
+    features = [{"input_ids": [2, 5, 6, 7], "labels": [5, 6, 1]}, {"input_ids": [2, 5], "labels": [5, 1]}]
+    collated = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(features)
+    assert collated["labels"].tolist() == [[5, 6, 1], [5, 1, -100]]
+    assert collated["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
 
 
 def test_train_bf16_with_gradient_checkpointing_loss_falls(checkpoint, tmp_path):
