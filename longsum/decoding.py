@@ -455,9 +455,10 @@ def _led_interface() -> str | None:
 
 # Families whose decoder attention does not reach shared keys/values through the attention interface:
 # model type -> (the one-level subclass its modules run as while decoding, why the stock class changed).
+# (Names looked up at each call, so that a test can stand in for a changed release.)
 OWN_ATTENTION = {
-    "led": (_led_attention_class, _led_interface),  # LED's attention predates the interface
-    "t5gemma2": (_merged_attention_class, _merged_interface),  # T5Gemma 2's merges self- and cross-attention
+    "led": (lambda: _led_attention_class(), lambda: _led_interface()),  # LED's attention predates the interface
+    "t5gemma2": (lambda: _merged_attention_class(), lambda: _merged_interface()),  # merged self-/cross-attention
 }
 CROSS_ATTENTION_NAMES = ("encoder_attn", "EncDecAttention", "cross_attn")  # BART-style, T5-style, T5Gemma
 

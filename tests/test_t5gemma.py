@@ -192,9 +192,6 @@ def test_a_family_that_cannot_share_steps_aside_with_one_line_and_stock_ids(monk
     model = build("t5gemma2")
     ids, mask = batch(model)
     monkeypatch.setattr(decoding, "_merged_interface", lambda: "T5Gemma2MergedAttention.forward takes (x, ...)")
-    monkeypatch.setitem(
-        decoding.OWN_ATTENTION, "t5gemma2", (decoding._merged_attention_class, decoding._merged_interface)
-    )
     monkeypatch.setattr(decoding, "_TOLD", set())
     assert decoding.sharing(model) == "T5Gemma2MergedAttention.forward takes (x, ...)"
     stock, ours = both(model, ids, mask, **SETTINGS["beams4"])
