@@ -10,7 +10,7 @@ It recognises three kinds of checkpoint:
   the original LSG converter (`model_type` "bart"/"mbart"/"pegasus" plus LSG keys and an
   `auto_map` to a `modeling_lsg_*.py` file). Both load into longsum's classes; no file from the
   checkpoint folder is ever imported or run.
-* stock seq2seq checkpoints (BART, Pegasus, T5, LongT5, LED, PEGASUS-X, BigBird-Pegasus, ...)
+* stock seq2seq checkpoints (BART, Pegasus, T5, LongT5, LED, PEGASUS-X, BigBird-Pegasus, T5Gemma, T5Gemma 2, ...)
   through transformers' Auto classes, with `trust_remote_code=False`.
 * a Hub id: the folder is fetched first (configs, tokenizer files and weights; never `*.py`), then
   loaded as a local folder. Without network access, only ids already in the local HF cache work.
