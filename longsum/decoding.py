@@ -349,8 +349,9 @@ def _merged_attention_class():
 
         The beams' self-attention part is computed as the stock module computes it (projections,
         norms, rotary positions, the beams' own cache); the cache's cross part `[b, g, s, d]` meets
-        the beams' queries `[b*k, h, t, d]` in `merged_shared_attention`. Anything else (the step
-        that fills the cache, training, equal batches) is the stock forward.
+        the beams' queries `[b*k, h, t, d]` in `merged_shared_attention` (`merged_expanded_attention`
+        under `generate(exact=True)`). Anything else (the step that fills the cache, training, equal
+        batches) is the stock forward.
         """
 
         def forward(self, hidden_states, position_embeddings, merged_attention_mask, encoder_hidden_states,
