@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -170,3 +171,24 @@ def test_bad_metric_args_fail_before_any_work(tmp_path, dataset, args, message):
     out = tmp_path / "run"
     assert_one_line(run_longsum("eval", dataset, "-m", tmp_path / "no-model", "-o", out, *args), message)
     assert not out.exists()
+
+
+def test_a_hub_metric_in_evaluates_cache_loads_offline(tmp_path, word_match):
+    """Offline, a Hub metric that was fetched once comes from evaluate's module cache (here one laid
+    out as evaluate leaves it, in a fresh process: evaluate reads its cache folder when imported)."""
+    import subprocess
+    import sys
+
+    cached = tmp_path / "modules" / "evaluate_modules" / "metrics" / "evaluate-metric--word_match" / ("0" * 64)
+    cached.mkdir(parents=True)
+    for folder in (cached, *list(cached.parents)[:3]):
+        (folder / "__init__.py").touch()
+    (cached / "word_match.py").write_text(WORD_MATCH)
+    code = ("import json; from longsum.data.metrics import load_extra_metric; m = load_extra_metric('word_match'); "
+            "print(json.dumps([m.config, m.compute(['a b'], ['a b'])]))")  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config, scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert config["source"] == "Hugging Face Hub" and config["path"] == "word_match"
+    assert scores == {"exact": 1.0, "words": [2], "first_reference": "a b"}
