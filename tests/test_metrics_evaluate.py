@@ -34,7 +34,7 @@ class WordMatch(evaluate.Metric):
     def _compute(self, predictions, references, scale=1.0):
         return {"exact": scale * sum(p == r for p, r in zip(predictions, references)) / len(predictions),
                 "words": [len(p.split()) for p in predictions],
-                "first_reference": references[0]}
+                "first_reference": references[0], "scaled_count": scale * len(predictions)}
 """
 
 
@@ -72,6 +72,7 @@ def test_a_local_metric_script_lands_in_results_with_its_config(tmp_path, tiny_m
         "exact": 100 * sum(r["prediction"] == r["reference"] for r in order) / 3,
         "words": [len(r["prediction"].split()) for r in order],
         "first_reference": CORPUS[0],  # computed on the references in dataset order
+        "scaled_count": 300,  # --metric-args reached compute
     }
     config = entry["config"]
     assert config["module"] == "word_match" and config["source"] == "local script"
@@ -97,11 +98,19 @@ def test_a_hub_only_metric_offline_fails_in_one_line_before_generating(tmp_path,
                                                                       monkeypatch):  # fmt: skip
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    requests_made = []  # evaluate reads HF_EVALUATE_OFFLINE, not HF_HUB_OFFLINE: it must not try the Hub either
+
+    def no_network(*args, **kwargs):
+        requests_made.append(args)
+        raise ConnectionError("no network in this test")
+
+    for name in ("request", "get", "head"):
+        monkeypatch.setattr(f"requests.{name}", no_network)
     out = tmp_path / "run"
     run = evaluate_run(dataset, tiny_model_dir, out, "--metric", "a-metric-nobody-cached")
     assert_one_line(run, "--metric a-metric-nobody-cached needs the Hugging Face Hub (HF_HUB_OFFLINE=1)")
     assert "use a local metric script or folder" in run.stderr
-    assert not (out / "predictions.jsonl").exists()
+    assert not (out / "predictions.jsonl").exists() and requests_made == []
 
 
 def test_a_missing_metric_script_is_one_line(tmp_path, tiny_model_dir, dataset):
@@ -191,4 +200,4 @@ def test_a_hub_metric_in_evaluates_cache_loads_offline(tmp_path, word_match):
     assert done.returncode == 0, done.stderr
     config, scores = json.loads(done.stdout.strip().splitlines()[-1])
     assert config["source"] == "Hugging Face Hub" and config["path"] == "word_match"
-    assert scores == {"exact": 1.0, "words": [2], "first_reference": "a b"}
+    assert scores == {"exact": 1.0, "words": [2], "first_reference": "a b", "scaled_count": 1.0}
