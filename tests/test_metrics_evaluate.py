@@ -201,3 +201,11 @@ def test_a_hub_metric_in_evaluates_cache_loads_offline(tmp_path, word_match):
     config, scores = json.loads(done.stdout.strip().splitlines()[-1])
     assert config["source"] == "Hugging Face Hub" and config["path"] == "word_match"
     assert scores == {"exact": 1.0, "words": [2], "first_reference": "a b", "scaled_count": 1.0}
+
+
+def test_a_metric_that_imports_a_missing_package_is_one_line(tmp_path, tiny_model_dir, dataset):
+    script = tmp_path / "needs_more.py"
+    script.write_text("import longsum_no_such_package\n" + WORD_MATCH)
+    run = evaluate_run(dataset, tiny_model_dir, tmp_path / "run", "--metric", script)
+    assert_one_line(run, f"--metric {script} needs a package that is not installed")
+    assert "longsum_no_such_package" in run.stderr and not (tmp_path / "run").exists()

@@ -59,7 +59,7 @@ class EvalConfig:
     metric: list[str] = setting([], "Also score with this evaluate metric (repeatable): a Hub name (bertscore, "
                                 "meteor, sacrebleu; fetched from the Hub and run, offline from evaluate's cache) or "
                                 "a local metric script or folder (imported, so it runs: your own file). Needs "
-                                "pip install 'longsum[metrics]'.")  # fmt: skip
+                                "evaluate, the 'metrics' extra of longsum.")  # fmt: skip
     metric_args: str | None = setting(None, "JSON: each --metric's compute arguments, e.g. "
                                       "'{\"bertscore\": {\"lang\": \"en\"}}'.")  # fmt: skip
 
@@ -482,7 +482,7 @@ EXAMPLES = """Examples:
 
 Scores: rouge1/2/L/Lsum F1 x100 (rouge-score, use_stemmer=True; rougeLsum on sentences split offline),
 mean over examples with a seeded bootstrap 95% interval. Hub datasets need the Hub once, then the cache.
---metric: Hugging Face evaluate metrics on the same predictions (pip install 'longsum[metrics]'); a Hub
+--metric: Hugging Face evaluate metrics on the same predictions (the 'metrics' extra of longsum); a Hub
 metric runs evaluate's script from the Hub (needs the Hub once, then its cache), a local one runs your file;
 a new --metric on a finished run scores again without generating."""
 
