@@ -13,9 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from longsum.cli import app
+from longsum.data import schema
 from longsum.data.store import read_records
 from tests.conftest import CORPUS
 from tests.helpers import assert_one_line, run_longsum
+from tests.test_schema import problems
 
 # A metric script as a user writes one: an `evaluate.Metric` with its own keys and a compute argument.
 WORD_MATCH = """
@@ -79,6 +81,7 @@ def test_a_local_metric_script_lands_in_results_with_its_config(tmp_path, tiny_m
     assert config["path"] == str(word_match.resolve()) and config["compute_args"] == {"scale": 100}
     assert config["evaluate"] == __import__("evaluate").__version__ and len(config["script_sha256"]) == 64
     assert set(results["metrics"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}  # ROUGE beside it, as before
+    assert problems(results, schema.EvalResults) == []  # longsum.data.schema's types, with a metric's entry
 
 
 def test_the_table_shows_the_metric(tmp_path, tiny_model_dir, dataset, word_match):
