@@ -5,9 +5,10 @@ Outputs in `--output-dir`:
   scores), written as examples finish; a `longsum.data.store.ResultStore` with `run.json` as its
   sidecar, so a rerun resumes only with the same data, model weights and output-changing settings,
   and retries examples whose record is an error;
-* `results.json`: ROUGE with bootstrap intervals, the `--metric`s (Hugging Face `evaluate`), what was left out of the scores and why, the
-  full configuration, model and dataset identity, package versions, git commit and timings
-  (schema: docs/eval-results.md); an earlier one is kept as `results.<time>.json`.
+* `results.json`: ROUGE with bootstrap intervals, the `--metric`s (Hugging Face `evaluate`), what
+  was left out of the scores and why, the full configuration, model and dataset identity, package
+  versions, git commit and timings (schema: docs/eval-results.md); an earlier one is kept as
+  `results.<time>.json`.
 The scores table goes to stdout, logs to stderr.
 Examples without a document or a reference are not generated nor scored: they are counted and
 reported (and the run fails if none is left). Generation uses the shared `Summarizer`.
