@@ -13,6 +13,7 @@ a file the route had already left. Prints the route and a summary; saves JSON.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ def trace(command: list[str]) -> list[str]:
     # "in": longsum code on the command's route; "lib": library code called from it; "cut": below that.
     stack: list[tuple[str, bool]] = []
 
-    calls: list[tuple[str, str]] = []  # (caller file, called file), once per call edge
+    calls: list[tuple[str, str, str]] = []  # (caller file, called file, "caller() -> callee()"), once per edge
 
     def move(file: str) -> None:
         if not route or route[-1] != file:
@@ -64,7 +65,8 @@ def trace(command: list[str]) -> list[str]:
                 edge = (frame.f_back.f_code, frame.f_code)
                 if callee and callee != caller and edge not in seen_edges:
                     seen_edges.add(edge)
-                    calls.append((caller, callee))
+                    pull = " (a stream pulled)" if frame.f_code.co_flags & inspect.CO_GENERATOR else ""
+                    calls.append((caller, callee, f"{frame.f_back.f_code.co_name}() -> {frame.f_code.co_name}(){pull}"))
                     move(callee)
                     recorded = True
             else:
@@ -85,15 +87,15 @@ def trace(command: list[str]) -> list[str]:
     return route, calls
 
 
-def summary(route: list[str], calls: list[tuple[str, str]]) -> dict:
-    """Stays, files, returns; `entered`: calls into each file; `climbs`: file pairs called both ways
-    (the second direction seen: a file calling back into one that called it)."""
+def summary(route: list[str], calls: list[tuple[str, str, str]]) -> dict:
+    """Stays, files, returns; `entered`: calls into each file; `climbs`: the calls from a file back into
+    one that had called it first (a callback, or a generator of the caller's pulled for its items)."""
     returns = sum(n - 1 for n in Counter(route).values())
     first: dict = {}
-    for pair in calls:
-        first.setdefault(frozenset(pair), pair)
-    climbs = sorted({f"{a} -> {b}" for a, b in calls if a != b and first[frozenset((a, b))] != (a, b)})
-    entered = Counter(b for _, b in calls)
+    for a, b, _ in calls:
+        first.setdefault(frozenset((a, b)), (a, b))
+    climbs = [f"{a} -> {b}: {how}" for a, b, how in calls if first[frozenset((a, b))] != (a, b)]
+    entered = Counter(b for _, b, _ in calls)
     return {"stays": len(route), "files": len(set(route)), "returns": returns, "climbs": climbs,
             "entered": dict(entered.most_common())}  # fmt: skip
 
@@ -129,7 +131,7 @@ def main() -> None:
     result = {"command": args.command, "route": route, **summary(route, calls)}
     print(" -> ".join(route))
     print(f"\n{result['stays']} stays in {result['files']} files, {result['returns']} returns to a file already "
-          f"left, {len(result['climbs'])} climbs back (a file calling into one that called it)")  # fmt: skip
+          f"left, {len(result['climbs'])} climbs back (calls into a file that called this one)")  # fmt: skip
     print("calls into each file (each call edge once): " + ", ".join(f"{k} {v}" for k, v in result["entered"].items()))
     for climb in result["climbs"]:
         print(f"  climb: {climb}")

@@ -18,7 +18,9 @@ beam sizes, with `max_new_tokens == min_new_tokens` (every run decodes the same 
             ``ct2-int8`` the same with ``compute_type="int8"``; ``ct2-batched`` with ``--batch-size``
             documents per call
 The model is LSG-BART (bart-base size: 6+6 layers, d_model 768, vocabulary 50,265; block size 128) for
-inputs longer than 1,024 tokens and dense BART-base at 1,024. Each (length, beams, method) cell runs in its
+inputs longer than 1,024 tokens and dense BART-base at 1,024; ``--model t5gemma2`` is T5Gemma 2 at its
+270M-270M size (18+18 Gemma 3 layers, d_model 640, 4 query heads / 1 key-value head of 256, sliding window
+512, vocabulary 262,144; its merged decoder attention decoded by ``SharedKVMergedAttention``) at any length. Each (length, beams, method) cell runs in its
 own process (so that its peak RSS is its own), times ``--docs`` documents after a short warm-up document and
 reports the median; the fp32 methods' token ids are compared (they must be identical). Nothing is asserted;
 the JSON's ``targets`` holds the ratios issue 26 states (longsum fp32 >= stock in every cell, within 1.1x of
@@ -35,6 +37,7 @@ Run from the repository root (CPU: 1 thread by default, as the targets are state
     python benchmarks/decode_speed.py --lengths 1024 --beams 4 --docs 4 --batch-size 4 --allocator tuned
     python benchmarks/decode_speed.py --lengths 1024 4096 --beams 1 4 --docs 2 --allocator tuned   # issue 26's grid
     python benchmarks/decode_speed.py --device cuda                     # bf16 on a GPU
+    python benchmarks/decode_speed.py --model t5gemma2 --lengths 4096 --beams 1 4 --docs 3 --name decode_speed_t5gemma2
 Outputs: a table on stdout; decode_speed.json (cells, settings, provenance) and decode_speed.png in
 --out-dir (default benchmarks/results/).
 """
@@ -60,6 +63,20 @@ BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, e
             attention_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
             forced_eos_token_id=2)  # fmt: skip
 DENSE_MAX = 1024  # BART-base's own length; longer inputs use LSG-BART
+# T5Gemma 2 at its smallest published size (270M-270M: Gemma 3 270M's layers), text path; the published
+# checkpoints' special ids. The vision tower is tiny here (the published one, ~0.4B parameters, is loaded but
+# never run on text, alike for both methods).
+T5GEMMA2_TEXT = dict(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                     num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                     sliding_window=512, max_position_embeddings=131_072, pad_token_id=0, eos_token_id=1,
+                     bos_token_id=2)  # fmt: skip
+# --model: what each builds, and its vocabulary and <bos>/<eos> ids for the random documents.
+MODELS = {
+    "bart": dict(about="bart-base size, random weights (LSG-BART above 1,024 tokens)", vocab=BASE["vocab_size"],
+                 bos=BASE["bos_token_id"], eos=BASE["eos_token_id"]),
+    "t5gemma2": dict(about="T5Gemma 2 270M-270M size, random weights, text path (tiny vision tower)",
+                     vocab=T5GEMMA2_TEXT["vocab_size"], bos=2, eos=1),
+}  # fmt: skip
 COLORS = {
     "stock": "C1",
     "longsum": "C0",
@@ -71,11 +88,19 @@ COLORS = {
 }
 
 
-def build_model(length: int, device: str, dtype):
+def build_model(length: int, device: str, dtype, family: str = "bart"):
     import torch
 
     torch.manual_seed(0)
-    if length <= DENSE_MAX:
+    if family == "t5gemma2":
+        from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)  # fmt: skip
+        config = T5Gemma2Config(encoder=dict(text_config=T5GEMMA2_TEXT, vision_config=vision, mm_tokens_per_image=4),
+                                decoder=T5GEMMA2_TEXT, pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+        model = T5Gemma2ForConditionalGeneration(config)
+    elif length <= DENSE_MAX:
         from transformers import BartConfig, BartForConditionalGeneration
 
         model = BartForConditionalGeneration(BartConfig(**BASE, max_position_embeddings=DENSE_MAX))
@@ -87,13 +112,14 @@ def build_model(length: int, device: str, dtype):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def documents(n: int, length: int, seed: int = 0):
+def documents(n: int, length: int, seed: int = 0, family: str = "bart"):
     import torch
 
+    ids_of = MODELS[family]
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
-        ids = torch.randint(5, BASE["vocab_size"], (1, length), generator=g)
-        ids[0, 0], ids[0, -1] = BASE["bos_token_id"], BASE["eos_token_id"]
+        ids = torch.randint(5, ids_of["vocab"], (1, length), generator=g)
+        ids[0, 0], ids[0, -1] = ids_of["bos"], ids_of["eos"]
         yield ids
 
 
@@ -136,7 +162,7 @@ def run_cell(args) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     settings = dict(num_beams=args.cell_beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                     no_repeat_ngram_size=3, length_penalty=1.0, do_sample=False)  # fmt: skip
-    model = build_model(args.cell_length, device, dtype)
+    model = build_model(args.cell_length, device, dtype, args.model)
     if args.cell_method.startswith("ct2"):
         return run_ct2(model, args, settings)
     if args.cell_method == "int8":
@@ -153,10 +179,10 @@ def run_cell(args) -> dict:
             return decoding.generate(model, ids, mask, exact=args.exact, **kwargs)
 
     # First-call costs (allocator, kernels) on a short document.
-    generate(next(documents(1, 256, seed=99)).to(device), max_new_tokens=4, min_new_tokens=4)
+    generate(next(documents(1, 256, seed=99, family=args.model)).to(device), max_new_tokens=4, min_new_tokens=4)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # [n, length] per call: equal lengths, no padding
-    seconds, outputs = timed_calls(list(documents(args.docs, args.cell_length)), per_call(args),
+    seconds, outputs = timed_calls(list(documents(args.docs, args.cell_length, family=args.model)), per_call(args),
                                    lambda docs: generate(torch.cat(docs).to(device)).tolist(), sync)  # fmt: skip
     kernels = None
     if device == "cpu" and args.cell_method != "stock" and not args.exact:
@@ -217,7 +243,8 @@ def run_ct2(model, args, settings) -> dict:
 def cell_in_subprocess(args, length: int, beams: int, method: str) -> dict:
     cmd = [sys.executable, __file__, "--cell-length", str(length), "--cell-beams", str(beams), "--cell-method", method,
            "--device", args.device, "--docs", str(args.docs), "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--allocator", args.allocator] + ["--exact"] * args.exact  # fmt: skip
+           "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--allocator", args.allocator,
+           "--model", args.model] + ["--exact"] * args.exact  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -296,6 +323,9 @@ def main() -> None:
                         "Python) or keep_freed_memory(), which `longsum summarize`/`eval` apply on CPU")  # fmt: skip
     p.add_argument("--exact", action="store_true",
                    help="longsum with torch's own CPU kernels (`--exact`) instead of oneDNN's packed linear layers")  # fmt: skip
+    p.add_argument("--model", choices=list(MODELS), default="bart",
+                   help="bart: bart-base size (LSG-BART above 1,024 tokens); t5gemma2: T5Gemma 2 270M-270M size "
+                        "(merged decoder attention, 128K positions)")  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="decode_speed")
     p.add_argument("--cell-length", type=int, help=argparse.SUPPRESS)
@@ -331,7 +361,7 @@ def main() -> None:
         for beams in args.beams:
             methods = ["stock", "longsum"] + (["int8"] if args.device == "cpu" else [])
             methods += ["batched"] if args.batch_size > 1 else []
-            if peer and length <= DENSE_MAX and args.device == "cpu":
+            if peer and length <= DENSE_MAX and args.device == "cpu" and args.model == "bart":
                 methods += ["ct2", "ct2-int8"] + (["ct2-batched"] if args.batch_size > 1 else [])
             cells = {}
             for method in methods:
@@ -357,8 +387,8 @@ def main() -> None:
     result = dict(settings=dict(lengths=args.lengths, beams=args.beams, new_tokens=args.new_tokens, docs=args.docs,
                                 batch_size=args.batch_size, allocator=args.allocator, exact=args.exact,
                                 threads=args.threads, device=args.device, no_repeat_ngram_size=3,
-                                dtype="bfloat16" if args.device == "cuda" else "float32", model="bart-base size, "
-                                "random weights (LSG-BART above 1,024 tokens)", busy_cores_at_start=busy),
+                                dtype="bfloat16" if args.device == "cuda" else "float32",
+                                model=MODELS[args.model]["about"], busy_cores_at_start=busy),
                   rows=rows, targets=targets(rows), cpu=cpu_facts() if args.device == "cpu" else None,
                   provenance=provenance(device_name))  # fmt: skip
     for line in result["targets"]:

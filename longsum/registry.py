@@ -116,11 +116,12 @@ T5_TYPES = ("t5", "mt5")  # converted to LongT5 (`--to`), not to LSG
 UNBOUNDED_POSITIONS = ("t5", "mt5", "longt5", "pegasus_x", "t5gemma", "t5gemma2")
 
 # Stock seq2seq model types `load_model` is tested with (LSG ones come from FAMILIES).
-STOCK_SEQ2SEQ = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "led", "pegasus_x", "bigbird_pegasus")
+STOCK_SEQ2SEQ = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "led", "pegasus_x", "bigbird_pegasus", "t5gemma",
+                 "t5gemma2")  # fmt: skip
 # Families checked (tests/test_decoding.py) to decode with each document's cross-attention keys/values
 # shared by its beams (`longsum.model.decoding`); another family decodes the stock way, with one line.
 SHARED_KV_MODEL_TYPES = ("bart", "mbart", "pegasus", "t5", "mt5", "longt5", "pegasus_x", "bigbird_pegasus",
-                         "led", "lsg_bart", "lsg_mbart", "lsg_pegasus")  # fmt: skip
+                         "led", "lsg_bart", "lsg_mbart", "lsg_pegasus", "t5gemma", "t5gemma2")  # fmt: skip
 
 
 def convertible() -> str:
@@ -154,6 +155,17 @@ MODEL_ALIASES = {
     "pegasus-x-base": Alias("google/pegasus-x-base", "model"),
     "lsg-bart-base-4096-pubmed": Alias("ccdv/lsg-bart-base-4096-pubmed", "model"),
     "lsg-bart-base-16384-pubmed": Alias("ccdv/lsg-bart-base-16384-pubmed", "model"),
+    # T5Gemma 2 (Gemma 3 layers, 128K positions; pretrained only) and T5Gemma (Gemma 2 layers, 8K): gated on the
+    # Hub (accept Google's Gemma license there, then log in); "-it": instruction-tuned.
+    "t5gemma-2-270m-270m": Alias("google/t5gemma-2-270m-270m", "model"),
+    "t5gemma-2-1b-1b": Alias("google/t5gemma-2-1b-1b", "model"),
+    "t5gemma-2-4b-4b": Alias("google/t5gemma-2-4b-4b", "model"),
+    "t5gemma-b-b-prefixlm": Alias("google/t5gemma-b-b-prefixlm", "model"),
+    "t5gemma-b-b-prefixlm-it": Alias("google/t5gemma-b-b-prefixlm-it", "model"),
+    "t5gemma-l-l-prefixlm": Alias("google/t5gemma-l-l-prefixlm", "model"),
+    "t5gemma-l-l-prefixlm-it": Alias("google/t5gemma-l-l-prefixlm-it", "model"),
+    "t5gemma-2b-2b-prefixlm": Alias("google/t5gemma-2b-2b-prefixlm", "model"),
+    "t5gemma-2b-2b-prefixlm-it": Alias("google/t5gemma-2b-2b-prefixlm-it", "model"),
 }
 
 

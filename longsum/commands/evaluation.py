@@ -5,9 +5,10 @@ Outputs in `--output-dir`:
   scores), written as examples finish; a `longsum.data.store.ResultStore` with `run.json` as its
   sidecar, so a rerun resumes only with the same data, model weights and output-changing settings,
   and retries examples whose record is an error;
-* `results.json`: metrics with bootstrap intervals, what was left out of the scores and why, the
-  full configuration, model and dataset identity, package versions, git commit and timings
-  (schema: docs/eval-results.md); an earlier one is kept as `results.<time>.json`.
+* `results.json`: ROUGE with bootstrap intervals, the `--metric`s (Hugging Face `evaluate`), what
+  was left out of the scores and why, the full configuration, model and dataset identity, package
+  versions, git commit and timings (schema: docs/eval-results.md); an earlier one is kept as
+  `results.<time>.json`.
 The scores table goes to stdout, logs to stderr.
 Examples without a document or a reference are not generated nor scored: they are counted and
 reported (and the run fails if none is left). Generation uses the shared `Summarizer`.
@@ -25,7 +26,7 @@ from typing import Any
 
 from longsum import errors
 from longsum.console import alert, log, note, stdout_console
-from longsum.data.schema import EvalResults, ModelIdentity, PredictionRecord
+from longsum.data.schema import EvalResults, ExtraMetricResult, ModelIdentity, PredictionRecord
 from longsum.errors import LongsumError
 from longsum.model.generation import GenerationOptions, Result
 from longsum.settings import Action, Command, RunDtype, device_setting, dtype_setting, model_setting, setting
@@ -56,6 +57,12 @@ class EvalConfig:
     dtype: RunDtype = dtype_setting()
     compare: str | None = setting(None, "Another results.json to compare with.")
     overwrite: bool = setting(False, "Discard earlier predictions in the output dir.")
+    metric: list[str] = setting([], "Also score with this evaluate metric (repeatable): a Hub name (bertscore, "
+                                "meteor, sacrebleu; fetched from the Hub and run, offline from evaluate's cache) or "
+                                "a local metric script or folder (imported, so it runs: your own file). Needs "
+                                "evaluate, the 'metrics' extra of longsum.")  # fmt: skip
+    metric_args: str | None = setting(None, "JSON: each --metric's compute arguments, e.g. "
+                                      "'{\"bertscore\": {\"lang\": \"en\"}}'.")  # fmt: skip
 
 
 def _slug(text: str) -> str:
@@ -119,6 +126,7 @@ class _EvalRun:
     started: str
     t0: float
     throughput: dict = field(default_factory=lambda: {"examples": 0, "input_tokens": 0, "seconds": 0.0})
+    metrics: list = field(default_factory=list)  # the --metric's `longsum.data.metrics.ExtraMetric`s
 
     @property
     def predictions(self) -> Path:
@@ -136,6 +144,7 @@ def run(cfg: EvalConfig) -> int:
 
     started, t0 = now(), time.perf_counter()
     comparison = check_config(cfg)  # what is wrong with the command fails before any data or model is read
+    metrics = load_metrics(cfg)  # so does a --metric that cannot be loaded (offline, not installed)
     dist = distributed.init()
     data = load_examples(cfg.dataset, cfg.split, cfg.text_column, cfg.summary_column, cfg.limit, cfg.seed,
                          cfg.revision, cfg.config)  # fmt: skip
@@ -149,7 +158,8 @@ def run(cfg: EvalConfig) -> int:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     if out_dir.exists() and not out_dir.is_dir():
         raise LongsumError(f"--output-dir {out_dir} is a file; choose a folder")
-    ev = _EvalRun(cfg, checkpoint, data, _Plan(), out_dir, preset, settings.as_dict(), comparison, started, t0)
+    ev = _EvalRun(cfg, checkpoint, data, _Plan(), out_dir, preset, settings.as_dict(), comparison, started, t0,
+                  metrics=metrics)  # fmt: skip
     info = {"dataset_name": cfg.dataset, "model": cfg.model, "longsum": __version__}
     results = distributed.open_results(str(ev.predictions), identity, dist, info=info, overwrite=cfg.overwrite,
                                        sidecar=out_dir / "run.json", other="another --output-dir")  # fmt: skip
@@ -202,7 +212,44 @@ def check_config(cfg: EvalConfig) -> dict | None:
 
     if not 0 <= cfg.seed <= MAX_SEED:
         raise LongsumError(f"--seed must be between 0 and {MAX_SEED}, not {cfg.seed}")
+    cfg.metric = metric_names(cfg.metric)
+    metric_arguments(cfg)
     return read_comparison(cfg.compare) if cfg.compare else None
+
+
+def metric_names(given) -> list[str]:
+    """--metric's names, each once (a config file may give one name as a string)."""
+    names = [given] if isinstance(given, str) else list(given or [])
+    if not all(isinstance(name, str) and name.strip() for name in names):
+        raise LongsumError(f"--metric takes metric names or paths, not {given!r}")
+    return list(dict.fromkeys(names))
+
+
+def metric_arguments(cfg: EvalConfig) -> dict[str, dict]:
+    """--metric-args read: each named --metric's compute arguments (a mapping), or a one-line error."""
+    if cfg.metric_args is None:
+        return {}
+    try:
+        args = json.loads(cfg.metric_args)
+    except ValueError as err:
+        raise LongsumError(f"--metric-args is not valid JSON ({errors.describe(err)})") from None
+    if not isinstance(args, dict) or not all(isinstance(v, dict) for v in args.values()):
+        raise LongsumError('--metric-args must map metric names to their arguments: \'{"bertscore": {"lang": "en"}}\'')
+    if unknown := [name for name in args if name not in cfg.metric]:
+        raise LongsumError(
+            f"--metric-args names {unknown[0]}, which is not a --metric ({', '.join(cfg.metric) or 'none'})"
+        )
+    return args
+
+
+def load_metrics(cfg: EvalConfig) -> list:
+    """The --metric's, loaded (`longsum.data.metrics.load_extra_metric`): one that cannot be is one line."""
+    if not cfg.metric:
+        return []
+    from longsum.data.metrics import load_extra_metric
+
+    args = metric_arguments(cfg)
+    return [load_extra_metric(name, args.get(name)) for name in cfg.metric]
 
 
 def read_comparison(path: str) -> dict:
@@ -252,6 +299,7 @@ def _score(ev: _EvalRun) -> int:
     cfg, plan, predictions = ev.cfg, ev.plan, ev.predictions
 
     scores, failed, first_error = {}, 0, None  # scores: dataset position -> the example's scores
+    pairs = {}  # dataset position -> (prediction, reference), for the --metric's
     tokens = words = truncated = 0
     found = set()
     for r in latest_records(predictions):
@@ -263,6 +311,8 @@ def _score(ev: _EvalRun) -> int:
             first_error = first_error or r["error"]
             continue
         scores[plan.wanted[r["id"]]] = r["scores"]
+        if ev.metrics:
+            pairs[plan.wanted[r["id"]]] = (r["prediction"], r["reference"])
         tokens += r["output_tokens"]
         words += len(r["prediction"].split())
         truncated += bool(r.get("truncated"))
@@ -272,10 +322,13 @@ def _score(ev: _EvalRun) -> int:
     if not scores:
         raise LongsumError(f"every example failed (first error: {first_error}); no score to report")
     metrics = aggregate([scores[i] for i in sorted(scores)], seed=cfg.seed)
+    extra = extra_metrics(ev.metrics, [pairs[i] for i in sorted(pairs)], predictions)
     results = results_record(ev, metrics=metrics, examples=len(scores), failed=failed, tokens=tokens, words=words,
-                             truncated=truncated)  # fmt: skip
+                             truncated=truncated, extra_metrics=extra)  # fmt: skip
     kept = _write_results(ev.out_dir / "results.json", results)
     _print_table(results, ROUGE_TYPES)
+    if extra:
+        _print_extra_table(extra)
     if ev.comparison is not None:
         print_comparison(results, ev.comparison, cfg.compare)
     log(f"wrote {ev.out_dir / 'results.json'} and {predictions}")
@@ -290,10 +343,25 @@ def _score(ev: _EvalRun) -> int:
     return 0
 
 
+def extra_metrics(metrics: list, pairs: list[tuple[str, str]], predictions: Path) -> dict[str, ExtraMetricResult]:
+    """results.json's `extra_metrics`: each --metric (`ExtraMetric`) computed on the scored examples'
+    (prediction, reference) `pairs`, in dataset order. A metric that fails is one line, after the
+    predictions are saved: the same command then scores again without generating."""
+    out = {}
+    for metric in metrics:
+        try:
+            scores = metric.compute([p for p, _ in pairs], [r for _, r in pairs])
+        except LongsumError as err:
+            raise LongsumError(f"{err}; the predictions are kept in {predictions}: fix the metric (or --metric-args) "
+                               f"and run the same command again, nothing is generated again") from None  # fmt: skip
+        out[metric.name] = {"scores": scores, "config": metric.config}
+    return out
+
+
 def results_record(ev: _EvalRun, *, metrics, examples: int, failed: int, tokens: int, words: int,
-                   truncated: int) -> EvalResults:  # fmt: skip
-    """results.json (docs/eval-results.md): `examples` scored, `failed`, and the `tokens`, `words` and
-    `truncated` inputs of the scored predictions."""
+                   truncated: int, extra_metrics: dict | None = None) -> EvalResults:  # fmt: skip
+    """results.json (docs/eval-results.md): `examples` scored, `failed`, the `tokens`, `words` and
+    `truncated` inputs of the scored predictions, and the --metric's `extra_metrics` (`extra_metrics()`)."""
     from longsum.data.metrics import METRIC_RECIPE
     from longsum.data.provenance import now, provenance
 
@@ -318,6 +386,7 @@ def results_record(ev: _EvalRun, *, metrics, examples: int, failed: int, tokens:
             "examples_per_s": gen_stats["examples"] / gen_stats["seconds"] if gen_stats["seconds"] else None,
         },  # fmt: skip
         "metric_recipe": METRIC_RECIPE,
+        "extra_metrics": extra_metrics or {},
         "dataset": {"name": ev.cfg.dataset, **ev.data.source},
         "model": model_identity(ev.checkpoint),
         "generation": ev.generation,
@@ -362,6 +431,26 @@ def _print_table(results: dict, rouge_types) -> None:
     stdout_console().print(table)
 
 
+def _print_extra_table(extra: dict) -> None:
+    """The --metric's numeric scores (a list of per-example values as its mean) on stdout."""
+    from rich.table import Table
+
+    table = Table(title="--metric (evaluate)")
+    for column in ("metric", "score", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for name, entry in extra.items():
+        for key, value in entry["scores"].items():
+            if isinstance(value, list) and value and all(_number(v) for v in value):
+                table.add_row(name, f"{key} (mean)", f"{sum(value) / len(value):.4g}")
+            elif _number(value):
+                table.add_row(name, key, f"{value:.4g}")
+    stdout_console().print(table)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def print_comparison(results: dict, other: dict, other_path: str) -> None:
     """This run's means beside another run's (`other`: its results.json, from `read_comparison`)."""
     from rich.table import Table
@@ -387,10 +476,16 @@ EXAMPLES = """Examples:
 
   accelerate launch -m longsum eval arxiv --model ccdv/lsg-bart-base-4096-arxiv
 
+  longsum eval data/dev.jsonl --model ./my-model --metric ./my_metric.py --metric bertscore \\
+      --metric-args '{"bertscore": {"lang": "en"}}'
+
   longsum eval --list
 
 Scores: rouge1/2/L/Lsum F1 x100 (rouge-score, use_stemmer=True; rougeLsum on sentences split offline),
-mean over examples with a seeded bootstrap 95% interval. Hub datasets need the Hub once, then the cache."""
+mean over examples with a seeded bootstrap 95% interval. Hub datasets need the Hub once, then the cache.
+--metric: Hugging Face evaluate metrics on the same predictions (the 'metrics' extra of longsum); a Hub
+metric runs evaluate's script from the Hub (needs the Hub once, then its cache), a local one runs your file;
+a new --metric on a finished run scores again without generating."""
 
 
 def list_datasets() -> None:

@@ -120,6 +120,7 @@ class _ToDo:
         self.plan, self.cfg, self.results, self.dist = plan, cfg, results, dist
         self.seen: set = set()  # keys of this run's documents
         self.skipped = self.retried = 0
+        self._sources = {printable(str(path)) for kind, path in plan.items if kind == "records"}  # as records say
 
     def __iter__(self) -> Iterator[tuple[Document, Text]]:
         index = 0
@@ -140,8 +141,7 @@ class _ToDo:
         fixed line now has its own id): the document it was about has this run's record."""
         from longsum.data.store import is_failure, record_key
 
-        sources = {printable(str(path)) for kind, path in self.plan.items if kind == "records"}  # as records name them
-        return is_failure(record) and record.get("source") in sources and record_key(record) not in self.seen
+        return is_failure(record) and record.get("source") in self._sources and record_key(record) not in self.seen
 
 
 def _report(cfg: SummarizeConfig, plan: InputPlan, todo: _ToDo, tally, world: int) -> None:

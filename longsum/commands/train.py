@@ -186,8 +186,24 @@ def _datasets(cfg: TrainConfig):
             train.subset(sorted(eval_positions)))  # fmt: skip
 
 
-def _tokenized(cfg: TrainConfig, data, split: str, tokenizer, max_source: int):
-    """A tokenized `datasets.Dataset` (cached on disk per source, selection and lengths)."""
+def as_labels(tokenizer, start: int | None):
+    """What turns a reference's token ids into labels: a leading decoder start token dropped (the model's
+    shift puts it there: Gemma's tokenizer starts every text with `<bos>`, T5Gemma's decoder start) and
+    an EOS appended where the tokenizer writes none (Gemma's), so that the model learns to stop. Every
+    other family's ids are labels as they are (BART's `<s> ... </s>`, T5's `... </s>`, mBART's `... </s> lang`)."""
+    eos = tokenizer.eos_token_id
+    append = eos is not None and eos not in tokenizer(text_target="a")["input_ids"]
+
+    def labels(ids: list[int]) -> list[int]:
+        ids = ids[1:] if ids and start is not None and ids[0] == start else ids
+        return [*ids, eos] if append else ids
+
+    labels.key = (start, append)  # what the tokenized cache's name depends on
+    return labels
+
+
+def _tokenized(cfg: TrainConfig, data, split: str, tokenizer, max_source: int, labels):
+    """A tokenized `datasets.Dataset` (cached on disk per source, selection and lengths); `labels`: `as_labels`."""
     view, dropped = data.training_view()
     if dropped:
         note(f"left out {dropped} example(s) of {cfg.dataset} [{split}] without a document or a reference")
@@ -197,14 +213,14 @@ def _tokenized(cfg: TrainConfig, data, split: str, tokenizer, max_source: int):
 
     rows = hashlib.sha256(array("q", data.indices).tobytes()).hexdigest()  # which rows (subset, hold-out)
     key = json.dumps([data.source, rows, getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_source,
-                      cfg.max_target_length], sort_keys=True, default=str)  # fmt: skip
+                      cfg.max_target_length, *labels.key], sort_keys=True, default=str)  # fmt: skip
     cache = Path(cfg.output_dir) / "cache" / f"{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.arrow"
     cache.parent.mkdir(parents=True, exist_ok=True)
 
     def tokenize(batch):
         features = tokenizer(batch["text"], max_length=max_source, truncation=True)
-        features["labels"] = tokenizer(text_target=batch["reference"], max_length=cfg.max_target_length,
-                                       truncation=True)["input_ids"]  # fmt: skip
+        targets = tokenizer(text_target=batch["reference"], max_length=cfg.max_target_length, truncation=True)
+        features["labels"] = [labels(ids) for ids in targets["input_ids"]]
         return features
 
     return view.map(tokenize, batched=True, remove_columns=["text", "reference"], cache_file_name=str(cache),
@@ -233,8 +249,13 @@ def run(cfg: TrainConfig) -> Path:
     model.train()
     max_source = cfg.max_source_length or model_max_source_length(model.config, tokenizer)
     train_data, eval_data = _datasets(cfg)
-    train_set = _tokenized(cfg, train_data, cfg.train_split, tokenizer, max_source)
-    eval_set = None if eval_data is None else _tokenized(cfg, eval_data, "eval", tokenizer, max_source)
+    generation = model.generation_config
+    start = (
+        generation.decoder_start_token_id if generation.decoder_start_token_id is not None else generation.bos_token_id
+    )
+    labels = as_labels(tokenizer, start)
+    train_set = _tokenized(cfg, train_data, cfg.train_split, tokenizer, max_source, labels)
+    eval_set = None if eval_data is None else _tokenized(cfg, eval_data, "eval", tokenizer, max_source, labels)
 
     block = getattr(model.config, "block_size", None) if hasattr(model.config, "sparsity_type") else None
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=block)

@@ -69,6 +69,25 @@ class Timings(TypedDict):
     seconds: float
 
 
+class ExtraMetricConfig(TypedDict):
+    """How a `--metric` was loaded and computed."""
+
+    module: str  # the evaluate module's name
+    source: Literal["local script", "Hugging Face Hub"]
+    path: str  # the script's resolved path, or the Hub name as given
+    script_sha256: str  # of the script evaluate imported (the Hub's cached copy for a Hub metric)
+    evaluate: str  # evaluate's version
+    load_args: dict[str, Any]  # evaluate.load's keyword arguments
+    compute_args: dict[str, Any]  # the metric's compute arguments (--metric-args)
+
+
+class ExtraMetricResult(TypedDict):
+    """One `--metric`: what its `compute` returned (JSON values; its keys are the metric's) and its config."""
+
+    scores: dict[str, Any]
+    config: ExtraMetricConfig
+
+
 class EvalResults(TypedDict):
     """`results.json`, schema version 1 (docs/eval-results.md)."""
 
@@ -83,6 +102,7 @@ class EvalResults(TypedDict):
     truncated_inputs: int
     throughput: Throughput
     metric_recipe: dict[str, Any]
+    extra_metrics: dict[str, ExtraMetricResult]  # --metric as given -> its result ({} without --metric)
     dataset: dict[str, Any]  # its keys depend on where the data came from (Hub or local file)
     model: ModelIdentity
     generation: dict[str, Any]

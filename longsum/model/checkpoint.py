@@ -10,7 +10,7 @@ It recognises three kinds of checkpoint:
   the original LSG converter (`model_type` "bart"/"mbart"/"pegasus" plus LSG keys and an
   `auto_map` to a `modeling_lsg_*.py` file). Both load into longsum's classes; no file from the
   checkpoint folder is ever imported or run.
-* stock seq2seq checkpoints (BART, Pegasus, T5, LongT5, LED, PEGASUS-X, BigBird-Pegasus, ...)
+* stock seq2seq checkpoints (BART, Pegasus, T5, LongT5, LED, PEGASUS-X, BigBird-Pegasus, T5Gemma, T5Gemma 2, ...)
   through transformers' Auto classes, with `trust_remote_code=False`.
 * a Hub id: the folder is fetched first (configs, tokenizer files and weights; never `*.py`), then
   loaded as a local folder. Without network access, only ids already in the local HF cache work.
@@ -356,9 +356,13 @@ def _build_tokenizer(folder: Path, config=None):
 
     given = {} if config is None else {"config": config}
     try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **given)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **given)
     except (OSError, ValueError, TypeError) as err:
         raise ModelLoadError(f"no usable tokenizer in {folder}: {_first_line(err)}") from None
+    # Documents and references are padded on the right: Gemma's tokenizer (T5Gemma) pads on the left, as
+    # decoder-only prompts need, which would put padding before the reference tokens in train's labels.
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def load_generation_config(folder: Path, config):

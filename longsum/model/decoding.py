@@ -35,9 +35,13 @@ stopping rules: it *is* `model.generate`), with these changes around it:
    and the ids are stock generate's.
 
 Families whose attention calls go through transformers' attention interface share keys/values
-that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus);
-LED's decoder attention predates the interface, so its cross-attention modules run as
-`SharedKVLEDDecoderAttention` (a one-level subclass) while decoding. Any other model decodes
+that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus,
+T5Gemma); LED's decoder attention predates the interface, so its cross-attention modules run as
+`SharedKVLEDDecoderAttention` (a one-level subclass) while decoding; T5Gemma 2's decoder attends over
+`[self | cross]` keys in one softmax, so its merged modules run as `SharedKVMergedAttention`, which
+joins the beams' own self part and the document's shared cross part (`merged_shared_attention`;
+`merged_expanded_attention` under `exact=True`). The beams' self-attention cache is made from the
+decoder's config, as stock generate() makes it (sliding-window layers keep their window). Any other model decodes
 with the stock layout and the fast n-gram blocker, with the same ids; `sharing(model)` says why.
 `cache_implementation="static"` works too (stock ids): the beams' self-attention then lives in a
 preallocated `StaticCache` beside the shared cross-attention part, reordered in place (`StaticBeamCache`).
@@ -54,7 +58,8 @@ compile (LED's decoder on torch 2.13, no compiler, a graph break) it steps aside
 
 What the installed transformers offers is read from its code, never from its version: the keyword a
 model's forward takes its cache under (`cache_keyword`: `cache` from 5.24, `past_key_values` before),
-the attention and cache interfaces (`_interfaces`), LED's attention signature (`_led_interface`).
+the attention and cache interfaces (`_interfaces`), LED's and T5Gemma 2's attention signatures
+(`_led_interface`, `_merged_interface`).
 Everything above is an optimisation and steps aside, with one stderr line (`step_aside`): before
 decoding when a precondition fails (`sharing`, `packing_fails`), and at run time when the fast path
 fails where stock `generate()` does not (the model then decodes with stock `generate()`).
@@ -63,6 +68,7 @@ fails where stock `generate()` does not (the model then decodes with stock `gene
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import shutil
@@ -112,6 +118,12 @@ class BeamCache(EncoderDecoderCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def self_attention_cache(model) -> DynamicCache:
+    """The beams' self-attention cache as stock generate() makes it: from the decoder's config, so that
+    sliding-window layers (T5Gemma's local layers) keep only their window, as in stock decoding."""
+    return DynamicCache(config=model.config.get_text_config(decoder=True))
 
 
 # -- shared keys/values in the attention interface -------------------------------------------------
@@ -177,8 +189,10 @@ def few_rows_attention(on: bool):
 
 
 def _few_rows_wins(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
-    return (_FEW_ROWS_ON[0] and query.device.type == "cpu" and query.dtype == torch.float32 and query.shape[2] <= FEW_ROWS
-            and not kwargs.get("dropout") and 2 * key.numel() * key.element_size() >= FEW_ROWS_MIN_BYTES)  # fmt: skip
+    """(T5Gemma's soft-capped scores, `softcap`, are left to the family's own function.)"""
+    return (_FEW_ROWS_ON[0] and query.device.type == "cpu" and query.dtype == torch.float32
+            and query.shape[2] <= FEW_ROWS and not kwargs.get("dropout") and kwargs.get("softcap") is None
+            and 2 * key.numel() * key.element_size() >= FEW_ROWS_MIN_BYTES)  # fmt: skip
 
 
 def few_rows_eager(module, query, key, value, attention_mask, scaling=None, position_bias=None, **kwargs):
@@ -254,9 +268,143 @@ def _led_attention_class():
 _LED_ATTENTION = shared_kv_attention(_scaled_query_eager, functools.partial(few_rows_eager, scaling=1.0))
 
 
+# -- T5Gemma 2: merged self- and cross-attention -----------------------------------------------------
+def merged_shared_attention(query: torch.Tensor, self_key: torch.Tensor, self_value: torch.Tensor,
+                            cross_key: torch.Tensor, cross_value: torch.Tensor, mask: torch.Tensor | None,
+                            scaling: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One softmax over `[self | cross]` keys, the cross part read once per document by all its beams.
+
+    query `[b*k, h, t, d]`; self_key/self_value `[b*k, g, n, d]` (each beam's own); cross_key/cross_value
+    `[b, g, s, d]` (one per document); `g` key/value heads, `h = g*r` query heads (grouped-query
+    attention: head `i` reads key head `i // r`); mask `[b*k, 1 or h, t, n+s]`, bool (True: attend)
+    or additive. T5Gemma 2's decoder concatenates the two key sets and attends once; here the
+    scores of each part come from its own product (the cross part with every beam's and head's
+    query rows of a document as rows of one product, `[b, g, k*r*t, d] x [b, g, d, s]`, so no key
+    is copied per beam or per head), are joined for the softmax (in float32, as the eager path),
+    and the two weighted sums are added: the same attention up to rounding. Returns output
+    `[b*k, t, h, d]` and weights `[b*k, h, t, n+s]`.
+    """
+    bk, h, t, d = query.shape
+    b, g, s, _ = cross_key.shape
+    k, r, n = bk // b, h // g, self_key.shape[2]
+    dtype = query.dtype  # (bf16/fp16 computed in float32, as SDPA's kernels accumulate, rounded once at the end)
+    query, self_key, self_value, cross_key, cross_value = (
+        x.float() for x in (query, self_key, self_value, cross_key, cross_value)
+    )
+    q = query * scaling
+    own = torch.matmul(q.reshape(bk, g, r * t, d), self_key.transpose(-1, -2))  # [b*k, g, r*t, n]
+    grouped = q.view(b, k, g, r, t, d).transpose(1, 2).reshape(b, g, k * r * t, d)  # rows: (beam, head, step)
+    cross = torch.matmul(grouped, cross_key.transpose(-1, -2))  # [b, g, k*r*t, s]
+    cross = cross.view(b, g, k, r, t, s).transpose(1, 2).reshape(bk, h, t, s)
+    scores = torch.cat([own.view(bk, h, t, n), cross], dim=-1)  # [b*k, h, t, n+s]
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    weights = scores.softmax(-1)  # [b*k, h, t, n+s]
+    out = torch.matmul(weights[..., :n].reshape(bk, g, r * t, n), self_value).view(bk, g, r, t, d)
+    mixed = weights[..., n:].reshape(b, k, g, r, t, s).transpose(1, 2).reshape(b, g, k * r * t, s)
+    shared = torch.matmul(mixed, cross_value).view(b, g, k, r, t, d).transpose(1, 2)  # [b, k, g, r, t, d]
+    out = out + shared.reshape(bk, g, r, t, d)
+    return out.view(bk, h, t, d).transpose(1, 2).to(dtype), weights.to(dtype)  # [b*k, t, h, d]
+
+
+def merged_expanded_attention(module, query, self_key, self_value, cross_key, cross_value, mask, scaling):
+    """T5Gemma 2's merged attention as its stock module computes it, for `exact=True`: the keys/values
+    `[self | cross]` of each beam written into one transient `[b*k, g, n+s, d]` tensor (one layer's,
+    as the stock module's own concatenation makes at each step; the cache keeps one copy per
+    document) and attended by the model's attention function. The stock bits in every dtype.
+    Returns output `[b*k, t, h, d]` and weights `[b*k, h, t, n+s]` or None."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    bk, g, n, d = self_key.shape
+    b, s = cross_key.shape[0], cross_key.shape[2]
+
+    def joined(own, shared):
+        out = own.new_empty(bk, g, n + s, d)
+        out[:, :, :n] = own
+        out.view(b, bk // b, g, n + s, d)[..., n:, :] = shared.unsqueeze(1)  # each document's, to its beams
+        return out
+
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, _family_eager)
+    return attend(module, query, joined(self_key, cross_key), joined(self_value, cross_value), mask, dropout=0.0,
+                  scaling=scaling)  # fmt: skip
+
+
+# Which merged attention T5Gemma 2 decodes with: `merged_expanded_attention` under `generate(exact=True)`.
+_EXACT = contextvars.ContextVar("longsum_exact", default=False)
+
+
+MERGED_ARGUMENTS = ["hidden_states", "position_embeddings", "merged_attention_mask", "encoder_hidden_states"]
+
+
+def _merged_interface() -> str | None:
+    """Why T5Gemma 2's stock merged attention does not take what `SharedKVMergedAttention` reads."""
+    try:
+        from transformers.models.t5gemma2 import modeling_t5gemma2 as modeling
+
+        names = list(inspect.signature(modeling.T5Gemma2MergedAttention.forward).parameters)[1:6]
+        assert callable(modeling.apply_rotary_pos_emb)
+    except Exception as err:  # noqa: BLE001  any change is a reason to step aside
+        return describe(err)
+    if names not in [[*MERGED_ARGUMENTS, keyword] for keyword in CACHE_KEYWORDS]:
+        return f"T5Gemma2MergedAttention.forward takes ({', '.join(names)}, ...)"
+    return None
+
+
+@functools.cache
+def _merged_attention_class():
+    from transformers.models.t5gemma2 import modeling_t5gemma2 as modeling
+
+    class SharedKVMergedAttention(modeling.T5Gemma2MergedAttention):
+        """T5Gemma 2's merged decoder attention, over a cross-attention cache filled once per document.
+
+        The beams' self-attention part is computed as the stock module computes it (projections,
+        norms, rotary positions, the beams' own cache); the cache's cross part `[b, g, s, d]` meets
+        the beams' queries `[b*k, h, t, d]` in `merged_shared_attention` (`merged_expanded_attention`
+        under `generate(exact=True)`). Anything else (the step that fills the cache, training, equal
+        batches) is the stock forward.
+        """
+
+        def forward(self, hidden_states, position_embeddings, merged_attention_mask, encoder_hidden_states,
+                    cache=None, past_key_values=None, **kwargs):  # fmt: skip
+            cache = cache if cache is not None else past_key_values
+            shared = isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(self.layer_idx)
+            if shared:
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                shared = layer.keys.shape[0] != hidden_states.shape[0]
+            if not shared:
+                return super().forward(hidden_states, position_embeddings, merged_attention_mask,
+                                       encoder_hidden_states, cache, **kwargs)  # fmt: skip
+            bk, t, _ = hidden_states.shape
+            shape = (bk, t, -1, self.head_dim)
+            query = self.q_norm(self.q_proj(hidden_states).view(shape).transpose(1, 2))  # [b*k, h, t, d]
+            key = self.k_norm(self.k_proj(hidden_states).view(shape).transpose(1, 2))  # [b*k, g, t, d]
+            value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+            query, key = modeling.apply_rotary_pos_emb(query, key, *position_embeddings)
+            key, value = cache.self_attention_cache.update(key, value, self.layer_idx)  # [b*k, g, n, d]
+            if _EXACT.get():
+                out, weights = merged_expanded_attention(self, query, key, value, layer.keys, layer.values,
+                                                         merged_attention_mask, self.scaling)  # fmt: skip
+            else:
+                out, weights = merged_shared_attention(query, key, value, layer.keys, layer.values,
+                                                       merged_attention_mask, self.scaling)  # fmt: skip
+            out = self.o_proj(out.reshape(bk, t, -1))  # [b*k, t, h, d] -> [b*k, t, h*d]
+            if weights is None:
+                return out, None, None
+            n = key.shape[2]
+            return out, weights[..., :n], weights[..., n:]
+
+    return SharedKVMergedAttention
+
+
 def _family_eager(module, *args, **kwargs):
-    """The eager attention of the module's own modeling file (each defines `eager_attention_forward`)."""
-    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+    """The eager attention of the module's own modeling file (each defines `eager_attention_forward`; for
+    longsum's one-level subclasses, such as `SharedKVMergedAttention`, their stock class's file)."""
+    files = (sys.modules[cls.__module__] for cls in type(module).__mro__)
+    eager = next(f.eager_attention_forward for f in files if hasattr(f, "eager_attention_forward"))
+    return eager(module, *args, **kwargs)
 
 
 _REGISTERED = False
@@ -319,10 +467,23 @@ def _led_interface() -> str | None:
     return None if names in expected else f"LEDDecoderAttention.forward takes ({', '.join(names)}, ...)"
 
 
+# Families whose decoder attention does not reach shared keys/values through the attention interface:
+# model type -> (the one-level subclass its modules run as while decoding, why the stock class changed).
+# (Names looked up at each call, so that a test can stand in for a changed release.)
+OWN_ATTENTION = {
+    "led": (lambda: _led_attention_class(), lambda: _led_interface()),  # LED's attention predates the interface
+    "t5gemma2": (lambda: _merged_attention_class(), lambda: _merged_interface()),  # merged self-/cross-attention
+}
+CROSS_ATTENTION_NAMES = ("encoder_attn", "EncDecAttention", "cross_attn")  # BART-style, T5-style, T5Gemma
+
+
 def _cross_attention(model):
-    """The first decoder cross-attention module (BART-style `encoder_attn`, T5-style `EncDecAttention`)."""
+    """The first decoder cross-attention module (by its name), or the first module of a family's own
+    (`OWN_ATTENTION`: T5Gemma 2's merged self- and cross-attention)."""
+    own = OWN_ATTENTION.get(model.config.model_type)
+    stock = own[0]().__base__ if own is not None else None
     for name, module in model.named_modules():
-        if name.endswith(("encoder_attn", "EncDecAttention")):
+        if name.endswith(CROSS_ATTENTION_NAMES) or type(module) is stock:
             return module
     return None
 
@@ -341,8 +502,8 @@ def sharing(model) -> str | None:
         return f"{type(model).__name__}.forward takes neither of {', '.join(CACHE_KEYWORDS)}"
     if (missing := _interfaces()) is not None:
         return f"this transformers' attention or cache interface changed ({missing})"
-    if config.model_type == "led":  # LED's decoder attention predates the interface: it has its subclass
-        if (changed := _led_interface()) is not None:
+    if config.model_type in OWN_ATTENTION:  # LED's predates the interface, T5Gemma 2's is merged: subclasses
+        if (changed := OWN_ATTENTION[config.model_type][1]()) is not None:
             return changed
     # Older transformers releases (5.5) still compute T5/LongT5 attention by hand.
     elif not hasattr(sys.modules[type(cross).__module__], "ALL_ATTENTION_FUNCTIONS"):
@@ -368,8 +529,8 @@ def shared_attention(model):
     register()
     saved = [(config, config._attn_implementation) for config in _configs(model)]
     swapped = []
-    if model.config.model_type == "led":
-        shared_class = _led_attention_class()
+    if model.config.model_type in OWN_ATTENTION:
+        shared_class = OWN_ATTENTION[model.config.model_type][0]()
         swapped = [m for m in model.modules() if type(m) is shared_class.__base__ and m.layer_idx is not None]
     try:
         for config, implementation in saved:
@@ -675,9 +836,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if compile and (ids := compiled_generate(model, input_ids, attention_mask, **kwargs)) is not None:
                 return ids
             # (a packed head is not sliced: it is no longer an nn.Linear)
+            token = _EXACT.set(exact)
             rows = input_ids.shape[0] * (kwargs.get("num_beams", model.generation_config.num_beams) or 1)
-            with linear_kernels(model, exact, rows), sliced_logits(model):
-                return _generate(model, input_ids, attention_mask, **kwargs)
+            try:
+                with linear_kernels(model, exact, rows), sliced_logits(model):
+                    return _generate(model, input_ids, attention_mask, **kwargs)
+            finally:
+                _EXACT.reset(token)
         except torch.OutOfMemoryError:
             raise  # the caller halves the batch
         except Exception as err:  # noqa: BLE001  retried below with stock generate
@@ -719,7 +884,11 @@ def _generate(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     keyword = cache_keyword(model) or "past_key_values"
     if beams == 1 or extras or why is not None or implementation not in (None, "dynamic", "static"):
         # Stock layout; with beams, a cache that leaves the cross-attention part alone when reordering.
-        own = {keyword: BeamCache()} if beams > 1 and implementation in (None, "dynamic") else {}
+        own = (
+            {keyword: BeamCache(self_attention_cache(model))}
+            if beams > 1 and implementation in (None, "dynamic")
+            else {}
+        )
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors,
                               cache_implementation=None if own else implementation, **own, **kwargs)  # fmt: skip
     caches = _static_caches if implementation == "static" else _dynamic_caches
@@ -758,7 +927,7 @@ def _shared_generate(model, input_ids, attention_mask, processors, keyword, cach
 
 def _dynamic_caches(model, cross, beams: int, kwargs: dict) -> BeamCache:
     """The beams' self-attention grown step by step (stock generate's default)."""
-    return BeamCache(None, cross)
+    return BeamCache(self_attention_cache(model), cross)
 
 
 def _static_caches(model, cross, beams: int, kwargs: dict) -> BeamCache:

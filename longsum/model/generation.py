@@ -148,7 +148,12 @@ def device_lost(device) -> str | None:
 
 
 def _config_positions(config) -> int | None:
-    """The encoder positions its config names (None: it names none)."""
+    """The encoder positions its config names (None: it names none); an encoder-decoder whose config
+    nests the encoder's names them there (T5Gemma: `encoder`, T5Gemma 2: `encoder.text_config`)."""
+    for nested in ("encoder", "text_config"):
+        inner = getattr(config, nested, None)
+        if hasattr(inner, "to_dict"):  # a config object
+            config = inner
     for name in ("max_encoder_position_embeddings", "max_position_embeddings"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -77,3 +77,25 @@ def build_tiny_lsg_bart(
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return model, tokenizer
+
+
+GEMMA_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0..4, as Gemma's tokenizer
+
+
+def build_gemma_tokenizer(texts: Iterable[str], vocab_size: int = 300):
+    """A Gemma-style tokenizer (T5Gemma, T5Gemma 2) trained on `texts`: transformers' `GemmaTokenizer`
+    (BPE with byte fallback over `▁`-joined words, saved as `tokenizer.json`), `<bos>` before every
+    text and no `<eos>` after it, padding on the left, the published checkpoints' special ids."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=GEMMA_SPECIAL_TOKENS, show_progress=False)
+    bpe.train_from_iterator(list(texts), trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return GemmaTokenizer(vocab=trained["vocab"], merges=merges, add_bos_token=True)
