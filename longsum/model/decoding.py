@@ -1,68 +1,21 @@
-"""Fast decoding for encoder-decoder models: transformers' `generate()` with its costs on long inputs removed.
+"""Fast decoding for encoder-decoder models: `generate(model, input_ids, attention_mask, **kwargs)`.
 
-`generate(model, input_ids, attention_mask, **kwargs)` returns the token ids of
-`model.generate(input_ids, attention_mask=..., **kwargs)` (same beam search, logits processors and
-stopping rules: it *is* `model.generate`), with these changes around it:
+Returns the ids of `model.generate(...)` with the same arguments (it *is* `model.generate`: the same
+beam search, processors and stopping rules) with its costs on long inputs removed: each document's
+cross-attention keys/values are computed once and shared by its beams (`shared_kv_attention`,
+`BeamCache`; LED's and T5Gemma 2's own attention modules run as one-level subclasses), n-gram
+blocking is vectorized (`NoRepeatNGram`), and on CPU the logits run in vocabulary slices and the
+linear layers and cross-attention on the kernels measured fastest on this machine
+(`linear_kernels`, `longsum.model.cpu`). `compile=True` runs the steps through `torch.compile`
+(`CompiledDecoder`: CUDA graphs on a GPU). Why each piece exists and what it costs:
+docs/decoding.md.
 
-1. **Cross-attention keys/values once per document.** Stock beam search copies the encoder output
-   `num_beams` times (`repeat_interleave`), projects each copy to keys/values at the first step
-   (`num_beams` x the work) and keeps `num_beams` copies in the cache, reordered at every step. Here
-   the encoder runs once per document, the decoder is run once on the unexpanded batch to fill the
-   cross-attention cache (keys/values `[b, h, s, d]`, one per document), and generate() then gets a
-   zero-width stand-in for the encoder output (`[b, s, 0]`: it only fixes the source length and
-   dtype of the masks, since every cross-attention layer reads the filled cache). The beams'
-   queries `[b*k, h, t, d]` meet the shared keys in `shared_kv_attention`, an attention function
-   registered with transformers' attention interface that regroups them as `[b, h, k*t, d]`
-   (each query row is independent, so this is the same attention). Memory for cross-attention
-   no longer grows with `num_beams`, and the cache reordering leaves it alone (`BeamCache`).
-2. **Vectorized n-gram blocking** (`NoRepeatNGram`): the same bans as `no_repeat_ngram_size`,
-   computed with tensor ops instead of a Python loop over hypotheses and n-grams (transformers'
-   own processor was such a loop up to 5.x releases we support), and a minimum-length EOS ban
-   (`BanEOSBelow`) that costs nothing past the minimum, where the stock pair rebuilds a vocabulary
-   mask and copies the scores at every step.
-3. The encoder output is dropped once the cross-attention cache holds what the decoder needs.
-4. **Logits in vocabulary slices on CPU** (`SlicedLogits`): the same products, computed by the
-   same kernel, in slices that MKL runs 1.4-1.7x faster for the few rows of a decoding step.
-5. **Few-rows cross-attention on CPU** (`few_rows_eager`/`few_rows_sdpa`): a document's beams are a
-   few query rows against thousands of keys; two batched products that stream each key once beat
-   SDPA's kernel and the eager `q k^T` there (1.3x a layer at 4,096 tokens), equal up to rounding.
-6. **oneDNN linear layers on CPU** (`packed_linears`): float32 models run every `nn.Linear` through
-   oneDNN with weights prepacked once per call, 1.5-2.7x faster than torch's MKL for a step's few
-   rows (and 1.1x for the encoder's many). The packed copy stands in for each untied weight while
-   decoding (restored bit for bit after), so memory grows only by tied weights such as BART's
-   lm_head. It rounds differently (~4e-6 relative), so where two candidates tie to that precision
-   the ids can differ from stock generate's; `exact=True` keeps torch's kernels (then 4. applies),
-   and the ids are stock generate's.
-
-Families whose attention calls go through transformers' attention interface share keys/values
-that way (BART, mBART, Pegasus, their LSG versions, T5/Flan-T5, LongT5, PEGASUS-X, BigBird-Pegasus,
-T5Gemma); LED's decoder attention predates the interface, so its cross-attention modules run as
-`SharedKVLEDDecoderAttention` (a one-level subclass) while decoding; T5Gemma 2's decoder attends over
-`[self | cross]` keys in one softmax, so its merged modules run as `SharedKVMergedAttention`, which
-joins the beams' own self part and the document's shared cross part (`merged_shared_attention`;
-`merged_expanded_attention` under `exact=True`). The beams' self-attention cache is made from the
-decoder's config, as stock generate() makes it (sliding-window layers keep their window). Any other model decodes
-with the stock layout and the fast n-gram blocker, with the same ids; `sharing(model)` says why.
-`cache_implementation="static"` works too (stock ids): the beams' self-attention then lives in a
-preallocated `StaticCache` beside the shared cross-attention part, reordered in place (`StaticBeamCache`).
-
-`compile=True` (`compiled_generate`) runs each decoding step through `torch.compile(fullgraph=True)`,
-which transformers never does for beam search: CUDA graphs on a GPU, where a step's few hundred
-kernel launches cost milliseconds against tens of microseconds of reads, inductor's kernels
-elsewhere (`compile_mode`). A CUDA graph replays the addresses it captured, so the static
-self-attention cache and the shared cross-attention keys/values live in buffers kept per model from
-call to call (`CompiledDecoder`, made once per model), marked static for dynamo; a batch of another
-source length or size recompiles once, with those sizes symbolic. Inductor's kernels round their own
-way (ids equal stock generate's but for near-ties, as with `exact=False`). Where the steps cannot
-compile (LED's decoder on torch 2.13, no compiler, a graph break) it steps aside to the eager path.
-
-What the installed transformers offers is read from its code, never from its version: the keyword a
-model's forward takes its cache under (`cache_keyword`: `cache` from 5.24, `past_key_values` before),
-the attention and cache interfaces (`_interfaces`), LED's and T5Gemma 2's attention signatures
-(`_led_interface`, `_merged_interface`).
-Everything above is an optimisation and steps aside, with one stderr line (`step_aside`): before
-decoding when a precondition fails (`sharing`, `packing_fails`), and at run time when the fast path
-fails where stock `generate()` does not (the model then decodes with stock `generate()`).
+Contract: the ids are stock generate's; where a kernel rounds differently (packed oneDNN, inductor)
+a near-tie may go the other way, and `exact=True` keeps torch's kernels. What the installed
+transformers offers is read from its code, never its version (`cache_keyword`, `_interfaces`,
+`_led_interface`, `_merged_interface`). Every piece is an optimisation: it steps aside, with one
+stderr line (`step_aside`), before decoding when a precondition fails and at run time when it
+fails where stock `generate()` does not.
 """
 
 from __future__ import annotations
