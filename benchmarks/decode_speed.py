@@ -56,7 +56,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from summarize_throughput import busy_cores, cpu_name, provenance  # noqa: E402
+from summarize_throughput import cpu_name, provenance  # noqa: E402
 
 BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
             decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, dropout=0.0,
@@ -351,6 +351,8 @@ def main() -> None:
     except ImportError:
         peer = False
         print("ctranslate2 is not installed: no CTranslate2 row (pip install ctranslate2)", file=sys.stderr)
+    from longsum.model.cpu import busy_cores
+
     busy = busy_cores() if args.device == "cpu" else None
     if busy is not None and busy > 0.5:
         print(f"warning: other processes keep {busy:.1f} cores busy; timings will be noisy", file=sys.stderr)

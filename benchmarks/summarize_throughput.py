@@ -155,22 +155,6 @@ def cpu_name() -> str:
     return f"{names[0] if names else platform.processor() or 'cpu'} ({os.cpu_count()} cores)"
 
 
-def busy_cores(seconds: float = 1.0) -> float | None:
-    """How many cores other processes keep busy right now (Linux /proc/stat), to warn about contention."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
-
-
 def provenance(device_name: str) -> dict:
     import torch
     import transformers
@@ -322,6 +306,8 @@ def main() -> None:
     device = resolve_device(args.device)
     if device == "cuda" and "naive-tuned" in methods:  # the allocator setting is for CPU runs only
         methods.remove("naive-tuned")
+    from longsum.model.cpu import busy_cores
+
     busy = busy_cores() if device == "cpu" else None
     import torch
 

@@ -35,6 +35,7 @@ CACHE_FILE = "cpu_kernels.json"
 ROW_CLASSES = {"one": (1, 2, 1), "few": (3, 64, 8), "many": (65, None, 256)}  # class: (low, high, timed)
 LINEAR_KERNELS = ("torch", "packed", "packed-padded")
 MARGIN = 1.05  # a candidate must be this much faster than torch's kernel to replace it
+BUSY_SAMPLE_S = 0.2  # how long the load of other processes is sampled before calibrating
 CALIBRATION_VERSION = 1  # bump when what is measured changes: older entries are measured again
 # Calibration layers: bart-base's feed-forward (768 -> 3,072), enough of them to leave the caches as a
 # decoding step does (8 x 9.4 MB of weights).
@@ -195,11 +196,34 @@ def measurements(feat: Features | None = None) -> tuple[dict, str]:
         else:
             from longsum.console import note
 
-            note(f"measuring this CPU's decoding kernels once ({feat.name}; cached in {cache_path()})")
-            entry = {**calibrate(), "version": CALIBRATION_VERSION, "cpu": feat.summary()}
-            _write_cache({**_read_cache(), feat.key: entry})
+            busy = busy_cores(BUSY_SAMPLE_S)
+            if busy is not None and (os.cpu_count() or 1) - busy < torch.get_num_threads() - 0.5:
+                # Timings taken while other processes hold the cores would be cached as this CPU's.
+                note(f"measuring this CPU's decoding kernels for this run only: other processes keep {busy:.1f} "
+                     f"of {os.cpu_count()} cores busy, so the numbers are not cached")  # fmt: skip
+                entry = {**calibrate(), "version": CALIBRATION_VERSION, "cpu": feat.summary()}
+            else:
+                note(f"measuring this CPU's decoding kernels once ({feat.name}; cached in {cache_path()})")
+                entry = {**calibrate(), "version": CALIBRATION_VERSION, "cpu": feat.summary()}
+                _write_cache({**_read_cache(), feat.key: entry})
             _MEASURED[feat.key] = entry, "calibrated"
     return _MEASURED[feat.key]
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """How many cores other processes keep busy now (Linux /proc/stat over `seconds`); None elsewhere."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
 def kernel_choice(rows: int) -> Choice:
