@@ -34,6 +34,39 @@ T5_TOKENS = dict(pad_token_id=1, eos_token_id=2, decoder_start_token_id=1)  # th
 T5_OWN_TOKENS = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # T5's own ids
 
 
+# ----------------------------------------------------------------------------------- decoding
+def padded_batch(model, lengths=(57, 40, 23), seed: int = 0, bos: bool = False):
+    """A right-padded batch of random documents of different lengths, each ending with EOS (and
+    starting with BOS when `bos`, as Gemma's tokenizer writes them): `(ids, mask)`, both `[b, max(lengths)]`."""
+    import torch
+
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), config.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(5, config.vocab_size, (n,), generator=g)
+        ids[row, n - 1] = config.eos_token_id
+        if bos:
+            ids[row, 0] = config.bos_token_id
+        mask[row, :n] = 1
+    return ids, mask
+
+
+def stock_and_ours(model, ids, mask, exact=False, **kwargs):
+    """`(model.generate ids, longsum.model.decoding.generate ids)` for the same inputs and settings."""
+    import torch
+
+    from longsum.model import decoding
+
+    with torch.inference_mode():
+        torch.manual_seed(1)  # BigBird's random blocks
+        stock = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        torch.manual_seed(1)
+        ours = decoding.generate(model, ids, mask, exact=exact, **kwargs)
+    return stock, ours
+
+
 # ----------------------------------------------------------------------------------- the command
 @dataclass
 class Run:

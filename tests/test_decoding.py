@@ -10,6 +10,7 @@ from transformers import NoRepeatNGramLogitsProcessor
 from longsum.model import decoding
 from tests import helpers
 from tests.conftest import input_dependent
+from tests.helpers import padded_batch, stock_and_ours
 
 DIMS = dict(vocab_size=300, **helpers.BART_DIMS, **helpers.NO_DROPOUT, **helpers.BART_TOKENS)
 T5_DIMS = dict(vocab_size=300, **helpers.T5_DIMS, dropout_rate=0.0, **helpers.T5_OWN_TOKENS)
@@ -56,25 +57,7 @@ def build(family: str, seed: int = 0):
 
 
 def batch(model, lengths=(57, 40, 23), seed: int = 0):
-    """A right-padded batch of documents of different lengths."""
-    config = model.config
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), max(lengths)), config.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(5, config.vocab_size, (n,), generator=g)
-        ids[row, n - 1] = config.eos_token_id
-        mask[row, :n] = 1
-    return ids, mask
-
-
-def both(model, ids, mask, exact=False, **kwargs):
-    with torch.inference_mode():
-        torch.manual_seed(1)  # BigBird's random blocks
-        stock = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        torch.manual_seed(1)
-        ours = decoding.generate(model, ids, mask, exact=exact, **kwargs)
-    return stock, ours
+    return padded_batch(model, lengths, seed, bos=False)
 
 
 SETTINGS = {
@@ -91,7 +74,7 @@ def test_same_ids_as_stock_generate(family, setting, exact):
     these models do not have) and torch's own kernels (`exact`)."""
     model = build(family)
     ids, mask = batch(model)
-    stock, ours = both(model, ids, mask, exact=exact, **SETTINGS[setting])
+    stock, ours = stock_and_ours(model, ids, mask, exact=exact, **SETTINGS[setting])
     assert stock.shape[0] == 3 and len({tuple(row) for row in stock.tolist()}) > 1  # input-dependent outputs
     assert ours.tolist() == stock.tolist()
     # Every family shares cross-attention keys/values; T5's attention used the interface only after 5.5.
@@ -104,7 +87,7 @@ def test_same_ids_as_stock_generate_in_bfloat16(family):
     """bf16 (what a GPU runs): the shared keys/values, masks and biases keep the model's dtype."""
     model = build(family).to(torch.bfloat16)
     ids, mask = batch(model)
-    stock, ours = both(model, ids, mask, **SETTINGS["beams4"])
+    stock, ours = stock_and_ours(model, ids, mask, **SETTINGS["beams4"])
     assert len({tuple(row) for row in stock.tolist()}) > 1 and ours.tolist() == stock.tolist()
 
 
@@ -113,7 +96,7 @@ def test_same_ids_with_early_stopping_and_several_returned_sequences(family):
     model = build(family, seed=3)
     ids, mask = batch(model, (30, 12), seed=3)
     kwargs = dict(num_beams=5, num_return_sequences=2, max_new_tokens=10, no_repeat_ngram_size=2, early_stopping=True)
-    stock, ours = both(model, ids, mask, **kwargs)
+    stock, ours = stock_and_ours(model, ids, mask, **kwargs)
     assert ours.shape[0] == 4 and ours.tolist() == stock.tolist()
 
 
@@ -199,7 +182,7 @@ def test_same_ids_with_a_vocabulary_over_several_logit_slices():
                                                                           max_position_embeddings=128)).eval())  # fmt: skip
     ids, mask = batch(model, seed=2)
     for kwargs in (SETTINGS["beams4"], SETTINGS["greedy"]):
-        stock, ours = both(model, ids, mask, exact=True, **kwargs)  # (packed linears replace the slices)
+        stock, ours = stock_and_ours(model, ids, mask, exact=True, **kwargs)  # (packed linears replace the slices)
         assert ours.tolist() == stock.tolist()
     assert type(model.lm_head) is torch.nn.Linear  # restored after decoding
 
@@ -253,7 +236,7 @@ def test_same_ids_with_few_rows_cross_attention(family, monkeypatch):
     if family in T5_FAMILIES and decoding.sharing(model) is not None:
         pytest.skip(decoding.sharing(model))  # T5's attention used the interface only after 5.5
     ids, mask = batch(model)
-    stock, ours = both(model, ids, mask, **SETTINGS["beams4"])
+    stock, ours = stock_and_ours(model, ids, mask, **SETTINGS["beams4"])
     assert any(used) and ours.tolist() == stock.tolist()
 
 
@@ -268,7 +251,7 @@ def test_same_ids_with_minimum_lengths(family, lengths):
         model.final_logits_bias[..., model.config.eos_token_id] += 10.0
     ids, mask = batch(model)
     for beams in (1, 4):
-        stock, ours = both(model, ids, mask, num_beams=beams, no_repeat_ngram_size=3, **lengths)
+        stock, ours = stock_and_ours(model, ids, mask, num_beams=beams, no_repeat_ngram_size=3, **lengths)
         assert ours.tolist() == stock.tolist()
 
 
@@ -341,7 +324,7 @@ def test_static_cache_gives_stock_ids(family, beams):
         if cache is not None and kw.get("decoder_input_ids") is not None:
             seen.append(cache)
 
-    stock, _ = both(model, ids, mask, exact=True, **kwargs)
+    stock, _ = stock_and_ours(model, ids, mask, exact=True, **kwargs)
     handle = model.register_forward_pre_hook(spy, with_kwargs=True)
     try:
         with torch.inference_mode():

@@ -16,7 +16,7 @@ import transformers as tf
 
 from longsum.model import decoding
 from tests.conftest import CORPUS, input_dependent
-from tests.helpers import run_longsum
+from tests.helpers import padded_batch, run_longsum, stock_and_ours
 
 GEMMA_TOKENS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the published checkpoints' ids
 TEXT = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -51,23 +51,7 @@ def build(family: str, seed: int = 0, attn_implementation: str | None = None, **
 
 
 def batch(model, lengths=(57, 40, 23), seed: int = 0):
-    """A right-padded batch of `<bos> ... <eos>` documents of different lengths (longer than the windows)."""
-    config = model.config
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), max(lengths)), config.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(5, config.vocab_size, (n,), generator=g)
-        ids[row, 0], ids[row, n - 1] = config.bos_token_id, config.eos_token_id
-        mask[row, :n] = 1
-    return ids, mask
-
-
-def both(model, ids, mask, exact=False, **kwargs):
-    with torch.inference_mode():
-        stock = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        ours = decoding.generate(model, ids, mask, exact=exact, **kwargs)
-    return stock, ours
+    return padded_batch(model, lengths, seed, bos=True)
 
 
 SETTINGS = {
@@ -85,7 +69,7 @@ def test_same_ids_as_stock_generate(family, setting, exact):
     model = build(family)
     ids, mask = batch(model)
     assert decoding.sharing(model) is None
-    stock, ours = both(model, ids, mask, exact=exact, **SETTINGS[setting])
+    stock, ours = stock_and_ours(model, ids, mask, exact=exact, **SETTINGS[setting])
     assert stock.shape[0] == 3 and len({tuple(row) for row in stock.tolist()}) == 3  # input-dependent outputs
     assert stock.shape[1] == 15  # 14 new tokens: past the decoder's sliding window of 8
     assert ours.tolist() == stock.tolist()
@@ -103,7 +87,7 @@ def test_same_ids_as_stock_generate_in_bfloat16_with_exact(family, implementatio
     model = build(family, attn_implementation=implementation).to(torch.bfloat16)
     assert model.config._attn_implementation == ("eager" if family == "t5gemma" else implementation)
     ids, mask = batch(model)
-    stock, ours = both(model, ids, mask, exact=True, **SETTINGS["beams4"])
+    stock, ours = stock_and_ours(model, ids, mask, exact=True, **SETTINGS["beams4"])
     assert len({tuple(row) for row in stock.tolist()}) == 3 and ours.tolist() == stock.tolist()
 
 
@@ -194,7 +178,7 @@ def test_a_family_that_cannot_share_steps_aside_with_one_line_and_stock_ids(monk
     monkeypatch.setattr(decoding, "_merged_interface", lambda: "T5Gemma2MergedAttention.forward takes (x, ...)")
     monkeypatch.setattr(decoding, "_TOLD", set())
     assert decoding.sharing(model) == "T5Gemma2MergedAttention.forward takes (x, ...)"
-    stock, ours = both(model, ids, mask, **SETTINGS["beams4"])
+    stock, ours = stock_and_ours(model, ids, mask, **SETTINGS["beams4"])
     assert ours.tolist() == stock.tolist()
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["shared cross-attention keys/values steps aside for the stock path: "
