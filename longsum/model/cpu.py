@@ -197,14 +197,15 @@ def measurements(feat: Features | None = None) -> tuple[dict, str]:
             from longsum.console import note
 
             busy = busy_cores(BUSY_SAMPLE_S)
-            if busy is not None and (os.cpu_count() or 1) - busy < torch.get_num_threads() - 0.5:
-                # Timings taken while other processes hold the cores would be cached as this CPU's.
+            # Timings taken while other processes hold the cores would be cached as this CPU's.
+            cached = busy is None or (os.cpu_count() or 1) - busy >= torch.get_num_threads() - 0.5
+            if cached:
+                note(f"measuring this CPU's decoding kernels once ({feat.name}; cached in {cache_path()})")
+            else:
                 note(f"measuring this CPU's decoding kernels for this run only: other processes keep {busy:.1f} "
                      f"of {os.cpu_count()} cores busy, so the numbers are not cached")  # fmt: skip
-                entry = {**calibrate(), "version": CALIBRATION_VERSION, "cpu": feat.summary()}
-            else:
-                note(f"measuring this CPU's decoding kernels once ({feat.name}; cached in {cache_path()})")
-                entry = {**calibrate(), "version": CALIBRATION_VERSION, "cpu": feat.summary()}
+            entry = {**calibrate(), "version": CALIBRATION_VERSION, "cpu": feat.summary()}
+            if cached:
                 _write_cache({**_read_cache(), feat.key: entry})
             _MEASURED[feat.key] = entry, "calibrated"
     return _MEASURED[feat.key]
