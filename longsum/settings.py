@@ -4,7 +4,7 @@ built from it. Every `longsum` command is one settings dataclass and one `run(cf
 
     learning_rate: float = setting(8e-5, "Peak learning rate.", "Optimization", low=0, strict=True)
 
-    command(app, "train", TrainConfig, train.run, epilog=TRAIN_EPILOG, help="Fine-tune ...")
+    COMMAND = Command("train", TrainConfig, run, help="Fine-tune ...", examples=EXAMPLES)  # in its module
 
 Config-file values are converted to the field's type (YAML reads `1e-4` as a string) and every
 bad value is one `LongsumError` line naming the key.
@@ -226,8 +226,8 @@ def config_values(cls, data: dict, where: str) -> tuple[dict, dict]:
 def load_config(cls, path: str, command: str) -> dict:
     """The settings of `cls` in a YAML/JSON file (`config_values`); an unknown key is one line."""
     out, rest = config_values(cls, read_config_file(path), f"--config {path}")
-    for key in rest:
-        raise LongsumError(f"unknown key '{key}' in --config {path} (not a longsum {command} option; "
+    if rest:
+        raise LongsumError(f"unknown key '{next(iter(rest))}' in --config {path} (not a longsum {command} option; "
                            f"see 'longsum {command} --help')")  # fmt: skip
     return out
 
