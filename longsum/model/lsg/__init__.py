@@ -8,6 +8,8 @@ transformers' Auto classes, so longsum's own checkpoints also load with
 
 from __future__ import annotations
 
+import functools
+
 import transformers
 from transformers import AutoConfig
 
@@ -74,6 +76,7 @@ def lsg_family(model_type: str) -> dict[str, type] | None:
     return LSG_FAMILIES.get(model_type.removeprefix("lsg_"))
 
 
+@functools.cache  # once per process: every checkpoint a run resolves asks for it
 def register_auto_classes() -> None:
     """Make transformers' Auto classes know the LSG model types (idempotent)."""
     for family in LSG_FAMILIES.values():
