@@ -264,10 +264,10 @@ def plan_settings(checkpoint, options: GenerationOptions, dtype: str, device: st
 class Summarizer:
     """Summaries for many documents with one model; see the module docstring. Batches decode with
     `longsum.model.decoding.generate` (stock generate's decoding, keys/values shared between beams; on CPU
-    oneDNN's linear layers unless `options.exact`).
+    the kernels measured fastest on this machine unless `exact`).
 
-    `settings` (from `resolve_settings`) may be passed when already resolved; by default they
-    are resolved from the model's config and generation config.
+    `settings` (a `RunSettings`, from `plan_settings`/`resolve_settings`) may be passed when already
+    resolved; by default they are resolved from the model's config and generation config.
     """
 
     def __init__(self, model, tokenizer, options: GenerationOptions, settings: RunSettings | None = None, *,
@@ -290,8 +290,8 @@ class Summarizer:
 
         `items` is consumed lazily, one window at a time; a text is a `str` or a `longsum.data.inputs.Text`
         (read only as far as needed). A text that cannot be read gets a Result with its `error`.
-        On CPU the linear layers are packed for oneDNN (`longsum.model.decoding.packed_linears`) once for the
-        whole run, not once per batch: the packing time is paid once.
+        On CPU the kernels are chosen and the linear layers packed, where packing was measured faster
+        (`longsum.model.decoding.linear_kernels`), once for the whole run, not once per batch.
         """
         from longsum.model.decoding import linear_kernels
 
