@@ -67,6 +67,30 @@ def stock_and_ours(model, ids, mask, exact=False, **kwargs):
     return stock, ours
 
 
+def cross_caches(model, generate, ids, mask, **kwargs) -> list:
+    """The cross-attention caches of `generate(ids, mask, **kwargs)`'s decoding steps over the beams (a
+    batch of more than 3 rows), in step order, captured from the model's forward."""
+    import torch
+
+    from longsum.model import decoding
+
+    seen = []
+
+    def spy(module, args, kw):
+        cache = next((kw[name] for name in decoding.CACHE_KEYWORDS if kw.get(name) is not None), None)
+        decoder_ids = kw.get("decoder_input_ids")
+        if cache is not None and decoder_ids is not None and decoder_ids.shape[0] > 3:  # a step over the beams
+            seen.append(cache.cross_attention_cache)
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            generate(ids, mask, **kwargs)
+    finally:
+        handle.remove()
+    return seen
+
+
 # ----------------------------------------------------------------------------------- the command
 @dataclass
 class Run:

@@ -10,7 +10,7 @@ from transformers import NoRepeatNGramLogitsProcessor
 from longsum.model import decoding
 from tests import helpers
 from tests.conftest import input_dependent
-from tests.helpers import padded_batch, stock_and_ours
+from tests.helpers import cross_caches, padded_batch, stock_and_ours
 
 DIMS = dict(vocab_size=300, **helpers.BART_DIMS, **helpers.NO_DROPOUT, **helpers.BART_TOKENS)
 T5_DIMS = dict(vocab_size=300, **helpers.T5_DIMS, dropout_rate=0.0, **helpers.T5_OWN_TOKENS)
@@ -100,25 +100,6 @@ def test_same_ids_with_early_stopping_and_several_returned_sequences(family):
     assert ours.shape[0] == 4 and ours.tolist() == stock.tolist()
 
 
-def _cross_cache(model, generate, ids, mask, **kwargs):
-    """The cross-attention cache that generate() decoded with (captured from the model's forward)."""
-    seen = {}
-
-    def spy(module, args, kw):
-        cache = next((kw[name] for name in decoding.CACHE_KEYWORDS if kw.get(name) is not None), None)
-        decoder_ids = kw.get("decoder_input_ids")
-        if cache is not None and decoder_ids is not None and decoder_ids.shape[0] > 3:  # a step over the beams
-            seen["cross"] = cache.cross_attention_cache
-
-    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            generate(ids, mask, **kwargs)
-    finally:
-        handle.remove()
-    return seen["cross"]
-
-
 @pytest.mark.parametrize("family", ["bart", "lsg_bart", "longt5_tglobal", "led"])
 def test_cross_attention_cache_holds_one_copy_per_document(family):
     model = build(family)
@@ -126,9 +107,10 @@ def test_cross_attention_cache_holds_one_copy_per_document(family):
         pytest.skip(decoding.sharing(model))
     ids, mask = batch(model)
     kwargs = dict(num_beams=4, max_new_tokens=5)
-    stock = _cross_cache(model, lambda i, m, **kw: model.generate(input_ids=i, attention_mask=m, **kw), ids, mask,
-                         **kwargs)  # fmt: skip
-    ours = _cross_cache(model, lambda i, m, **kw: decoding.generate(model, i, m, **kw), ids, mask, **kwargs)
+    # the cache each decoded with (the last step's)
+    stock = cross_caches(model, lambda i, m, **kw: model.generate(input_ids=i, attention_mask=m, **kw), ids, mask,
+                         **kwargs)[-1]  # fmt: skip
+    ours = cross_caches(model, lambda i, m, **kw: decoding.generate(model, i, m, **kw), ids, mask, **kwargs)[-1]
     for layer in range(model.config.decoder_layers if hasattr(model.config, "decoder_layers") else 2):
         assert stock.layers[layer].keys.shape[0] == 12  # 3 documents x 4 beams
         assert ours.layers[layer].keys.shape[0] == ours.layers[layer].values.shape[0] == 3

@@ -16,7 +16,7 @@ import transformers as tf
 
 from longsum.model import decoding
 from tests.conftest import CORPUS, input_dependent
-from tests.helpers import padded_batch, run_longsum, stock_and_ours
+from tests.helpers import cross_caches, padded_batch, run_longsum, stock_and_ours
 
 GEMMA_TOKENS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the published checkpoints' ids
 TEXT = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -91,25 +91,6 @@ def test_same_ids_as_stock_generate_in_bfloat16_with_exact(family, implementatio
     assert len({tuple(row) for row in stock.tolist()}) == 3 and ours.tolist() == stock.tolist()
 
 
-def _cross_caches(model, generate, ids, mask, **kwargs):
-    """The cross-attention caches of the decoding steps over the beams (captured from the model's forward)."""
-    seen = []
-
-    def spy(module, args, kw):
-        cache = next((kw[name] for name in decoding.CACHE_KEYWORDS if kw.get(name) is not None), None)
-        decoder_ids = kw.get("decoder_input_ids")
-        if cache is not None and decoder_ids is not None and decoder_ids.shape[0] > 3:  # a step over the beams
-            seen.append(cache.cross_attention_cache)
-
-    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            generate(ids, mask, **kwargs)
-    finally:
-        handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cross_attention_cache_holds_one_copy_per_document(family, monkeypatch):
     """Beams 4 over 3 documents: the cross-attention keys/values are `[3, g, s, d]` in their own storage
@@ -126,9 +107,9 @@ def test_cross_attention_cache_holds_one_copy_per_document(family, monkeypatch):
         return merged(query, self_key, self_value, cross_key, *rest)
 
     monkeypatch.setattr(decoding, "merged_shared_attention", counting)
-    stock = _cross_caches(model, lambda i, m, **kw: model.generate(input_ids=i, attention_mask=m, **kw), ids, mask,
+    stock = cross_caches(model, lambda i, m, **kw: model.generate(input_ids=i, attention_mask=m, **kw), ids, mask,
                           **kwargs)[-1]  # fmt: skip
-    ours = _cross_caches(model, lambda i, m, **kw: decoding.generate(model, i, m, **kw), ids, mask, **kwargs)
+    ours = cross_caches(model, lambda i, m, **kw: decoding.generate(model, i, m, **kw), ids, mask, **kwargs)
     layers = model.config.decoder.num_hidden_layers
     assert len(ours) == 5 and all(len(cache.layers) == layers for cache in ours)  # every step is over the beams
     for cache in ours:
