@@ -10,7 +10,8 @@ beam sizes, with `max_new_tokens == min_new_tokens` (every run decodes the same 
             kernels `longsum.model.cpu` measured fastest on this CPU (cached per CPU model; the cell reports
             which), or torch's own kernels with ``--exact``)
   int8      (CPU) the same call on the model quantized by ``longsum.model.int8.quantize_int8`` (``--dtype int8``:
-            int8 linear layers, inputs quantized per call); its ids are compared with stock's, not required equal
+            int8 linear layers, inputs quantized per call, the int8 kernels `longsum.model.cpu` measured fastest per
+            row class); its ids are compared with stock's, not required equal
   batched   the same call on ``--batch-size`` documents at once, as ``longsum summarize`` decodes them
             (only with ``--batch-size`` > 1; seconds per document = batch seconds / batch size)
   ct2       (1,024 tokens, dense BART-base, only when the optional ``ctranslate2`` package is installed)
@@ -191,9 +192,12 @@ def run_cell(args) -> dict:
         rows = per_call(args) * args.cell_beams
         kernels = kernel_choice(rows).describe(rows)
         if args.cell_method == "int8":  # (the choice's linear kernel applies to float layers only: none here)
-            from longsum.model.int8 import activation_range
+            from longsum.model.cpu import row_class
+            from longsum.model.int8 import Int8Linear, activation_range
 
-            kernels = f"oneDNN int8 linear layers, inputs in [-{activation_range()}, {activation_range()}]; {kernels}"
+            layer = next(m for m in model.modules() if isinstance(m, Int8Linear))
+            kernels = (f"int8 linear layers: {layer.kernels[row_class(rows)]} on {rows} rows, onednn on the encoder's, "
+                       f"inputs in [-{activation_range()}, {activation_range()}]; {kernels}")  # fmt: skip
     return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory(device),
                 model_bytes=loaded, outputs=outputs, kernels=kernels)  # fmt: skip
 

@@ -43,11 +43,20 @@ def test_few_rows_attention_only_where_measured_faster():
     assert not cpu.choose(measured(sdpa=1.0, few_rows=1.3), rows=4).few_rows
 
 
+def test_fbgemm_runs_int8_layers_only_where_measured_faster_by_the_margin():
+    numbers = {**measured(), "int8": {"one": {"onednn": 2.8, "fbgemm": 1.4}, "few": {"onednn": 3.1, "fbgemm": 3.0},
+                                      "many": {"onednn": 10.0, "fbgemm": 17.0}}}  # fmt: skip
+    assert [cpu.choose(numbers, rows=n).int8 for n in (1, 8, 256)] == ["fbgemm", "onednn", "onednn"]
+    assert "fbgemm 1.4 ms" in cpu.choose(numbers, rows=1).int8_why
+    assert cpu.choose(measured(), rows=1).int8 == "onednn"  # no int8 numbers (a torch without its kernels)
+
+
 def test_choice_without_measurements_follows_the_features():
     avx512 = cpu.Features("EPYC Zen 4", frozenset({"avx2", "avx512f"}))
     avx2 = cpu.Features("EPYC Zen 2", frozenset({"avx2"}))
     assert cpu.from_features(avx512, 1).linear == "packed-padded" and cpu.from_features(avx512, 8).linear == "packed"
     assert cpu.from_features(avx2, 1).linear == "torch" and cpu.from_features(avx2, 8).linear == "torch"
+    assert [cpu.from_features(avx2, n).int8 for n in (1, 8, 256)] == ["fbgemm", "fbgemm", "onednn"]
 
 
 @pytest.fixture
@@ -184,13 +193,13 @@ def test_an_int8_model_keeps_its_layers_and_gets_the_chosen_attention(monkeypatc
 
     if int8_fails():
         pytest.skip(int8_fails())
-    model = quantize_int8(tiny_bart())
+    model = quantize_int8(tiny_bart(), kernels={"one": "fbgemm", "few": "onednn", "many": "onednn"})
     monkeypatch.setattr(cpu, "kernel_choice", lambda rows: cpu.Choice("packed", False, "measured", "cached"))
     monkeypatch.setattr(console, "_DETAILED", set())
     monkeypatch.setattr(console, "_VERBOSE", [True])
     with decoding.linear_kernels(model, exact=False, rows=4):
         assert isinstance(model.model.encoder.layers[0].fc1, Int8Linear) and not decoding._FEW_ROWS_ON[0]
-    assert "4 rows per step: oneDNN int8 linear layers, SDPA cross-attention" in capsys.readouterr().err
+    assert "4 rows per step: int8 (onednn) linear layers, SDPA cross-attention" in capsys.readouterr().err
 
 
 def test_verbose_says_which_kernels_and_why(monkeypatch, capsys):

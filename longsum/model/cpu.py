@@ -34,14 +34,16 @@ CACHE_FILE = "cpu_kernels.json"
 # Decoding-step rows (documents x beams) -> the class whose measurement decides; the row count timed.
 ROW_CLASSES = {"one": (1, 2, 1), "few": (3, 64, 8), "many": (65, None, 256)}  # class: (low, high, timed)
 LINEAR_KERNELS = ("torch", "packed", "packed-padded")
+INT8_KERNELS = ("onednn", "fbgemm")  # `--dtype int8`'s products (`longsum.model.int8`); the first is the default
 MARGIN = 1.05  # a candidate must be this much faster than torch's kernel to replace it
 BUSY_SAMPLE_S = 0.2  # how long the load of other processes is sampled before calibrating
-CALIBRATION_VERSION = 1  # bump when what is measured changes: older entries are measured again
+CALIBRATION_VERSION = 2  # bump when what is measured changes: older entries are measured again
 # Calibration layers: bart-base's feed-forward (768 -> 3,072), enough of them to leave the caches as a
 # decoding step does (8 x 9.4 MB of weights).
 D_MODEL, D_FFN, LAYERS = 768, 3072, 8
 # Cross-attention of the calibration: 12 heads of 64, 4 query rows against 1,024 keys, 6 layers.
 HEADS, HEAD_DIM, KEYS, ATTENTION_LAYERS = 12, 64, 1024, 6
+DECODER_LAYERS = 2  # int8 calibration: this many decoder layers' linear layers (16.5 MB of int8 weights)
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -93,12 +95,15 @@ def features() -> Features:
 @dataclass(frozen=True)
 class Choice:
     """Kernels for a decoding step's row class: `linear` (one of `LINEAR_KERNELS`), `few_rows`
-    (the few-rows cross-attention), `why` (a sentence), `source` (calibrated/cached/features/forced)."""
+    (the few-rows cross-attention), `why` (a sentence), `source` (calibrated/cached/features/forced),
+    and for an int8 model's layers `int8` (one of `INT8_KERNELS`) and `int8_why`."""
 
     linear: str
     few_rows: bool
     why: str
     source: str
+    int8: str = INT8_KERNELS[0]
+    int8_why: str = "the default"
 
     def describe(self, rows: int, linear: str | None = None) -> str:
         """`linear`: what the linear layers are when not this choice's (an int8 model's)."""
@@ -116,8 +121,9 @@ def row_class(rows: int) -> str:
 def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
     """The kernels for `rows` rows per step from calibration milliseconds (deterministic: no timing here).
 
-    `measured`: {"linear": {class: {kernel: ms}}, "attention": {"sdpa": ms, "few_rows": ms}}. A kernel
-    replaces torch's only when `MARGIN` times faster; the few-rows attention likewise replaces SDPA.
+    `measured`: {"linear": {class: {kernel: ms}}, "attention": {"sdpa": ms, "few_rows": ms},
+    "int8": {class: {kernel: ms}}}. A kernel replaces torch's only when `MARGIN` times faster; the
+    few-rows attention likewise replaces SDPA, and fbgemm oneDNN's int8 kernel.
     """
     cls = row_class(rows)
     times = measured["linear"][cls]
@@ -129,16 +135,28 @@ def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
     why = f"{ROW_CLASSES[cls][2]} rows timed: {shown}"
     if attention:
         why += f"; attention sdpa {attention['sdpa']:.3g} ms, few-rows {attention['few_rows']:.3g} ms"
+    int8 = measured.get("int8", {}).get(cls, {})
+    if int8:
+        best8 = min(int8, key=int8.get)
+        chosen8 = best8 if int8[best8] * MARGIN < int8[INT8_KERNELS[0]] else INT8_KERNELS[0]
+        shown8 = ", ".join(f"{k} {int8[k]:.3g} ms" for k in INT8_KERNELS if k in int8)
+        why8 = f"{ROW_CLASSES[cls][2]} rows timed: {shown8}"
+        return Choice(linear, few_rows, why, source, chosen8, why8)
     return Choice(linear, few_rows, why, source)
 
 
 def from_features(feat: Features, rows: int) -> Choice:
     """The choice without measurements: packed oneDNN layers only on AVX-512 (where they were measured
-    faster; padded below `MIN_ROWS` rows), torch's elsewhere; the few-rows attention everywhere."""
+    faster; padded below `MIN_ROWS` rows), torch's elsewhere; the few-rows attention everywhere; int8:
+    fbgemm up to `few` rows (a third of oneDNN's time per call at 1-8 rows on an AMX Xeon), oneDNN above."""
+    int8 = "onednn" if row_class(rows) == "many" else "fbgemm"
+    why8 = f"{int8} for {row_class(rows)} rows (LONGSUM_CALIBRATE=0, not measured)"
     if feat.avx512:
         linear = "packed-padded" if row_class(rows) == "one" else "packed"
-        return Choice(linear, True, "AVX-512: packed oneDNN layers (LONGSUM_CALIBRATE=0, not measured)", "features")
-    return Choice("torch", True, "no AVX-512: torch's kernels (LONGSUM_CALIBRATE=0, not measured)", "features")
+        return Choice(linear, True, "AVX-512: packed oneDNN layers (LONGSUM_CALIBRATE=0, not measured)", "features",
+                      int8, why8)  # fmt: skip
+    return Choice("torch", True, "no AVX-512: torch's kernels (LONGSUM_CALIBRATE=0, not measured)", "features", int8,
+                  why8)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -235,7 +253,8 @@ def kernel_choice(rows: int) -> Choice:
     """
     forced = os.environ.get("LONGSUM_CPU_KERNELS", "auto")
     if forced in LINEAR_KERNELS:
-        return Choice(forced, True, "LONGSUM_CPU_KERNELS", "forced")
+        int8 = from_features(features(), rows)
+        return Choice(forced, True, "LONGSUM_CPU_KERNELS", "forced", int8.int8, int8.int8_why)
     if forced != "auto":
         from longsum.model.decoding import step_aside
 
@@ -260,12 +279,14 @@ def _best_ms(fn, repeats: int) -> float:
 
 
 def calibrate() -> dict:
-    """Time torch's and oneDNN's packed linear products per row class and the two cross-attentions.
+    """Time torch's and oneDNN's packed linear products per row class, the two cross-attentions, and the
+    two int8 kernels (`longsum.model.int8`) on the same layers.
 
     Every number is the best of a few runs of a whole stack of layers (out of cache, as in a decoding
-    step), in milliseconds. Packed kernels that fail here are left out (torch's then stays).
+    step), in milliseconds. Kernels that fail here are left out (torch's, or oneDNN's int8, then stays).
     """
     from longsum.model.decoding import MIN_ROWS, PACK_ROWS, few_rows_eager, packing_fails
+    from longsum.model.int8 import Int8Linear, activation_range, fbgemm_fails, int8_fails
 
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(D_FFN, D_MODEL, generator=g) * 0.02 for _ in range(LAYERS)]  # [3072, 768] each
@@ -294,7 +315,37 @@ def calibrate() -> dict:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         attention = {"sdpa": _best_ms(lambda: [sdpa(q, k, v) for k, v in kv], 5),
                      "few_rows": _best_ms(lambda: [few_rows_eager(None, q, k, v, None) for k, v in kv], 5)}  # fmt: skip
-    return {"linear": linear, "attention": attention}
+    int8 = {} if int8_fails() else _time_int8(Int8Linear, activation_range(), fbgemm_fails() is None)
+    return {"linear": linear, "attention": attention, **({"int8": int8} if int8 else {})}
+
+
+def _time_int8(layer_class, act_range: int, fbgemm: bool) -> dict:
+    """{class: {int8 kernel: ms}}: `DECODER_LAYERS` bart-base decoder layers' linear layers (six 768 x 768
+    projections and the two feed-forward ones each: fbgemm's fixed cost per call is smaller, oneDNN's
+    product above one row faster, so the mix decides), each kernel on its own copy."""
+    g = torch.Generator().manual_seed(1)
+    shapes = ([(D_MODEL, D_MODEL)] * 6 + [(D_FFN, D_MODEL), (D_MODEL, D_FFN)]) * DECODER_LAYERS  # [d_out, d_in]
+    kernels = INT8_KERNELS if fbgemm else INT8_KERNELS[:1]
+    stacks = {}
+    for kernel in kernels:
+        layers = []
+        for d_out, d_in in shapes:
+            layer = torch.nn.Linear(d_in, d_out)
+            torch.nn.init.normal_(layer.weight, std=0.02, generator=g)
+            layers.append(layer_class(layer, act_range, dict.fromkeys(ROW_CLASSES, kernel)))
+        stacks[kernel] = layers
+    timed = {}
+    with torch.inference_mode():
+        for cls, (_, _, rows) in ROW_CLASSES.items():
+            x = torch.randn(rows, D_MODEL, generator=g)
+            inputs = {D_MODEL: x, D_FFN: torch.randn(rows, D_FFN, generator=g)}
+            count, repeats = (len(shapes), 5) if rows <= 64 else (len(shapes) // DECODER_LAYERS, 2)
+
+            def run(kernel):
+                return [m(inputs[m.in_features]) for m in stacks[kernel][:count]]  # noqa: B023
+
+            timed[cls] = {k: _best_ms(lambda: run(k), repeats) for k in kernels}  # noqa: B023
+    return timed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     feat = features()
     print(f"CPU: {feat.summary()}; cache: {cache_path()}")
     for cls, (_, _, rows) in ROW_CLASSES.items():
-        print(f"  {cls}: {kernel_choice(rows).describe(rows)}")
+        choice = kernel_choice(rows)
+        print(f"  {cls}: {choice.describe(rows)}; --dtype int8: {choice.int8} ({choice.int8_why})")
     return 0
 
 

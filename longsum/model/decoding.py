@@ -656,17 +656,18 @@ def linear_kernels(model, exact: bool, rows: int = 1):
     on this CPU: torch's, `packed_linears(model)` (padded or not), and the few-rows cross-attention or
     SDPA's. An int8 model (`longsum.model.int8`) keeps its int8 layers; the attention is chosen the same
     way. `longsum -v` prints the choice and why, once per process."""
-    from longsum.model.int8 import is_int8
+    from longsum.model.int8 import Int8Linear
 
-    packable, int8 = any(_packable(m) for m in model.modules()), is_int8(model)
+    packable = any(_packable(m) for m in model.modules())
+    int8 = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
     if exact or not (packable or int8):
         yield
         return
     from longsum.console import detail
-    from longsum.model.cpu import kernel_choice
+    from longsum.model.cpu import kernel_choice, row_class
 
     choice = kernel_choice(rows)
-    detail(f"CPU kernels, {choice.describe(rows, 'oneDNN int8' if int8 else None)}")
+    detail(f"CPU kernels, {choice.describe(rows, f'int8 ({int8.kernels[row_class(rows)]})' if int8 else None)}")
     pad = choice.linear == "packed-padded"
     use_packed = packable and choice.linear != "torch"  # (an int8 model's float head, if any)
     linears = packed_linears(model, pad=pad) if use_packed else contextlib.nullcontext()

@@ -3,15 +3,29 @@
 `quantize_int8(model)` replaces every float32 `nn.Linear` of a CPU model (the encoder's and decoder's
 projections and feed-forward layers, and the language-model head unless `head=False`) by an
 `Int8Linear`: its weight rounded to int8 with one scale per output channel (symmetric, `max |w| / 127`),
-and at each call the input rows quantized with one scale per row (`max |x| / r`). The product runs in
-oneDNN's int8 matmul (`torch.ops.onednn.qlinear_pointwise`, the kernel torch's own x86 quantization
-lowers to; no hand-written GEMM, no `torch.ao.quantization`, which torch 2.13 deprecates with warnings
-on stderr). Everything else stays float32: embeddings, layer norms, and the attention itself (LSG's
-and LongT5's kernels see float queries, keys and values; only their projections change).
+and at each call the input rows quantized, each row on its own scale (`max |x| / r`), so that no row's
+result depends on the other rows of its batch. Everything else stays float32: embeddings, layer norms,
+and the attention itself (LSG's and LongT5's kernels see float queries, keys and values; only their
+projections change).
+
+Two of torch's int8 kernels run the products (no hand-written GEMM, no `torch.ao.quantization`, which
+torch 2.13 deprecates with warnings on stderr); `longsum.model.cpu` measures which is faster per row
+class on this CPU, and each layer runs the one chosen for the rows it gets:
+  onednn  `torch.ops.onednn.qlinear_pointwise`, the kernel torch's own x86 quantization lowers to; inputs
+          quantized here, one scale per row. Fast on many rows (the encoder: AMX or VNNI tiles), but a
+          call costs about 0.1 ms however few the rows, and AMX tiles are wasted on one row.
+  fbgemm  `torch.ops.quantized.linear_dynamic` (fbgemm, built for AVX2 and AVX-512 servers): one call
+          quantizes, multiplies and scales back. It gives all rows of a call one input scale, so above one
+          row each row is first scaled to max |x| = 1 and a frame row holding +1 and -1 is added: the
+          shared scale is then always 2/255, whatever the other rows hold. Its packed weights need
+          torch's quantized tensors (deprecated in torch 2.13): where they fail, onednn runs everywhere.
+A layer packs its weight for a kernel on first use and keeps the int8 weight only in packed form (an
+encoder layer is packed for onednn only, a decoder layer for fbgemm only, where both were chosen).
 
 `r` is 127 on CPUs whose int8 instructions sum products in 32 bits (AVX-512 VNNI, AVX-VNNI, AMX), and 63
 elsewhere: plain AVX2 (and AVX-512 without VNNI) adds pairs of u8 x s8 products in 16 bits, which
-saturate for inputs above 127 (oneDNN documents this; `activation_range` measures it on this CPU).
+saturate for inputs above 127 (oneDNN documents this, and fbgemm's `reduce_range` is the same remedy;
+`activation_range` measures it on this CPU).
 
 The results are not fp32's bit for bit: `compare` measures how far they move (docs/cpu-decoding.md).
 """
@@ -19,14 +33,17 @@ The results are not fp32's bit for bit: `compare` measures how far they move (do
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 from longsum.errors import describe
+from longsum.model.cpu import INT8_KERNELS, ROW_CLASSES, row_class
 
 # Quantized input rows use [-r, r] around the zero point r + 1 (uint8).
 FULL_RANGE, SAFE_RANGE = 127, 63
 QUANTIZE_ROWS = 4096  # weight rows rounded at a time
+ONEDNN_ONLY = dict.fromkeys(ROW_CLASSES, "onednn")  # row class -> kernel, where fbgemm cannot run
 
 
 @functools.cache
@@ -49,6 +66,26 @@ def int8_fails() -> str | None:
 
 
 @functools.cache
+def fbgemm_fails() -> str | None:
+    """Why this torch cannot run the fbgemm kernel (None: it can), checked once on one row and on three."""
+    try:
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            return "torch was built without fbgemm"
+        g = torch.Generator().manual_seed(0)
+        layer = torch.nn.Linear(64, 24)
+        quantized = Int8Linear(layer, SAFE_RANGE, dict.fromkeys(ROW_CLASSES, "fbgemm"))
+        for rows in (torch.randn(1, 64, generator=g), torch.randn(3, 64, generator=g)):
+            with torch.no_grad():
+                expected, got = layer(rows), quantized(rows)
+            error = ((got - expected).norm() / expected.norm()).item()
+            if not error < 0.05:
+                return f"fbgemm's int8 product is off by {error:.2g} (relative)"
+    except Exception as err:  # noqa: BLE001  deprecated quantized tensors: any change is a reason to refuse
+        return describe(err)
+    return None
+
+
+@functools.cache
 def activation_range() -> int:
     """127 where oneDNN's u8 x s8 products of this CPU sum without saturating, else 63 (measured once:
     255 x 127 summed over 64 inputs, exact on VNNI, saturated in 16 bits on plain AVX2)."""
@@ -63,72 +100,153 @@ def activation_range() -> int:
 class Int8Linear(torch.nn.Module):
     """`nn.Linear` with an int8 weight (one scale per output channel) and inputs quantized per row.
 
-    `forward`: x `[..., d_in]` -> rows `[n, d_in]`, each scaled to [-r, r] and shifted to uint8 (zero
-    point r + 1); oneDNN multiplies them by the prepacked int8 weight `[d_out, d_in]` and applies the
-    weight's scales (`[n, d_out]` float32); each row is scaled back and the float bias added.
-    `weight` is the packed int8 weight (families that check a weight's dtype, as T5's feed-forward
-    does, see int8 and leave the input alone).
+    `forward`: x `[..., d_in]` -> rows `[n, d_in]` -> the kernel `kernels[row_class(n)]` chose
+    (`_onednn` or `_fbgemm`, module docstring) -> `[n, d_out]` float32, scaled back, float bias added.
+    `weight` is an int8 tensor on the meta device of the weight's shape: families that check a
+    weight's dtype (T5's feed-forward) see int8 and leave the input alone; the values live packed.
     """
 
-    def __init__(self, linear: torch.nn.Linear, act_range: int):
+    def __init__(self, linear: torch.nn.Linear, act_range: int, kernels: dict[str, str] | None = None):
         super().__init__()
         self.in_features, self.out_features, self.act_range = linear.in_features, linear.out_features, act_range
+        self.kernels = dict(kernels or ONEDNN_ONLY)  # row class -> one of INT8_KERNELS
         w = linear.weight.detach()  # [d_out, d_in]
         scale = w.abs().amax(1).float().clamp(min=torch.finfo(torch.float32).tiny) / 127  # [d_out]
         q = torch.empty(w.shape, dtype=torch.int8)  # [d_out, d_in], a few thousand rows at a time: no float copy
         for start in range(0, w.shape[0], QUANTIZE_ROWS):  # of a vocabulary-sized head
             part = slice(start, start + QUANTIZE_ROWS)
             q[part] = torch.round(w[part].float() / scale[part, None]).clamp_(-127, 127)
-        # A plain attribute, not a buffer: oneDNN's packed layout has no storage for state_dict to read.
-        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        # Plain attributes, not buffers: packed layouts have no storage for state_dict to read.
+        self.plain: torch.Tensor | None = q  # until the first pack holds it (`packed`)
+        self.packs: dict[str, object] = {}  # kernel -> its packed weight
         self.scale, self.zero_points = scale, torch.zeros_like(scale, dtype=torch.long)
         self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.packed
+        return torch.empty((self.out_features, self.in_features), dtype=torch.int8, device="meta")
+
+    def packed(self, kernel: str):
+        """The weight packed for `kernel`, packed on first use from the plain int8 weight or from another
+        kernel's pack (each pack can give the int8 values back), so a layer holds only the forms it runs."""
+        if kernel not in self.packs:
+            q = self.plain if self.plain is not None else self.int8_weight()
+            self.packs[kernel] = PACK[kernel](self, q)
+            self.plain = None
+        return self.packs[kernel]
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weight `[d_out, d_in]`, from wherever it lives now."""
+        if self.plain is not None:
+            return self.plain
+        if "fbgemm" in self.packs:
+            return torch.ops.quantized.linear_unpack(self.packs["fbgemm"])[0].int_repr()
+        return self.packs["onednn"].to_dense().t().contiguous()  # (oneDNN's pack is the weight transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_out]
-        # Two passes over the input and one over the output besides the product: quantizing costs as much
-        # as the int8 product itself on the encoder's thousands of rows when written op by op.
         rows = x.reshape(-1, self.in_features).float()  # [n, d_in]
-        # (amax and amin: 2x faster than aminmax or abs().amax() on [1024, 768], torch 2.13)
-        top = torch.maximum(rows.amax(-1, keepdim=True), rows.amin(-1, keepdim=True).neg_()).clamp_(min=1e-30)  # [n, 1]
-        zero = self.act_range + 1
-        # x r / max|x| in [-r, r], + zero + 0.5 in [0.5, 2r + 1.5], truncated: rounded, in [1, 2r + 1]
-        q = rows.mul(self.act_range / top).add_(zero + 0.5).to(torch.uint8)  # [n, d_in]
-        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, zero, self.packed, self.scale, self.zero_points, None, 1.0,
-                                                 0, torch.float32, "none", [], "")  # fmt: skip
-        step = top / self.act_range  # [n, 1]; out: [n, d_out]
-        out = out.mul_(step) if self.bias is None else torch.addcmul(self.bias, out, step)
+        out = RUN[self.kernels[row_class(rows.shape[0])]](self, rows)  # [n, d_out]
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
+        kernels = ", ".join(f"{cls} rows: {kernel}" for cls, kernel in self.kernels.items())
         return f"in_features={self.in_features}, out_features={self.out_features}, inputs in [-{self.act_range}, " \
-               f"{self.act_range}]"  # fmt: skip
+               f"{self.act_range}], {kernels}"  # fmt: skip
+
+
+def _row_scales(rows: torch.Tensor) -> torch.Tensor:
+    """max |x| per row `[n, 1]` (amax and amin: 2x faster than aminmax or abs().amax() on [1024, 768])."""
+    return torch.maximum(rows.amax(-1, keepdim=True), rows.amin(-1, keepdim=True).neg_()).clamp_(min=1e-30)
+
+
+def _onednn(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_out]
+    # Two passes over the input and one over the output besides the product: quantizing costs as much
+    # as the int8 product itself on the encoder's thousands of rows when written op by op.
+    top = _row_scales(rows)  # [n, 1]
+    zero = layer.act_range + 1
+    # x r / max|x| in [-r, r], + zero + 0.5 in [0.5, 2r + 1.5], truncated: rounded, in [1, 2r + 1]
+    q = rows.mul(layer.act_range / top).add_(zero + 0.5).to(torch.uint8)  # [n, d_in]
+    out = torch.ops.onednn.qlinear_pointwise(q, 1.0, zero, layer.packed("onednn"), layer.scale, layer.zero_points,
+                                             None, 1.0, 0, torch.float32, "none", [], "")  # fmt: skip
+    step = top / layer.act_range  # [n, 1]; out: [n, d_out]
+    return out.mul_(step) if layer.bias is None else torch.addcmul(layer.bias, out, step)
+
+
+def _fbgemm(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_out]
+    packed, reduce = layer.packed("fbgemm"), layer.act_range == SAFE_RANGE
+    if rows.shape[0] == 1:  # one row: fbgemm's one input scale is this row's own
+        out = torch.ops.quantized.linear_dynamic(rows.contiguous(), packed, reduce)  # [1, d_out]
+        return out if layer.bias is None else out.add_(layer.bias)
+    top = _row_scales(rows)  # [n, 1]
+    unit = torch.cat([rows / top, _frame(rows.shape[1])])  # [n + 1, d_in], all in [-1, 1], +1 and -1 present
+    out = torch.ops.quantized.linear_dynamic(unit, packed, reduce)[:-1]  # [n, d_out]
+    return out.mul_(top) if layer.bias is None else torch.addcmul(layer.bias, out, top)
+
+
+@functools.cache
+def _frame(width: int) -> torch.Tensor:
+    """`[1, width]`: +1, -1, then zeros: with it, fbgemm's input range is [-1, 1] for rows scaled into it."""
+    with torch.inference_mode(False):  # (a plain tensor, usable in and out of inference mode)
+        frame = torch.zeros(1, width)
+        frame[0, 0], frame[0, 1] = 1.0, -1.0
+    return frame
+
+
+def _pack_onednn(layer: Int8Linear, q: torch.Tensor):
+    return torch.ops.onednn.qlinear_prepack(q, None)
+
+
+def _pack_fbgemm(layer: Int8Linear, q: torch.Tensor):
+    with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors: `fbgemm_fails` steps aside
+        warnings.simplefilter("ignore")
+        weight = torch._make_per_channel_quantized_tensor(q, layer.scale.double(), layer.zero_points, 0)
+        return torch.ops.quantized.linear_prepack(weight, None)
+
+
+RUN = {"onednn": _onednn, "fbgemm": _fbgemm}
+PACK = {"onednn": _pack_onednn, "fbgemm": _pack_fbgemm}
+assert set(RUN) == set(PACK) == set(INT8_KERNELS)
 
 
 # Whether the language-model head is quantized too (docs/cpu-decoding.md: measured both ways).
 INT8_HEAD = True
 
 
-def quantize_int8(model, head: bool = INT8_HEAD):
+def quantize_int8(model, head: bool = INT8_HEAD, kernels: dict[str, str] | None = None):
     """Replace `model`'s float32 CPU `nn.Linear` layers by `Int8Linear` (in place; returns the model).
 
     `head=False` keeps the language-model head (`get_output_embeddings()`) in float32. A head tied to
-    the input embeddings gets its own int8 copy; the embeddings stay float32. Raises RuntimeError
-    (one line) where this torch has no usable int8 kernels.
+    the input embeddings gets its own int8 copy; the embeddings stay float32. `kernels` (row class ->
+    kernel) overrides `int8_kernels()`, the measured choice. Raises RuntimeError (one line) where this
+    torch has no usable int8 kernels.
     """
     if (why := int8_fails()) is not None:
         raise RuntimeError(f"int8 needs oneDNN's int8 kernels, which this torch lacks ({why}); use --dtype fp32")
-    act_range = activation_range()
+    act_range, kernels = activation_range(), kernels or int8_kernels()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (type(child) is torch.nn.Linear and child.weight.device.type == "cpu"
                     and child.weight.dtype == torch.float32 and (head or child is not output)):  # fmt: skip
-                setattr(parent, name, Int8Linear(child, act_range))
+                setattr(parent, name, Int8Linear(child, act_range, kernels))
     return model
+
+
+def int8_kernels() -> dict[str, str]:
+    """Row class -> the int8 kernel for it: what `longsum.model.cpu` measured faster on this CPU, and
+    onednn everywhere (with one line) where fbgemm fails on this torch. `longsum -v` shows the choice."""
+    from longsum.console import detail
+    from longsum.model.cpu import kernel_choice
+
+    if (why := fbgemm_fails()) is not None:
+        from longsum.model.decoding import step_aside
+
+        step_aside("int8 with fbgemm on few rows", f"{why}; oneDNN's int8 kernel runs every layer")
+        return dict(ONEDNN_ONLY)
+    choices = {cls: kernel_choice(rows) for cls, (_, _, rows) in ROW_CLASSES.items()}
+    detail("int8 linear layers: " + "; ".join(f"{cls} rows {c.int8} ({c.source}: {c.int8_why})"
+                                              for cls, c in choices.items()))  # fmt: skip
+    return {cls: c.int8 for cls, c in choices.items()}
 
 
 def is_int8(model) -> bool:
