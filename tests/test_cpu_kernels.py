@@ -11,14 +11,16 @@ import torch
 from longsum.model import cpu, decoding
 
 
-def measured(one=None, few=None, many=None, sdpa=1.0, few_rows=1.0) -> dict:
+def measured(one=None, few=None, many=None, sdpa=1.0, few_rows=1.0, several=None) -> dict:
     default = {"torch": 1.0}
-    return {"linear": {"one": one or default, "few": few or default, "many": many or default},
+    return {"linear": {"one": one or default, "few": few or default, "several": several or default,
+                       "many": many or default},  # fmt: skip
             "attention": {"sdpa": sdpa, "few_rows": few_rows}}  # fmt: skip
 
 
 def test_row_classes_cover_every_row_count():
-    assert [cpu.row_class(n) for n in (1, 2, 3, 64, 65, 4096)] == ["one", "one", "few", "few", "many", "many"]
+    assert [cpu.row_class(n) for n in (1, 2, 3, 8, 9, 64, 65, 4096)] == ["one", "one", "few", "few", "several",
+                                                                         "several", "many", "many"]  # fmt: skip
 
 
 def test_a_kernel_replaces_torch_only_when_faster_by_the_margin():
@@ -44,9 +46,10 @@ def test_few_rows_attention_only_where_measured_faster():
 
 
 def test_fbgemm_runs_int8_layers_only_where_measured_faster_by_the_margin():
-    numbers = {**measured(), "int8": {"one": {"onednn": 2.8, "fbgemm": 1.4}, "few": {"onednn": 3.1, "fbgemm": 3.0},
+    numbers = {**measured(), "int8": {"one": {"onednn": 2.8, "fbgemm": 1.4}, "few": {"onednn": 3.1, "fbgemm": 2.5},
+                                      "several": {"onednn": 3.1, "fbgemm": 3.0},
                                       "many": {"onednn": 10.0, "fbgemm": 17.0}}}  # fmt: skip
-    assert [cpu.choose(numbers, rows=n).int8 for n in (1, 8, 256)] == ["fbgemm", "onednn", "onednn"]
+    assert [cpu.choose(numbers, rows=n).int8 for n in (1, 4, 16, 256)] == ["fbgemm", "fbgemm", "onednn", "onednn"]
     assert "fbgemm 1.4 ms" in cpu.choose(numbers, rows=1).int8_why
     assert cpu.choose(measured(), rows=1).int8 == "onednn"  # no int8 numbers (a torch without its kernels)
 
@@ -56,7 +59,7 @@ def test_choice_without_measurements_follows_the_features():
     avx2 = cpu.Features("EPYC Zen 2", frozenset({"avx2"}))
     assert cpu.from_features(avx512, 1).linear == "packed-padded" and cpu.from_features(avx512, 8).linear == "packed"
     assert cpu.from_features(avx2, 1).linear == "torch" and cpu.from_features(avx2, 8).linear == "torch"
-    assert [cpu.from_features(avx2, n).int8 for n in (1, 8, 256)] == ["fbgemm", "fbgemm", "onednn"]
+    assert [cpu.from_features(avx2, n).int8 for n in (1, 4, 16, 256)] == ["fbgemm", "fbgemm", "onednn", "onednn"]
 
 
 @pytest.fixture
@@ -145,7 +148,7 @@ def test_reset_from_the_command_line(cache, capsys):
     cpu.kernel_choice(8)
     assert cpu.main(["--reset"]) == 0
     out = capsys.readouterr().out
-    assert len(cache) == 2 and "few: 8 rows per step: packed linear layers" in out and str(cpu.cache_path()) in out
+    assert len(cache) == 2 and "few: 4 rows per step: packed linear layers" in out and str(cpu.cache_path()) in out
     assert cpu.main(["--bogus"]) == 2
 
 
@@ -155,6 +158,12 @@ def test_calibration_measures_every_candidate():
     assert set(numbers["linear"]) == set(cpu.ROW_CLASSES) and set(numbers["attention"]) == {"sdpa", "few_rows"}
     kernels = {"torch"} if decoding.packing_fails() else {"torch", "packed"}
     assert set(numbers["linear"]["few"]) == kernels and set(numbers["linear"]["many"]) == kernels
+    from longsum.model import int8
+
+    if not int8.int8_fails():
+        int8_kernels = set(cpu.INT8_KERNELS) if int8.fbgemm_fails() is None else {"onednn"}
+        assert set(numbers["int8"]) == set(cpu.ROW_CLASSES)
+        assert all(set(times) == int8_kernels for times in numbers["int8"].values())
     assert all(ms > 0 for times in numbers["linear"].values() for ms in times.values())
 
 
@@ -193,7 +202,9 @@ def test_an_int8_model_keeps_its_layers_and_gets_the_chosen_attention(monkeypatc
 
     if int8_fails():
         pytest.skip(int8_fails())
-    model = quantize_int8(tiny_bart(), kernels={"one": "fbgemm", "few": "onednn", "many": "onednn"})
+    model = quantize_int8(
+        tiny_bart(), kernels={"one": "fbgemm", "few": "onednn", "several": "onednn", "many": "onednn"}
+    )
     monkeypatch.setattr(cpu, "kernel_choice", lambda rows: cpu.Choice("packed", False, "measured", "cached"))
     monkeypatch.setattr(console, "_DETAILED", set())
     monkeypatch.setattr(console, "_VERBOSE", [True])

@@ -7,9 +7,9 @@ of `rows` rows (documents x beams), which linear kernel to run (`torch`, `packed
 packed with the rows zero-padded to `MIN_ROWS`, which oneDNN multiplies faster than 1-2 rows on some
 CPUs) and whether the few-rows cross-attention (`few_rows_eager`) replaces SDPA's, and why.
 
-The choice comes from `calibrate()`: a short run (about a second at one thread) timing both kernels on
-bart-base-sized layers, out of cache, at one representative row count per `ROW_CLASSES` class, and
-the two attentions. Its numbers are cached in `cpu_kernels.json` under the cache folder
+The choice comes from `calibrate()`: a short run (about three seconds at one thread) timing both kernels
+on bart-base-sized layers, out of cache, at one representative row count per `ROW_CLASSES` class, the
+two attentions, and the two int8 kernels of `--dtype int8` (`longsum.model.int8`; `Choice.int8`). Its numbers are cached in `cpu_kernels.json` under the cache folder
 (`LONGSUM_CACHE`, else `$XDG_CACHE_HOME/longsum`, else `~/.cache/longsum`), keyed by the CPU's model
 name, torch's version and the thread count, so a machine measures once. A candidate replaces torch's
 kernel only when it wins by `MARGIN`: the default path is never slower than torch's own kernels by
@@ -32,7 +32,14 @@ import torch
 
 CACHE_FILE = "cpu_kernels.json"
 # Decoding-step rows (documents x beams) -> the class whose measurement decides; the row count timed.
-ROW_CLASSES = {"one": (1, 2, 1), "few": (3, 64, 8), "many": (65, None, 256)}  # class: (low, high, timed)
+# (few: one document's beams, timed at 4; several: a batch's, at 16. fbgemm's int8 product wins the first
+# and loses the second on an AMX Xeon: 38 against 50 ms per beams-4 step of bart-base.)
+ROW_CLASSES = {
+    "one": (1, 2, 1),
+    "few": (3, 8, 4),
+    "several": (9, 64, 16),
+    "many": (65, None, 256),
+}  # (low, high, timed)
 LINEAR_KERNELS = ("torch", "packed", "packed-padded")
 INT8_KERNELS = ("onednn", "fbgemm")  # `--dtype int8`'s products (`longsum.model.int8`); the first is the default
 MARGIN = 1.05  # a candidate must be this much faster than torch's kernel to replace it
@@ -43,7 +50,7 @@ CALIBRATION_VERSION = 2  # bump when what is measured changes: older entries are
 D_MODEL, D_FFN, LAYERS = 768, 3072, 8
 # Cross-attention of the calibration: 12 heads of 64, 4 query rows against 1,024 keys, 6 layers.
 HEADS, HEAD_DIM, KEYS, ATTENTION_LAYERS = 12, 64, 1024, 6
-DECODER_LAYERS = 2  # int8 calibration: this many decoder layers' linear layers (16.5 MB of int8 weights)
+DECODER_LAYERS = 6  # int8 calibration: a bart-base decoder's linear layers (50 MB of int8 weights: out of cache)
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -148,8 +155,8 @@ def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
 def from_features(feat: Features, rows: int) -> Choice:
     """The choice without measurements: packed oneDNN layers only on AVX-512 (where they were measured
     faster; padded below `MIN_ROWS` rows), torch's elsewhere; the few-rows attention everywhere; int8:
-    fbgemm up to `few` rows (a third of oneDNN's time per call at 1-8 rows on an AMX Xeon), oneDNN above."""
-    int8 = "onednn" if row_class(rows) == "many" else "fbgemm"
+    fbgemm up to `few` rows (half oneDNN's time per call at 1-4 rows on an AMX Xeon), oneDNN above."""
+    int8 = "fbgemm" if row_class(rows) in ("one", "few") else "onednn"
     why8 = f"{int8} for {row_class(rows)} rows (LONGSUM_CALIBRATE=0, not measured)"
     if feat.avx512:
         linear = "packed-padded" if row_class(rows) == "one" else "packed"
@@ -320,31 +327,28 @@ def calibrate() -> dict:
 
 
 def _time_int8(layer_class, act_range: int, fbgemm: bool) -> dict:
-    """{class: {int8 kernel: ms}}: `DECODER_LAYERS` bart-base decoder layers' linear layers (six 768 x 768
-    projections and the two feed-forward ones each: fbgemm's fixed cost per call is smaller, oneDNN's
-    product above one row faster, so the mix decides), each kernel on its own copy."""
+    """{class: {int8 kernel: ms}}: a bart-base decoder's linear layers (`DECODER_LAYERS` x six 768 x 768
+    projections and the two feed-forward ones: fbgemm's fixed cost per call is smaller, oneDNN's product
+    above one row faster, so the mix decides; 50 MB of int8 weights, out of cache as in a decoding step).
+    One stack of layers holds both kernels' packs (each packs on first use, outside the timing)."""
     g = torch.Generator().manual_seed(1)
     shapes = ([(D_MODEL, D_MODEL)] * 6 + [(D_FFN, D_MODEL), (D_MODEL, D_FFN)]) * DECODER_LAYERS  # [d_out, d_in]
-    kernels = INT8_KERNELS if fbgemm else INT8_KERNELS[:1]
-    stacks = {}
-    for kernel in kernels:
-        layers = []
-        for d_out, d_in in shapes:
-            layer = torch.nn.Linear(d_in, d_out)
-            torch.nn.init.normal_(layer.weight, std=0.02, generator=g)
-            layers.append(layer_class(layer, act_range, dict.fromkeys(ROW_CLASSES, kernel)))
-        stacks[kernel] = layers
+    stack = []
+    for d_out, d_in in shapes:
+        layer = torch.nn.utils.skip_init(torch.nn.Linear, d_in, d_out)  # (no default init: set just below)
+        torch.nn.init.normal_(layer.weight, std=0.02, generator=g)
+        torch.nn.init.zeros_(layer.bias)
+        stack.append(layer_class(layer, act_range))
     timed = {}
     with torch.inference_mode():
         for cls, (_, _, rows) in ROW_CLASSES.items():
-            x = torch.randn(rows, D_MODEL, generator=g)
-            inputs = {D_MODEL: x, D_FFN: torch.randn(rows, D_FFN, generator=g)}
-            count, repeats = (len(shapes), 5) if rows <= 64 else (len(shapes) // DECODER_LAYERS, 2)
-
-            def run(kernel):
-                return [m(inputs[m.in_features]) for m in stacks[kernel][:count]]  # noqa: B023
-
-            timed[cls] = {k: _best_ms(lambda: run(k), repeats) for k in kernels}  # noqa: B023
+            inputs = {D_MODEL: torch.randn(rows, D_MODEL, generator=g), D_FFN: torch.randn(rows, D_FFN, generator=g)}
+            count, repeats = (len(shapes), 3) if rows <= 64 else (len(shapes) // DECODER_LAYERS, 2)
+            timed[cls] = {}
+            for kernel in INT8_KERNELS if fbgemm else INT8_KERNELS[:1]:
+                for m in stack:
+                    m.kernels = dict.fromkeys(ROW_CLASSES, kernel)
+                timed[cls][kernel] = _best_ms(lambda: [m(inputs[m.in_features]) for m in stack[:count]], repeats)  # noqa: B023
     return timed
 
 
