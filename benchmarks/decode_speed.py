@@ -37,6 +37,7 @@ Run from the repository root (CPU: 1 thread by default, as the targets are state
     python benchmarks/decode_speed.py --lengths 4096 --beams 4 --docs 4 --batch-size 4   # plus batched decoding
     python benchmarks/decode_speed.py --lengths 1024 --beams 4 --docs 4 --batch-size 4 --allocator tuned
     python benchmarks/decode_speed.py --lengths 1024 4096 --beams 1 4 --docs 2 --allocator tuned   # issue 26's grid
+    python benchmarks/decode_speed.py --lengths 1024 --beams 1 4 --methods int8 ct2-int8 --rounds 3 --allocator tuned
     python benchmarks/decode_speed.py --device cuda                     # bf16 on a GPU
     python benchmarks/decode_speed.py --model t5gemma2 --lengths 4096 --beams 1 4 --docs 3 --name decode_speed_t5gemma2
 Outputs: a table on stdout; decode_speed.json (cells, settings, provenance) and decode_speed.png in
@@ -256,6 +257,16 @@ def cell_in_subprocess(args, length: int, beams: int, method: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def merge_rounds(cells: list[dict]) -> dict:
+    """One cell from its rounds: every document's seconds, their median, the largest peak, the first round's
+    ids (each round's ids are the same computation), and `round_medians` to show the drift."""
+    if len(cells) == 1 or any("error" in c for c in cells):
+        return next((c for c in cells if "error" in c), cells[0])
+    seconds = [t for c in cells for t in c["seconds"]]
+    return {**cells[0], "seconds": seconds, "median_s": statistics.median(seconds),
+            "peak_bytes": max(c["peak_bytes"] for c in cells), "round_medians": [c["median_s"] for c in cells]}  # fmt: skip
+
+
 def cpu_facts() -> dict:
     """The CPU's name, flags and vector ISA, and the kernels longsum measured for it (`longsum.model.cpu`)."""
     from longsum.model import cpu
@@ -330,6 +341,11 @@ def main() -> None:
     p.add_argument("--model", choices=list(MODELS), default="bart",
                    help="bart: bart-base size (LSG-BART above 1,024 tokens); t5gemma2: T5Gemma 2 270M-270M size "
                         "(merged decoder attention, 128K positions)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each (length, beams)'s methods round-robin this many times, each cell its own process "
+                        "every round; a cell's median is over all its rounds' documents (a noisy machine drifts "
+                        "between cells run minutes apart)")  # fmt: skip
+    p.add_argument("--methods", nargs="+", help="only these methods (default: all that apply; stock for the ratio)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="decode_speed")
     p.add_argument("--cell-length", type=int, help=argparse.SUPPRESS)
@@ -369,17 +385,22 @@ def main() -> None:
             methods += ["batched"] if args.batch_size > 1 else []
             if peer and length <= DENSE_MAX and args.device == "cpu" and args.model == "bart":
                 methods += ["ct2", "ct2-int8"] + (["ct2-batched"] if args.batch_size > 1 else [])
+            methods = [m for m in methods if not args.methods or m in args.methods]
+            rounds = {m: [] for m in methods}
+            for _ in range(args.rounds):
+                for method in methods:
+                    rounds[method].append(cell_in_subprocess(args, length, beams, method))
             cells = {}
             for method in methods:
-                cell = cell_in_subprocess(args, length, beams, method)
-                cells[method] = cell
+                cell = cells[method] = merge_rounds(rounds[method])
                 row = dict(length=length, beams=beams, method=method,
                            **{k: v for k, v in cell.items() if k != "outputs"})  # fmt: skip
-                if "median_s" in cell and "median_s" in cells["stock"]:
-                    row["speedup_vs_stock"] = cells["stock"]["median_s"] / cell["median_s"]
-                if method in ("longsum", "batched") and "outputs" in cells["stock"] and "outputs" in cell:
+                stock = cells.get("stock", {})
+                if "median_s" in cell and "median_s" in stock:
+                    row["speedup_vs_stock"] = stock["median_s"] / cell["median_s"]
+                if method in ("longsum", "batched") and "outputs" in stock and "outputs" in cell:
                     row["same_ids_as_stock"] = cells["stock"]["outputs"] == cell["outputs"]
-                if method == "int8" and "outputs" in cells["stock"] and "outputs" in cell:  # a share: not bit-identical
+                if method == "int8" and "outputs" in stock and "outputs" in cell:  # a share: not bit-identical
                     pairs = list(zip(cells["stock"]["outputs"], cell["outputs"]))
                     row["identical_to_stock"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
                 rows.append(row)
@@ -391,6 +412,7 @@ def main() -> None:
                       f" {row.get('speedup_vs_stock', float('nan')):>7.2f}x  {same}", flush=True)  # fmt: skip
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     result = dict(settings=dict(lengths=args.lengths, beams=args.beams, new_tokens=args.new_tokens, docs=args.docs,
+                                rounds=args.rounds,
                                 batch_size=args.batch_size, allocator=args.allocator, exact=args.exact,
                                 threads=args.threads, device=args.device, no_repeat_ngram_size=3,
                                 dtype="bfloat16" if args.device == "cuda" else "float32",

@@ -224,11 +224,15 @@ def quantize_int8(model, head: bool = INT8_HEAD, kernels: dict[str, str] | None 
         raise RuntimeError(f"int8 needs oneDNN's int8 kernels, which this torch lacks ({why}); use --dtype fp32")
     act_range, kernels = activation_range(), kernels or int8_kernels()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if (type(child) is torch.nn.Linear and child.weight.device.type == "cpu"
-                    and child.weight.dtype == torch.float32 and (head or child is not output)):  # fmt: skip
-                setattr(parent, name, Int8Linear(child, act_range, kernels))
+    skip = None if head else output
+    del output
+    # (parent, name) pairs, no reference to the layers: each float32 layer is freed as soon as its int8
+    # copy replaces it, so the peak is the float model plus one layer, not plus all the int8 copies.
+    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+              if (type(child) is torch.nn.Linear and child.weight.device.type == "cpu"
+                  and child.weight.dtype == torch.float32 and child is not skip)]  # fmt: skip
+    for parent, name in places:
+        setattr(parent, name, Int8Linear(getattr(parent, name), act_range, kernels))
     return model
 
 
