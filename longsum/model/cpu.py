@@ -9,11 +9,12 @@ CPUs) and whether the few-rows cross-attention (`few_rows_eager`) replaces SDPA'
 
 The choice comes from `calibrate()`: a short run (about three seconds at one thread) timing both kernels
 on bart-base-sized layers, out of cache, at one representative row count per `ROW_CLASSES` class, the
-two attentions, and the two int8 kernels of `--dtype int8` (`longsum.model.int8`; `Choice.int8`). Its numbers are cached in `cpu_kernels.json` under the cache folder
-(`LONGSUM_CACHE`, else `$XDG_CACHE_HOME/longsum`, else `~/.cache/longsum`), keyed by the CPU's model
-name, torch's version and the thread count, so a machine measures once. A candidate replaces torch's
-kernel only when it wins by `MARGIN`: the default path is never slower than torch's own kernels by
-more than the measurement's noise. Without measurements (`LONGSUM_CALIBRATE=0`) the choice follows
+two attentions, and the two int8 kernels of `--dtype int8` (`longsum.model.int8`; `Choice.int8`). Its
+numbers are cached in `cpu_kernels.json` under the cache folder (`LONGSUM_CACHE`, else
+`$XDG_CACHE_HOME/longsum`, else `~/.cache/longsum`), keyed by the CPU's model name, torch's version and
+the thread count, so a machine measures once. A candidate replaces torch's kernel only when it wins by
+`MARGIN`: the default path is never slower than torch's own kernels by more than the measurement's
+noise. Without measurements (`LONGSUM_CALIBRATE=0`) the choice follows
 the CPU's features (`from_features`). Reset: `python -m longsum.model.cpu --reset` (measures again and
 prints the choice), `reset()` from Python, or delete the file.
 """
@@ -130,7 +131,7 @@ def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
 
     `measured`: {"linear": {class: {kernel: ms}}, "attention": {"sdpa": ms, "few_rows": ms},
     "int8": {class: {kernel: ms}}}. A kernel replaces torch's only when `MARGIN` times faster; the
-    few-rows attention likewise replaces SDPA, and fbgemm oneDNN's int8 kernel.
+    few-rows attention likewise replaces SDPA, and fbgemm replaces oneDNN's int8 kernel.
     """
     cls = row_class(rows)
     times = measured["linear"][cls]
