@@ -158,7 +158,7 @@ def from_features(feat: Features, rows: int) -> Choice:
     faster; padded below `MIN_ROWS` rows), torch's elsewhere; the few-rows attention everywhere; int8:
     fbgemm up to `few` rows (half oneDNN's time per call at 1-4 rows on an AMX Xeon), oneDNN above."""
     int8 = "fbgemm" if row_class(rows) in ("one", "few") else "onednn"
-    why8 = f"{int8} for {row_class(rows)} rows (LONGSUM_CALIBRATE=0, not measured)"
+    why8 = f"{int8} for {row_class(rows)} rows (from the CPU's features, not measured)"
     if feat.avx512:
         linear = "packed-padded" if row_class(rows) == "one" else "packed"
         return Choice(linear, True, "AVX-512: packed oneDNN layers (LONGSUM_CALIBRATE=0, not measured)", "features",
