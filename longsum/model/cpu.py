@@ -134,37 +134,37 @@ def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
     few-rows attention likewise replaces SDPA, and fbgemm replaces oneDNN's int8 kernel.
     """
     cls = row_class(rows)
-    times = measured["linear"][cls]
-    best = min((k for k in LINEAR_KERNELS if k in times), key=lambda k: times[k])
-    linear = best if best != "torch" and times[best] * MARGIN < times["torch"] else "torch"
-    shown = ", ".join(f"{k} {times[k]:.3g} ms" for k in LINEAR_KERNELS if k in times)
+    linear, why = _fastest(measured["linear"][cls], LINEAR_KERNELS, cls)
     attention = measured.get("attention", {})
     few_rows = bool(attention) and attention["few_rows"] * MARGIN < attention["sdpa"]
-    why = f"{ROW_CLASSES[cls][2]} rows timed: {shown}"
     if attention:
         why += f"; attention sdpa {attention['sdpa']:.3g} ms, few-rows {attention['few_rows']:.3g} ms"
-    int8 = measured.get("int8", {}).get(cls, {})
-    if int8:
-        best8 = min(int8, key=int8.get)
-        chosen8 = best8 if int8[best8] * MARGIN < int8[INT8_KERNELS[0]] else INT8_KERNELS[0]
-        shown8 = ", ".join(f"{k} {int8[k]:.3g} ms" for k in INT8_KERNELS if k in int8)
-        why8 = f"{ROW_CLASSES[cls][2]} rows timed: {shown8}"
-        return Choice(linear, few_rows, why, source, chosen8, why8)
+    if int8 := measured.get("int8", {}).get(cls):
+        return Choice(linear, few_rows, why, source, *_fastest(int8, INT8_KERNELS, cls))
     return Choice(linear, few_rows, why, source)
+
+
+def _fastest(times: dict[str, float], kernels: tuple[str, ...], cls: str) -> tuple[str, str]:
+    """The kernel to run and why: the fastest of `times` (kernel -> ms) where it beats the default
+    (`kernels[0]`) by `MARGIN`, else the default."""
+    best = min((k for k in kernels if k in times), key=lambda k: times[k])
+    chosen = best if times[best] * MARGIN < times[kernels[0]] else kernels[0]
+    shown = ", ".join(f"{k} {times[k]:.3g} ms" for k in kernels if k in times)
+    return chosen, f"{ROW_CLASSES[cls][2]} rows timed: {shown}"
 
 
 def from_features(feat: Features, rows: int) -> Choice:
     """The choice without measurements: packed oneDNN layers only on AVX-512 (where they were measured
     faster; padded below `MIN_ROWS` rows), torch's elsewhere; the few-rows attention everywhere; int8:
     fbgemm up to `few` rows (half oneDNN's time per call at 1-4 rows on an AMX Xeon), oneDNN above."""
-    int8 = "fbgemm" if row_class(rows) in ("one", "few") else "onednn"
-    why8 = f"{int8} for {row_class(rows)} rows (from the CPU's features, not measured)"
+    cls = row_class(rows)
+    int8 = "fbgemm" if cls in ("one", "few") else "onednn"
     if feat.avx512:
-        linear = "packed-padded" if row_class(rows) == "one" else "packed"
-        return Choice(linear, True, "AVX-512: packed oneDNN layers (LONGSUM_CALIBRATE=0, not measured)", "features",
-                      int8, why8)  # fmt: skip
-    return Choice("torch", True, "no AVX-512: torch's kernels (LONGSUM_CALIBRATE=0, not measured)", "features", int8,
-                  why8)  # fmt: skip
+        linear = "packed-padded" if cls == "one" else "packed"
+        why = "AVX-512: packed oneDNN layers (LONGSUM_CALIBRATE=0, not measured)"
+    else:
+        linear, why = "torch", "no AVX-512: torch's kernels (LONGSUM_CALIBRATE=0, not measured)"
+    return Choice(linear, True, why, "features", int8, f"{int8} for {cls} rows (from the CPU's features, not measured)")
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -294,7 +294,7 @@ def calibrate() -> dict:
     step), in milliseconds. Kernels that fail here are left out (torch's, or oneDNN's int8, then stays).
     """
     from longsum.model.decoding import MIN_ROWS, PACK_ROWS, few_rows_eager, packing_fails
-    from longsum.model.int8 import Int8Linear, activation_range, fbgemm_fails, int8_fails
+    from longsum.model.int8 import fbgemm_fails, int8_fails
 
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(D_FFN, D_MODEL, generator=g) * 0.02 for _ in range(LAYERS)]  # [3072, 768] each
@@ -323,15 +323,17 @@ def calibrate() -> dict:
         sdpa = torch.nn.functional.scaled_dot_product_attention
         attention = {"sdpa": _best_ms(lambda: [sdpa(q, k, v) for k, v in kv], 5),
                      "few_rows": _best_ms(lambda: [few_rows_eager(None, q, k, v, None) for k, v in kv], 5)}  # fmt: skip
-    int8 = {} if int8_fails() else _time_int8(Int8Linear, activation_range(), fbgemm_fails() is None)
+    int8 = {} if int8_fails() else _time_int8(fbgemm_fails() is None)
     return {"linear": linear, "attention": attention, **({"int8": int8} if int8 else {})}
 
 
-def _time_int8(layer_class, act_range: int, fbgemm: bool) -> dict:
+def _time_int8(fbgemm: bool) -> dict:
     """{class: {int8 kernel: ms}}: a bart-base decoder's linear layers (`DECODER_LAYERS` x six 768 x 768
     projections and the two feed-forward ones: fbgemm's fixed cost per call is smaller, oneDNN's product
     above one row faster, so the mix decides; 50 MB of int8 weights, out of cache as in a decoding step).
     One stack of layers holds both kernels' packs (each packs on first use, outside the timing)."""
+    from longsum.model.int8 import Int8Linear, activation_range
+
     g = torch.Generator().manual_seed(1)
     shapes = ([(D_MODEL, D_MODEL)] * 6 + [(D_FFN, D_MODEL), (D_MODEL, D_FFN)]) * DECODER_LAYERS  # [d_out, d_in]
     stack = []
@@ -339,7 +341,7 @@ def _time_int8(layer_class, act_range: int, fbgemm: bool) -> dict:
         layer = torch.nn.utils.skip_init(torch.nn.Linear, d_in, d_out)  # (no default init: set just below)
         torch.nn.init.normal_(layer.weight, std=0.02, generator=g)
         torch.nn.init.zeros_(layer.bias)
-        stack.append(layer_class(layer, act_range))
+        stack.append(Int8Linear(layer, activation_range()))
     timed = {}
     with torch.inference_mode():
         for cls, (_, _, rows) in ROW_CLASSES.items():

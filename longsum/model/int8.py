@@ -49,38 +49,35 @@ ONEDNN_ONLY = dict.fromkeys(ROW_CLASSES, "onednn")  # row class -> kernel, where
 @functools.cache
 def int8_fails() -> str | None:
     """Why this torch cannot run `Int8Linear` (None: it can), checked once on a small layer."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return "torch was built without oneDNN"
-        g = torch.Generator().manual_seed(0)
-        layer = torch.nn.Linear(64, 24)
-        rows = torch.randn(3, 64, generator=g)
-        with torch.no_grad():
-            expected, got = layer(rows), Int8Linear(layer, SAFE_RANGE)(rows)
-        error = ((got - expected).norm() / expected.norm()).item()
-        if not error < 0.05:
-            return f"oneDNN's int8 product is off by {error:.2g} (relative)"
-    except Exception as err:  # noqa: BLE001  private ops: any change is a reason to refuse
-        return describe(err)
-    return None
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    return _kernel_fails("onednn", (3,))
 
 
 @functools.cache
 def fbgemm_fails() -> str | None:
     """Why this torch cannot run the fbgemm kernel (None: it can), checked once on one row and on three."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "torch was built without fbgemm"
+    return _kernel_fails("fbgemm", (1, 3))
+
+
+def _kernel_fails(kernel: str, row_counts: tuple[int, ...]) -> str | None:
+    """Why `kernel` is unusable here (None: usable): it raises (private or deprecated ops: any change is a
+    reason to refuse) or its product is off by 5% or more on a small layer, for each of `row_counts`."""
     try:
-        if "fbgemm" not in torch.backends.quantized.supported_engines:
-            return "torch was built without fbgemm"
         g = torch.Generator().manual_seed(0)
         layer = torch.nn.Linear(64, 24)
-        quantized = Int8Linear(layer, SAFE_RANGE, dict.fromkeys(ROW_CLASSES, "fbgemm"))
-        for rows in (torch.randn(1, 64, generator=g), torch.randn(3, 64, generator=g)):
+        quantized = Int8Linear(layer, SAFE_RANGE, dict.fromkeys(ROW_CLASSES, kernel))
+        for n in row_counts:
+            rows = torch.randn(n, 64, generator=g)
             with torch.no_grad():
                 expected, got = layer(rows), quantized(rows)
             error = ((got - expected).norm() / expected.norm()).item()
             if not error < 0.05:
-                return f"fbgemm's int8 product is off by {error:.2g} (relative)"
-    except Exception as err:  # noqa: BLE001  deprecated quantized tensors: any change is a reason to refuse
+                name = "oneDNN" if kernel == "onednn" else kernel
+                return f"{name}'s int8 product is off by {error:.2g} (relative)"
+    except Exception as err:  # noqa: BLE001
         return describe(err)
     return None
 
@@ -223,9 +220,7 @@ def quantize_int8(model, head: bool = INT8_HEAD, kernels: dict[str, str] | None 
     if (why := int8_fails()) is not None:
         raise RuntimeError(f"int8 needs oneDNN's int8 kernels, which this torch lacks ({why}); use --dtype fp32")
     act_range, kernels = activation_range(), kernels or int8_kernels()
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip = None if head else output
-    del output
+    skip = None if head or not hasattr(model, "get_output_embeddings") else model.get_output_embeddings()
     # (parent, name) pairs, no reference to the layers: each float32 layer is freed as soon as its int8
     # copy replaces it, so the peak is the float model plus one layer, not plus all the int8 copies.
     places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
@@ -251,10 +246,6 @@ def int8_kernels() -> dict[str, str]:
     detail("int8 linear layers: " + "; ".join(f"{cls} rows {c.int8} ({c.source}: {c.int8_why})"
                                               for cls, c in choices.items()))  # fmt: skip
     return {cls: c.int8 for cls, c in choices.items()}
-
-
-def is_int8(model) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
 def compare(reference, quantized, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
