@@ -191,14 +191,16 @@ def run_cell(args) -> dict:
         from longsum.model.cpu import kernel_choice
 
         rows = per_call(args) * args.cell_beams
-        kernels = kernel_choice(rows).describe(rows)
-        if args.cell_method == "int8":  # (the choice's linear kernel applies to float layers only: none here)
+        layer = None
+        if args.cell_method == "int8":  # (the choice's float linear kernel applies to no layer here)
             from longsum.model.cpu import row_class
             from longsum.model.int8 import Int8Linear, activation_range
 
             layer = next(m for m in model.modules() if isinstance(m, Int8Linear))
-            kernels = (f"int8 linear layers: {layer.kernels[row_class(rows)]} on {rows} rows, onednn on the encoder's, "
-                       f"inputs in [-{activation_range()}, {activation_range()}]; {kernels}")  # fmt: skip
+        kernels = kernel_choice(rows).describe(rows, layer.kernels[row_class(rows)] if layer else None)
+        if layer:
+            encoder, r = layer.kernels[row_class(args.cell_length)], activation_range()
+            kernels += f"; the encoder's {args.cell_length} rows: int8 ({encoder}); int8 inputs in [-{r}, {r}]"
     return dict(seconds=seconds, median_s=statistics.median(seconds), peak_bytes=peak_memory(device),
                 model_bytes=loaded, outputs=outputs, kernels=kernels)  # fmt: skip
 

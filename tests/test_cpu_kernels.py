@@ -152,6 +152,45 @@ def test_reset_from_the_command_line(cache, capsys):
     assert cpu.main(["--bogus"]) == 2
 
 
+class FakeClock:
+    """`time.perf_counter` for `cpu._best_ms`: a call costs what its candidate says, times the machine's
+    speed at that moment (`slowdown` per timed call: a machine slowing down while it is measured)."""
+
+    def __init__(self, slowdown: float = 0.0):
+        self.now, self.calls, self.slowdown = 0.0, [], slowdown
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def candidate(self, name: str, cost: float):
+        def run():
+            self.calls.append(name)
+            self.now += cost * (1 + self.slowdown * len(self.calls))
+
+        return run
+
+
+def test_calibration_candidates_take_turns_and_keep_their_best(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(cpu, "time", clock)
+    best = cpu._best_ms(
+        {name: clock.candidate(name, cost) for name, cost in [("a", 0.002), ("b", 0.005), ("c", 0.001)]}, 3
+    )
+    assert best == pytest.approx({"a": 2.0, "b": 5.0, "c": 1.0})
+    # one untimed call each, then turns in an order rotated each round
+    assert clock.calls == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+
+
+def test_a_machine_slowing_down_while_measured_tilts_no_candidate(monkeypatch):
+    # Two equal kernels on a machine losing 5% per call: timed one after the other, the first would
+    # look 1.27x faster (and be chosen over the margin); in turns they come out within 5%.
+    clock = FakeClock(slowdown=0.05)
+    monkeypatch.setattr(cpu, "time", clock)
+    best = cpu._best_ms({"torch": clock.candidate("torch", 0.01), "packed": clock.candidate("packed", 0.01)}, 5)
+    assert best["torch"] / best["packed"] == pytest.approx(1.0, abs=0.05)
+    assert best["torch"] * cpu.MARGIN >= best["packed"] and best["packed"] * cpu.MARGIN >= best["torch"]
+
+
 def test_calibration_measures_every_candidate():
     """The real (timed) calibration: every class has torch's time and the packed ones (no timing compared)."""
     numbers = cpu.calibrate()
@@ -187,11 +226,11 @@ def test_decoding_runs_the_chosen_kernels(monkeypatch, linear, few_rows):
     monkeypatch.setattr(console, "_VERBOSE", [True])
     with decoding.linear_kernels(model, exact=False, rows=4):
         layer = model.model.encoder.layers[0].fc1
-        seen = {"class": type(layer), "pad": getattr(layer, "pad_to", None), "few_rows": decoding._FEW_ROWS_ON[0]}
+        seen = {"class": type(layer), "pad": getattr(layer, "pad_to", None), "few_rows": decoding._FEW_ROWS.get()}
     packed = linear != "torch"
     assert (seen["class"] is decoding.PackedLinear) == packed and seen["few_rows"] == few_rows
     assert seen["pad"] == (decoding.MIN_ROWS if linear == "packed-padded" else 0 if packed else None)
-    assert type(model.model.encoder.layers[0].fc1) is torch.nn.Linear and decoding._FEW_ROWS_ON[0]  # restored
+    assert type(model.model.encoder.layers[0].fc1) is torch.nn.Linear and decoding._FEW_ROWS.get()  # restored
     with decoding.linear_kernels(model, exact=True, rows=4):  # exact: torch's, nothing asked
         assert type(model.model.encoder.layers[0].fc1) is torch.nn.Linear
 
@@ -209,7 +248,7 @@ def test_an_int8_model_keeps_its_layers_and_gets_the_chosen_attention(monkeypatc
     monkeypatch.setattr(console, "_DETAILED", set())
     monkeypatch.setattr(console, "_VERBOSE", [True])
     with decoding.linear_kernels(model, exact=False, rows=4):
-        assert isinstance(model.model.encoder.layers[0].fc1, Int8Linear) and not decoding._FEW_ROWS_ON[0]
+        assert isinstance(model.model.encoder.layers[0].fc1, Int8Linear) and not decoding._FEW_ROWS.get()
     assert "4 rows per step: int8 (onednn) linear layers, SDPA cross-attention" in capsys.readouterr().err
 
 
@@ -229,3 +268,31 @@ def test_verbose_says_which_kernels_and_why(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("CPU kernels") == 1
     assert "CPU kernels, 4 rows per step: torch linear layers, SDPA cross-attention (cached: measured 1 < 2)" in err
+
+
+def test_a_run_chooses_once(monkeypatch, capsys):
+    # A run's choice (`Summarizer.summarize`) holds for each batch's decoding call (`generate`), a
+    # smaller last batch's too: not chosen, packed or printed again.
+    from longsum import console
+
+    asked = []
+
+    def choice(rows):
+        asked.append(rows)
+        return cpu.Choice("packed", False, "measured", "cached")
+
+    monkeypatch.setattr(cpu, "kernel_choice", choice)
+    monkeypatch.setattr(console, "_DETAILED", set())
+    monkeypatch.setattr(console, "_VERBOSE", [True])
+    model = tiny_bart()
+    with decoding.linear_kernels(model, exact=False, rows=8):
+        packed = model.model.encoder.layers[0].fc1
+        for rows in (8, 1):  # a full batch, a last batch of one document
+            with decoding.linear_kernels(model, exact=False, rows=rows):
+                assert model.model.encoder.layers[0].fc1 is packed and not decoding._FEW_ROWS.get()
+        assert type(packed) is decoding.PackedLinear and not decoding._FEW_ROWS.get()
+    assert asked == [8] and capsys.readouterr().err.count("CPU kernels") == 1
+    assert type(packed) is torch.nn.Linear and decoding._FEW_ROWS.get()
+    with decoding.linear_kernels(model, exact=False, rows=8):  # a new run chooses again
+        pass
+    assert asked == [8, 8]

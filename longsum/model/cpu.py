@@ -21,6 +21,7 @@ prints the choice), `reset()` from Python, or delete the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ LINEAR_KERNELS = ("torch", "packed", "packed-padded")
 INT8_KERNELS = ("onednn", "fbgemm")  # `--dtype int8`'s products (`longsum.model.int8`); the first is the default
 MARGIN = 1.05  # a candidate must be this much faster than torch's kernel to replace it
 BUSY_SAMPLE_S = 0.2  # how long the load of other processes is sampled before calibrating
-CALIBRATION_VERSION = 2  # bump when what is measured changes: older entries are measured again
+CALIBRATION_VERSION = 3  # bump when what is measured changes: older entries are measured again
 # Calibration layers: bart-base's feed-forward (768 -> 3,072), enough of them to leave the caches as a
 # decoding step does (8 x 9.4 MB of weights).
 D_MODEL, D_FFN, LAYERS = 768, 3072, 8
@@ -102,9 +103,10 @@ def features() -> Features:
 # ------------------------------------------------------------------------------------------ the choice
 @dataclass(frozen=True)
 class Choice:
-    """Kernels for a decoding step's row class: `linear` (one of `LINEAR_KERNELS`), `few_rows`
-    (the few-rows cross-attention), `why` (a sentence), `source` (calibrated/cached/features/forced),
-    and for an int8 model's layers `int8` (one of `INT8_KERNELS`) and `int8_why`."""
+    """Kernels for a decoding step's row class: `linear` (one of `LINEAR_KERNELS`) and `why` (a
+    sentence), `few_rows` (the few-rows cross-attention) and `attention_why`, `source`
+    (calibrated/cached/features/forced), and for an int8 model's layers `int8` (one of `INT8_KERNELS`)
+    and `int8_why`."""
 
     linear: str
     few_rows: bool
@@ -112,11 +114,15 @@ class Choice:
     source: str
     int8: str = INT8_KERNELS[0]
     int8_why: str = "the default"
+    attention_why: str = ""
 
-    def describe(self, rows: int, linear: str | None = None) -> str:
-        """`linear`: what the linear layers are when not this choice's (an int8 model's)."""
+    def describe(self, rows: int, int8: str | None = None) -> str:
+        """What a decoding step of `rows` rows runs, and why; `int8`: the int8 kernel an int8 model's
+        layers run at these rows (their own, set when quantized), in place of the float linear layers."""
         attention = "few-rows cross-attention" if self.few_rows else "SDPA cross-attention"
-        return f"{rows} rows per step: {linear or self.linear} linear layers, {attention} ({self.source}: {self.why})"
+        linear, why = (f"int8 ({int8})", self.int8_why) if int8 else (self.linear, self.why)
+        why += f"; {self.attention_why}" if self.attention_why else ""
+        return f"{rows} rows per step: {linear} linear layers, {attention} ({self.source}: {why})"
 
 
 def row_class(rows: int) -> str:
@@ -137,11 +143,12 @@ def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
     linear, why = _fastest(measured["linear"][cls], LINEAR_KERNELS, cls)
     attention = measured.get("attention", {})
     few_rows = bool(attention) and attention["few_rows"] * MARGIN < attention["sdpa"]
-    if attention:
-        why += f"; attention sdpa {attention['sdpa']:.3g} ms, few-rows {attention['few_rows']:.3g} ms"
-    if int8 := measured.get("int8", {}).get(cls):
-        return Choice(linear, few_rows, why, source, *_fastest(int8, INT8_KERNELS, cls))
-    return Choice(linear, few_rows, why, source)
+    attention_why = (
+        f"attention sdpa {attention['sdpa']:.3g} ms, few-rows {attention['few_rows']:.3g} ms" if attention else ""
+    )
+    int8 = measured.get("int8", {}).get(cls)
+    int8_choice = dict(zip(("int8", "int8_why"), _fastest(int8, INT8_KERNELS, cls))) if int8 else {}
+    return Choice(linear, few_rows, why, source, attention_why=attention_why, **int8_choice)
 
 
 def _fastest(times: dict[str, float], kernels: tuple[str, ...], cls: str) -> tuple[str, str]:
@@ -276,14 +283,24 @@ def kernel_choice(rows: int) -> Choice:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _best_ms(fn, repeats: int) -> float:
-    fn()  # first call: allocation, primitive creation
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+def _best_ms(candidates: dict, repeats: int) -> dict[str, float]:
+    """{name: the best of `repeats` timed calls of `candidates[name]()`, in milliseconds}.
+
+    Each candidate runs once untimed first (allocation, primitive creation). The candidates then take
+    turns, in an order rotated each round (A B C, B C A, ...): a machine whose speed drifts while it is
+    measured (a virtual machine's neighbours: 10-25% between runs minutes apart) tilts no candidate's
+    number, as timing one candidate's runs after the other's would.
+    """
+    names = list(candidates)
+    for name in names:
+        candidates[name]()
+    best = dict.fromkeys(names, float("inf"))
+    for turn in range(repeats):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            start = time.perf_counter()
+            candidates[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 def calibrate() -> dict:
@@ -304,25 +321,24 @@ def calibrate() -> dict:
         for cls, (_, _, rows) in ROW_CLASSES.items():
             x = torch.randn(rows, D_MODEL, generator=g)
             stack = weights if rows <= 64 else weights[:2]  # (many rows: compute-bound, two layers suffice)
-            repeats = 5 if rows <= 64 else 2
-            times = {"torch": _best_ms(lambda: [torch.nn.functional.linear(x, w) for w in stack], repeats)}  # noqa: B023
+            candidates = {"torch": lambda: [torch.nn.functional.linear(x, w) for w in stack]}  # noqa: B023
             if packed:
                 pk = packed[: len(stack)]
 
                 def run(rows_in):
                     return [torch.ops.mkldnn._linear_pointwise(rows_in, p, None, "none", [], "") for p in pk]  # noqa: B023
 
-                times["packed"] = _best_ms(lambda: run(x), repeats)  # noqa: B023
+                candidates["packed"] = lambda: run(x)  # noqa: B023
                 if rows < MIN_ROWS:
                     padded = torch.cat([x, x.new_zeros(MIN_ROWS - rows, D_MODEL)])
-                    times["packed-padded"] = _best_ms(lambda: run(padded), repeats)  # noqa: B023
-            linear[cls] = times
+                    candidates["packed-padded"] = lambda: run(padded)  # noqa: B023
+            linear[cls] = _best_ms(candidates, 5 if rows <= 64 else 2)
         q = torch.randn(1, HEADS, 4, HEAD_DIM, generator=g)  # [b, h, rows, d]: 4 beams' queries
         kv = [(torch.randn(1, HEADS, KEYS, HEAD_DIM, generator=g), torch.randn(1, HEADS, KEYS, HEAD_DIM, generator=g))
               for _ in range(ATTENTION_LAYERS)]  # fmt: skip
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        attention = {"sdpa": _best_ms(lambda: [sdpa(q, k, v) for k, v in kv], 5),
-                     "few_rows": _best_ms(lambda: [few_rows_eager(None, q, k, v, None) for k, v in kv], 5)}  # fmt: skip
+        attention = _best_ms({"sdpa": lambda: [sdpa(q, k, v) for k, v in kv],
+                              "few_rows": lambda: [few_rows_eager(None, q, k, v, None) for k, v in kv]}, 5)  # fmt: skip
     int8 = {} if int8_fails() else _time_int8(fbgemm_fails() is None)
     return {"linear": linear, "attention": attention, **({"int8": int8} if int8 else {})}
 
@@ -332,7 +348,7 @@ def _time_int8(fbgemm: bool) -> dict:
     projections and the two feed-forward ones: fbgemm's fixed cost per call is smaller, oneDNN's product
     above one row faster, so the mix decides; 50 MB of int8 weights, out of cache as in a decoding step).
     One stack of layers holds both kernels' packs (each packs on first use, outside the timing)."""
-    from longsum.model.int8 import Int8Linear, activation_range
+    from longsum.model.int8 import RUN, Int8Linear, activation_range
 
     g = torch.Generator().manual_seed(1)
     shapes = ([(D_MODEL, D_MODEL)] * 6 + [(D_FFN, D_MODEL), (D_MODEL, D_FFN)]) * DECODER_LAYERS  # [d_out, d_in]
@@ -342,17 +358,20 @@ def _time_int8(fbgemm: bool) -> dict:
         torch.nn.init.normal_(layer.weight, std=0.02, generator=g)
         torch.nn.init.zeros_(layer.bias)
         stack.append(Int8Linear(layer, activation_range()))
+    kernels = INT8_KERNELS if fbgemm else INT8_KERNELS[:1]
     timed = {}
     with torch.inference_mode():
         for cls, (_, _, rows) in ROW_CLASSES.items():
             inputs = {D_MODEL: torch.randn(rows, D_MODEL, generator=g), D_FFN: torch.randn(rows, D_FFN, generator=g)}
-            count, repeats = (len(shapes), 3) if rows <= 64 else (len(shapes) // DECODER_LAYERS, 2)
-            timed[cls] = {}
-            for kernel in INT8_KERNELS if fbgemm else INT8_KERNELS[:1]:
-                for m in stack:
-                    m.kernels = dict.fromkeys(ROW_CLASSES, kernel)
-                timed[cls][kernel] = _best_ms(lambda: [m(inputs[m.in_features]) for m in stack[:count]], repeats)  # noqa: B023
+            count, repeats = (len(shapes), 4) if rows <= 64 else (len(shapes) // DECODER_LAYERS, 2)
+            # Each kernel's function on the layers directly: what `Int8Linear.forward` runs at these rows.
+            timed[cls] = _best_ms({kernel: functools.partial(_run_int8, RUN[kernel], stack[:count], inputs)
+                                   for kernel in kernels}, repeats)  # fmt: skip
     return timed
+
+
+def _run_int8(kernel, layers: list, inputs: dict) -> list:
+    return [kernel(m, inputs[m.in_features]) for m in layers]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,22 +128,26 @@ FEW_ROWS = 8  # query rows per (document, head): beams x new tokens
 FEW_ROWS_MIN_BYTES = 4 << 20  # keys + values of one layer
 
 
-_FEW_ROWS_ON = [True]  # off while a decoding call runs where SDPA measured faster (`few_rows_attention`)
+# Off while a decoding call runs where SDPA measured faster (`few_rows_attention`); a context variable,
+# so that a thread or task decoding with another choice does not see this one.
+_FEW_ROWS = contextvars.ContextVar("longsum_few_rows", default=True)
 
 
 @contextmanager
 def few_rows_attention(on: bool):
     """Use (or not) the few-rows cross-attention while decoding (`longsum.model.cpu.kernel_choice` decides)."""
-    saved, _FEW_ROWS_ON[0] = _FEW_ROWS_ON[0], on
+    token = _FEW_ROWS.set(on)
     try:
         yield
     finally:
-        _FEW_ROWS_ON[0] = saved
+        _FEW_ROWS.reset(token)
 
 
 def _few_rows_wins(query: torch.Tensor, key: torch.Tensor, kwargs: dict) -> bool:
     """(T5Gemma's soft-capped scores, `softcap`, are left to the family's own function.)"""
-    return (_FEW_ROWS_ON[0] and query.device.type == "cpu" and query.dtype == torch.float32
+    # (a compiled step cannot read a context variable: it keeps the default, which it was checked with)
+    on = True if torch.compiler.is_compiling() else _FEW_ROWS.get()
+    return (on and query.device.type == "cpu" and query.dtype == torch.float32
             and query.shape[2] <= FEW_ROWS and not kwargs.get("dropout") and kwargs.get("softcap") is None
             and 2 * key.numel() * key.element_size() >= FEW_ROWS_MIN_BYTES)  # fmt: skip
 
@@ -649,30 +653,42 @@ def _unpack(linears: list, emptied: set) -> None:
         del packed
 
 
+# id of the model whose kernels an enclosing `linear_kernels` chose: a run chooses once
+# (`Summarizer.summarize`) and each batch's decoding call (`generate`) finds the choice made.
+_CHOSEN = contextvars.ContextVar("longsum_kernels_chosen", default=None)
+
+
 @contextmanager
 def linear_kernels(model, exact: bool, rows: int = 1):
     """The CPU kernels to decode with, for steps of `rows` rows (documents x beams): torch's own
     (`exact`, or no float32 CPU linear layer), else what `longsum.model.cpu.kernel_choice` measured fastest
     on this CPU: torch's, `packed_linears(model)` (padded or not), and the few-rows cross-attention or
-    SDPA's. An int8 model (`longsum.model.int8`) keeps its int8 layers; the attention is chosen the same
-    way. `longsum -v` prints the choice and why, once per process."""
+    SDPA's. An int8 model (`longsum.model.int8`) keeps its int8 layers (each runs the int8 kernel chosen
+    for the rows it gets); the attention is chosen the same way. Inside a `linear_kernels` of the same
+    model (a run's, around each batch's decoding) nothing is chosen again: the run's choice, for its
+    full batches, also serves a smaller last batch (re-packing the layers for one batch costs more than
+    it saves). `longsum -v` prints the choice and why, once per process."""
+    from longsum.model.cpu import kernel_choice, row_class
     from longsum.model.int8 import Int8Linear
 
     packable = any(_packable(m) for m in model.modules())
     int8 = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
-    if exact or not (packable or int8):
+    if exact or not (packable or int8) or _CHOSEN.get() == id(model):
         yield
         return
     from longsum.console import detail
-    from longsum.model.cpu import kernel_choice, row_class
 
     choice = kernel_choice(rows)
-    detail(f"CPU kernels, {choice.describe(rows, f'int8 ({int8.kernels[row_class(rows)]})' if int8 else None)}")
+    detail(f"CPU kernels, {choice.describe(rows, int8.kernels[row_class(rows)] if int8 else None)}")
     pad = choice.linear == "packed-padded"
     use_packed = packable and choice.linear != "torch"  # (an int8 model's float head, if any)
     linears = packed_linears(model, pad=pad) if use_packed else contextlib.nullcontext()
-    with linears, few_rows_attention(choice.few_rows):
-        yield
+    token = _CHOSEN.set(id(model))
+    try:
+        with linears, few_rows_attention(choice.few_rows):
+            yield
+    finally:
+        _CHOSEN.reset(token)
 
 
 # -- n-gram blocking -------------------------------------------------------------------------------
