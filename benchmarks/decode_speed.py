@@ -279,27 +279,28 @@ def cpu_facts() -> dict:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Issue 26's targets as ratios (above 1: met) for the cells this run has."""
+    """Issue 26's targets as ratios (above the need: met) for the cells this run has. The int8 against
+    fp32 speed and memory targets are stated at 4,096 tokens, beams 4; elsewhere those ratios are
+    information (`met` None), not a target missed."""
     cells = {(r["length"], r["beams"], r["method"]): r for r in rows if "median_s" in r}
     out = []
 
-    def ratio(what, length, beams, slow, fast, need=1.0):
+    def ratio(what, length, beams, slow, fast, need=1.0, key="median_s"):
         a, b = cells.get((length, beams, slow)), cells.get((length, beams, fast))
         if a and b:
-            value = a["median_s"] / b["median_s"]
-            out.append(dict(what=f"{length} tokens, beams {beams}: {what}", ratio=value, met=value >= need))
+            value = a[key] / b[key]
+            out.append(dict(what=f"{length} tokens, beams {beams}: {what}", ratio=value,
+                            met=None if need is None else value >= need))  # fmt: skip
 
     for length, beams in sorted({(r["length"], r["beams"]) for r in rows}):
+        stated = (length, beams) == (4096, 4)
         ratio("longsum fp32 / stock speed (>= 1)", length, beams, "stock", "longsum")
         ratio("longsum fp32 / CTranslate2 fp32 speed (>= 1/1.1)", length, beams, "ct2", "longsum", 1 / 1.1)
         ratio("longsum int8 / CTranslate2 int8 speed (>= 1)", length, beams, "ct2-int8", "int8")
-        ratio("longsum int8 / longsum fp32 speed (>= 1.5 at 4,096 beams 4)", length, beams, "longsum", "int8",
-              1.5 if (length, beams) == (4096, 4) else 1.0)  # fmt: skip
-        a, b = cells.get((length, beams, "longsum")), cells.get((length, beams, "int8"))
-        if a and b:
-            value = a["peak_bytes"] / b["peak_bytes"]
-            out.append(dict(what=f"{length} tokens, beams {beams}: fp32 / int8 peak memory (>= 1)", ratio=value,
-                            met=value >= 1))  # fmt: skip
+        ratio("longsum int8 / longsum fp32 speed" + (" (>= 1.5)" if stated else ""), length, beams, "longsum", "int8",
+              1.5 if stated else None)  # fmt: skip
+        ratio("fp32 / int8 peak memory" + (" (>= 1)" if stated else ""), length, beams, "longsum", "int8",
+              1.0 if stated else None, key="peak_bytes")  # fmt: skip
     return out
 
 
@@ -422,7 +423,8 @@ def main() -> None:
                   rows=rows, targets=targets(rows), cpu=cpu_facts() if args.device == "cpu" else None,
                   provenance=provenance(device_name))  # fmt: skip
     for line in result["targets"]:
-        print(f"target: {line['what']}: {line['ratio']:.2f} ({'met' if line['met'] else 'NOT met'})")
+        verdict = "information" if line["met"] is None else "met" if line["met"] else "NOT met"
+        print(f"target: {line['what']}: {line['ratio']:.2f} ({verdict})")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, args.out_dir / f"{args.name}.png", f"Seconds per document, {args.new_tokens} new tokens, {device_name}")
