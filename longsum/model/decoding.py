@@ -668,15 +668,18 @@ def linear_kernels(model, exact: bool, rows: int = 1):
     model (a run's, around each batch's decoding) nothing is chosen again: the run's choice, for its
     full batches, also serves a smaller last batch (re-packing the layers for one batch costs more than
     it saves). `longsum -v` prints the choice and why, once per process."""
-    from longsum.model.cpu import kernel_choice, row_class
     from longsum.model.int8 import Int8Linear
 
+    if _CHOSEN.get() == id(model):
+        yield
+        return
     packable = any(_packable(m) for m in model.modules())
     int8 = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
-    if exact or not (packable or int8) or _CHOSEN.get() == id(model):
+    if exact or not (packable or int8):
         yield
         return
     from longsum.console import detail
+    from longsum.model.cpu import kernel_choice, row_class
 
     choice = kernel_choice(rows)
     detail(f"CPU kernels, {choice.describe(rows, int8.kernels[row_class(rows)] if int8 else None)}")
