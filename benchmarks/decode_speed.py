@@ -402,9 +402,9 @@ def main() -> None:
                 if "median_s" in cell and "median_s" in stock:
                     row["speedup_vs_stock"] = stock["median_s"] / cell["median_s"]
                 if method in ("longsum", "batched") and "outputs" in stock and "outputs" in cell:
-                    row["same_ids_as_stock"] = cells["stock"]["outputs"] == cell["outputs"]
+                    row["same_ids_as_stock"] = stock["outputs"] == cell["outputs"]
                 if method == "int8" and "outputs" in stock and "outputs" in cell:  # a share: not bit-identical
-                    pairs = list(zip(cells["stock"]["outputs"], cell["outputs"]))
+                    pairs = list(zip(stock["outputs"], cell["outputs"]))
                     row["identical_to_stock"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
                 rows.append(row)
                 if "error" in cell:
