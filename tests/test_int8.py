@@ -44,7 +44,7 @@ needs_fbgemm = pytest.mark.skipif(int8.fbgemm_fails() is not None, reason=f"no f
 @needs_fbgemm
 @pytest.mark.parametrize("rows", [1, 5])
 def test_fbgemm_kernel_matches_float_per_row(rows):
-    """fbgemm's one input scale per call, made per row by the frame: small rows keep their precision."""
+    """fbgemm's one input scale per call, made per row (each row scaled to max |x| = 1): small rows keep their precision."""
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(256, 96)
     x = torch.randn(rows, 256, generator=g) * torch.logspace(-2, 2, rows).view(rows, 1)  # [rows, 256], unequal sizes

@@ -43,16 +43,22 @@ ROW_CLASSES = {
     "many": (65, None, 256),
 }  # (low, high, timed)
 LINEAR_KERNELS = ("torch", "packed", "packed-padded")
-INT8_KERNELS = ("onednn", "fbgemm")  # `--dtype int8`'s products (`longsum.model.int8`); the first is the default
+INT8_KERNELS = ("onednn", "fbgemm")  # `--dtype int8`'s products (`longsum.model.int8`)
+# The int8 kernel a row class runs unless the other one is measured `MARGIN` faster: fbgemm's fixed cost per
+# call is the smaller (half oneDNN's time per call at 1-4 rows on an AMX Xeon), oneDNN's tiles win on many rows.
+INT8_DEFAULT = {"one": "fbgemm", "few": "fbgemm", "several": "onednn", "many": "onednn"}
 MARGIN = 1.05  # a candidate must be this much faster than torch's kernel to replace it
 BUSY_SAMPLE_S = 0.2  # how long the load of other processes is sampled before calibrating
-CALIBRATION_VERSION = 3  # bump when what is measured changes: older entries are measured again
+CALIBRATION_VERSION = 4  # bump when what is measured changes: older entries are measured again
 # Calibration layers: bart-base's feed-forward (768 -> 3,072), enough of them to leave the caches as a
 # decoding step does (8 x 9.4 MB of weights).
 D_MODEL, D_FFN, LAYERS = 768, 3072, 8
 # Cross-attention of the calibration: 12 heads of 64, 4 query rows against 1,024 keys, 6 layers.
 HEADS, HEAD_DIM, KEYS, ATTENTION_LAYERS = 12, 64, 1024, 6
-DECODER_LAYERS = 6  # int8 calibration: a bart-base decoder's linear layers (50 MB of int8 weights: out of cache)
+DECODER_LAYERS, VOCAB = 6, 50_265  # int8 calibration: a bart-base decoding step's linear layers and head
+# Read before each timed run: the caches then hold none of the weights, as in a decoding step, whose weights,
+# head and cross-attention keys (120-350 MB at bart-base size) pass through them once per step.
+EVICT_BYTES = 128 << 20
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -112,7 +118,7 @@ class Choice:
     few_rows: bool
     why: str
     source: str
-    int8: str = INT8_KERNELS[0]
+    int8: str = INT8_KERNELS[0]  # (`choose` and `from_features` set it per row class)
     int8_why: str = "the default"
     attention_why: str = ""
 
@@ -137,25 +143,27 @@ def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
 
     `measured`: {"linear": {class: {kernel: ms}}, "attention": {"sdpa": ms, "few_rows": ms},
     "int8": {class: {kernel: ms}}}. A kernel replaces torch's only when `MARGIN` times faster; the
-    few-rows attention likewise replaces SDPA, and fbgemm replaces oneDNN's int8 kernel.
+    few-rows attention likewise replaces SDPA, and an int8 kernel replaces the class's `INT8_DEFAULT`.
     """
     cls = row_class(rows)
-    linear, why = _fastest(measured["linear"][cls], LINEAR_KERNELS, cls)
+    linear, why = _fastest(measured["linear"][cls], LINEAR_KERNELS, cls, "torch")
     attention = measured.get("attention", {})
     few_rows = bool(attention) and attention["few_rows"] * MARGIN < attention["sdpa"]
     attention_why = (
         f"attention sdpa {attention['sdpa']:.3g} ms, few-rows {attention['few_rows']:.3g} ms" if attention else ""
     )
     int8 = measured.get("int8", {}).get(cls)
-    int8_choice = dict(zip(("int8", "int8_why"), _fastest(int8, INT8_KERNELS, cls))) if int8 else {}
+    int8_choice = dict(zip(("int8", "int8_why"), _fastest(int8, INT8_KERNELS, cls, INT8_DEFAULT[cls]))) if int8 else {}
     return Choice(linear, few_rows, why, source, attention_why=attention_why, **int8_choice)
 
 
-def _fastest(times: dict[str, float], kernels: tuple[str, ...], cls: str) -> tuple[str, str]:
-    """The kernel to run and why: the fastest of `times` (kernel -> ms) where it beats the default
-    (`kernels[0]`) by `MARGIN`, else the default."""
-    best = min((k for k in kernels if k in times), key=lambda k: times[k])
-    chosen = best if times[best] * MARGIN < times[kernels[0]] else kernels[0]
+def _fastest(times: dict[str, float], kernels: tuple[str, ...], cls: str, default: str) -> tuple[str, str]:
+    """The kernel to run and why: the fastest of `times` (kernel -> ms) where it beats `default` by
+    `MARGIN`, else `default` (else the first of `kernels` timed, where `default` could not be)."""
+    timed = [k for k in kernels if k in times]
+    default = default if default in times else timed[0]
+    best = min(timed, key=lambda k: times[k])
+    chosen = best if times[best] * MARGIN < times[default] else default
     shown = ", ".join(f"{k} {times[k]:.3g} ms" for k in kernels if k in times)
     return chosen, f"{ROW_CLASSES[cls][2]} rows timed: {shown}"
 
@@ -165,7 +173,7 @@ def from_features(feat: Features, rows: int) -> Choice:
     faster; padded below `MIN_ROWS` rows), torch's elsewhere; the few-rows attention everywhere; int8:
     fbgemm up to `few` rows (half oneDNN's time per call at 1-4 rows on an AMX Xeon), oneDNN above."""
     cls = row_class(rows)
-    int8 = "fbgemm" if cls in ("one", "few") else "onednn"
+    int8 = INT8_DEFAULT[cls]
     if feat.avx512:
         linear = "packed-padded" if cls == "one" else "packed"
         why = "AVX-512: packed oneDNN layers (LONGSUM_CALIBRATE=0, not measured)"
@@ -283,13 +291,14 @@ def kernel_choice(rows: int) -> Choice:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _best_ms(candidates: dict, repeats: int) -> dict[str, float]:
+def _best_ms(candidates: dict, repeats: int, before=lambda: None) -> dict[str, float]:
     """{name: the best of `repeats` timed calls of `candidates[name]()`, in milliseconds}.
 
     Each candidate runs once untimed first (allocation, primitive creation). The candidates then take
     turns, in an order rotated each round (A B C, B C A, ...): a machine whose speed drifts while it is
     measured (a virtual machine's neighbours: 10-25% between runs minutes apart) tilts no candidate's
-    number, as timing one candidate's runs after the other's would.
+    number, as timing one candidate's runs after the other's would. `before()` runs, untimed, before each
+    timed call (`_evict`: the weights come from memory, as in a decoding step).
     """
     names = list(candidates)
     for name in names:
@@ -297,6 +306,7 @@ def _best_ms(candidates: dict, repeats: int) -> dict[str, float]:
     best = dict.fromkeys(names, float("inf"))
     for turn in range(repeats):
         for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            before()
             start = time.perf_counter()
             candidates[name]()
             best[name] = min(best[name], time.perf_counter() - start)
@@ -307,11 +317,22 @@ def calibrate() -> dict:
     """Time torch's and oneDNN's packed linear products per row class, the two cross-attentions, and the
     two int8 kernels (`longsum.model.int8`) on the same layers.
 
-    Every number is the best of a few runs of a whole stack of layers (out of cache, as in a decoding
-    step), in milliseconds. Kernels that fail here are left out (torch's, or oneDNN's int8, then stays).
+    Every number is the best of a few runs of a whole stack of layers, each run after `EVICT_BYTES` of other
+    data were read (so that the weights come from memory, as in a decoding step), in milliseconds. Kernels
+    that fail here are left out (torch's, or oneDNN's int8, then stays).
     """
-    from longsum.model.decoding import MIN_ROWS, PACK_ROWS, few_rows_eager, packing_fails
     from longsum.model.int8 import fbgemm_fails, int8_fails
+
+    other = torch.ones(EVICT_BYTES // 4)  # (written: reading never-written pages reads one cached zero page)
+    linear, attention = _time_float(other.sum)
+    int8 = {} if int8_fails() else _time_int8(fbgemm_fails() is None, other.sum)
+    return {"linear": linear, "attention": attention, **({"int8": int8} if int8 else {})}
+
+
+def _time_float(evict) -> tuple[dict, dict]:
+    """({class: {linear kernel: ms}}, {attention: ms}) for `calibrate`: eight bart-base feed-forward layers
+    (768 -> 3,072) per row class, and SDPA's and the few-rows cross-attention over 6 layers' keys."""
+    from longsum.model.decoding import MIN_ROWS, PACK_ROWS, few_rows_eager, packing_fails
 
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(D_FFN, D_MODEL, generator=g) * 0.02 for _ in range(LAYERS)]  # [3072, 768] each
@@ -332,41 +353,46 @@ def calibrate() -> dict:
                 if rows < MIN_ROWS:
                     padded = torch.cat([x, x.new_zeros(MIN_ROWS - rows, D_MODEL)])
                     candidates["packed-padded"] = lambda: run(padded)  # noqa: B023
-            linear[cls] = _best_ms(candidates, 5 if rows <= 64 else 2)
+            linear[cls] = _best_ms(candidates, 5 if rows <= 64 else 2, evict)
         q = torch.randn(1, HEADS, 4, HEAD_DIM, generator=g)  # [b, h, rows, d]: 4 beams' queries
         kv = [(torch.randn(1, HEADS, KEYS, HEAD_DIM, generator=g), torch.randn(1, HEADS, KEYS, HEAD_DIM, generator=g))
               for _ in range(ATTENTION_LAYERS)]  # fmt: skip
         sdpa = torch.nn.functional.scaled_dot_product_attention
         attention = _best_ms({"sdpa": lambda: [sdpa(q, k, v) for k, v in kv],
-                              "few_rows": lambda: [few_rows_eager(None, q, k, v, None) for k, v in kv]}, 5)  # fmt: skip
-    int8 = {} if int8_fails() else _time_int8(fbgemm_fails() is None)
-    return {"linear": linear, "attention": attention, **({"int8": int8} if int8 else {})}
+                              "few_rows": lambda: [few_rows_eager(None, q, k, v, None) for k, v in kv]}, 5,
+                             evict)  # fmt: skip
+    return linear, attention
 
 
-def _time_int8(fbgemm: bool) -> dict:
-    """{class: {int8 kernel: ms}}: a bart-base decoder's linear layers (`DECODER_LAYERS` x six 768 x 768
-    projections and the two feed-forward ones: fbgemm's fixed cost per call is smaller, oneDNN's product
-    above one row faster, so the mix decides; 50 MB of int8 weights, out of cache as in a decoding step).
+def _time_int8(fbgemm: bool, evict) -> dict:
+    """{class: {int8 kernel: ms}}: the linear layers of a bart-base decoding step (`DECODER_LAYERS` x six
+    768 x 768 projections and the two feed-forward ones, then the 768 x 50,265 head: fbgemm's fixed cost per
+    call is smaller, oneDNN's product above a few rows faster, so the mix decides; 89 MB of int8 weights,
+    from memory after `evict()`, as in a decoding step; many rows: the first layer's eight, compute-bound).
     One stack of layers holds both kernels' packs (each packs on first use, outside the timing)."""
-    from longsum.model.int8 import RUN, Int8Linear, activation_range
+    from longsum.model.int8 import PACK, RUN, Int8Linear, activation_range
 
     g = torch.Generator().manual_seed(1)
-    shapes = ([(D_MODEL, D_MODEL)] * 6 + [(D_FFN, D_MODEL), (D_MODEL, D_FFN)]) * DECODER_LAYERS  # [d_out, d_in]
+    body = ([(D_MODEL, D_MODEL)] * 6 + [(D_FFN, D_MODEL), (D_MODEL, D_FFN)]) * DECODER_LAYERS  # [d_out, d_in]
+    shapes = body + [(VOCAB, D_MODEL)]
+    kernels = INT8_KERNELS if fbgemm else INT8_KERNELS[:1]
     stack = []
     for d_out, d_in in shapes:
-        layer = torch.nn.utils.skip_init(torch.nn.Linear, d_in, d_out)  # (no default init: set just below)
+        # bfloat16 (quantized from it all the same): the head's float copy is 77 MB, not 154, while quantized
+        layer = torch.nn.utils.skip_init(torch.nn.Linear, d_in, d_out, dtype=torch.bfloat16)  # (set just below)
         torch.nn.init.normal_(layer.weight, std=0.02, generator=g)
         torch.nn.init.zeros_(layer.bias)
         stack.append(Int8Linear(layer, activation_range()))
-    kernels = INT8_KERNELS if fbgemm else INT8_KERNELS[:1]
+        # Both packs from the plain int8 weight (`Int8Linear.packed` would make the second from the first).
+        stack[-1].packs, stack[-1].plain = {k: PACK[k](stack[-1], stack[-1].plain) for k in kernels}, None
     timed = {}
     with torch.inference_mode():
         for cls, (_, _, rows) in ROW_CLASSES.items():
             inputs = {D_MODEL: torch.randn(rows, D_MODEL, generator=g), D_FFN: torch.randn(rows, D_FFN, generator=g)}
-            count, repeats = (len(shapes), 4) if rows <= 64 else (len(shapes) // DECODER_LAYERS, 2)
+            count, repeats = (len(shapes), 4) if rows <= 64 else (len(body) // DECODER_LAYERS, 2)
             # Each kernel's function on the layers directly: what `Int8Linear.forward` runs at these rows.
             timed[cls] = _best_ms({kernel: functools.partial(_run_int8, RUN[kernel], stack[:count], inputs)
-                                   for kernel in kernels}, repeats)  # fmt: skip
+                                   for kernel in kernels}, repeats, evict)  # fmt: skip
     return timed
 
 

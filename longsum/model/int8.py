@@ -14,11 +14,11 @@ class on this CPU, and each layer runs the one chosen for the rows it gets:
   onednn  `torch.ops.onednn.qlinear_pointwise`, the kernel torch's own x86 quantization lowers to; inputs
           quantized here, one scale per row. Fast on many rows (the encoder: AMX or VNNI tiles), but a
           call costs about 0.1 ms however few the rows, and AMX tiles are wasted on one row.
-  fbgemm  `torch.ops.quantized.linear_dynamic` (fbgemm, built for AVX2 and AVX-512 servers): one call
-          quantizes, multiplies and scales back. It gives all rows of a call one input scale, so above one
-          row each row is first scaled to max |x| = 1 and a frame row holding +1 and -1 is added: the
-          shared scale is then always 2/255, whatever the other rows hold. Its packed weights need
-          torch's quantized tensors (deprecated in torch 2.13): where they fail, onednn runs everywhere.
+  fbgemm  fbgemm's kernels (built for AVX2 and AVX-512 servers), which quantize, multiply and scale back
+          in one call: `torch.ops.quantized.linear_dynamic` for one row (the row's own range), and above one
+          row `linear_with_input_q_dq_qweight_dq_output_fp32` on a fixed input scale, each row first scaled
+          to max |x| = 1 (fbgemm gives all rows of a call one input scale). Its packed weights need torch's
+          quantized tensors (deprecated in torch 2.13): where they fail, onednn runs everywhere.
 A layer packs its weight for a kernel on first use and keeps the int8 weight only in packed form (an
 encoder layer is packed for onednn only, a decoder layer for fbgemm only, where both were chosen).
 
@@ -170,23 +170,17 @@ def _onednn(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:  # [n, d_in]
 
 
 def _fbgemm(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:  # [n, d_in] -> [n, d_out]
-    packed, reduce = layer.packed("fbgemm"), layer.act_range == SAFE_RANGE
-    if rows.shape[0] == 1:  # one row: fbgemm's one input scale is this row's own
-        out = torch.ops.quantized.linear_dynamic(rows.contiguous(), packed, reduce)  # [1, d_out]
+    packed = layer.packed("fbgemm")
+    if rows.shape[0] == 1:  # one row: fbgemm's own input scale (from the row's range) is this row's
+        out = torch.ops.quantized.linear_dynamic(rows.contiguous(), packed, layer.act_range == SAFE_RANGE)  # [1, d_out]
         return out if layer.bias is None else out.add_(layer.bias)
+    # More rows: fbgemm takes one input scale per call, so each row is scaled to max |x| = 1 and quantized on
+    # the fixed scale 1/r around r + 1 (as `_onednn` quantizes): no row's result depends on its batch mates,
+    # and fbgemm skips its search of the input's range.
     top = _row_scales(rows)  # [n, 1]
-    unit = torch.cat([rows / top, _frame(rows.shape[1])])  # [n + 1, d_in], all in [-1, 1], +1 and -1 present
-    out = torch.ops.quantized.linear_dynamic(unit, packed, reduce)[:-1]  # [n, d_out]
-    return out.mul_(top) if layer.bias is None else torch.addcmul(layer.bias, out, top)
-
-
-@functools.cache
-def _frame(width: int) -> torch.Tensor:
-    """`[1, width]`: +1, -1, then zeros: with it, fbgemm's input range is [-1, 1] for rows scaled into it."""
-    with torch.inference_mode(False):  # (a plain tensor, usable in and out of inference mode)
-        frame = torch.zeros(1, width)
-        frame[0, 0], frame[0, 1] = 1.0, -1.0
-    return frame
+    r = layer.act_range
+    out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(rows / top, 1 / r, r + 1, packed)
+    return out.mul_(top) if layer.bias is None else torch.addcmul(layer.bias, out, top)  # [n, d_out]
 
 
 def _pack_onednn(layer: Int8Linear, q: torch.Tensor):
