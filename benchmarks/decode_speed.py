@@ -201,9 +201,9 @@ def run_cell(args) -> dict:
         layer = None
         if args.cell_method == "int8":  # (the choice's float linear kernel applies to no layer here)
             from longsum.model.cpu import row_class
-            from longsum.model.int8 import Int8Linear, activation_range
+            from longsum.model.int8 import activation_range, int8_layer
 
-            layer = next(m for m in model.modules() if isinstance(m, Int8Linear))
+            layer = int8_layer(model)
         kernels = kernel_choice(rows).describe(rows, layer.kernels[row_class(rows)] if layer else None)
         if layer:
             encoder, r = layer.kernels[row_class(args.cell_length)], activation_range()

@@ -130,6 +130,20 @@ def test_another_cpu_or_torch_or_an_old_entry_is_measured_again(cache, monkeypat
     assert cpu.kernel_choice(8).source == "calibrated" and len(cache) == 3
 
 
+@pytest.mark.parametrize("damage", [{"linear": {}}, {"attention": {"sdpa": "fast"}}, {"int8": {"one": {}}}, None])
+def test_a_damaged_cache_entry_is_measured_again(cache, monkeypatch, damage):
+    """An entry cut short or edited by hand costs a measurement, never the run (it used to raise KeyError)."""
+    cpu.kernel_choice(8)
+    path = cpu.cache_path()
+    entries = json.loads(path.read_text())
+    key = cpu.features().key
+    entries[key] = None if damage is None else {**entries[key], **damage}
+    path.write_text(json.dumps(entries))
+    monkeypatch.setattr(cpu, "_MEASURED", {})
+    assert cpu.kernel_choice(8).source == "calibrated" and len(cache) == 2
+    assert json.loads(path.read_text())[key]["linear"]  # measured again and cached in its place
+
+
 def test_cache_folder_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("LONGSUM_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -197,6 +211,38 @@ def test_a_machine_slowing_down_while_measured_tilts_no_candidate(monkeypatch):
     best = cpu._best_ms({"torch": clock.candidate("torch", 0.01), "packed": clock.candidate("packed", 0.01)}, 5)
     assert best["torch"] / best["packed"] == pytest.approx(1.0, abs=0.05)
     assert best["torch"] * cpu.MARGIN >= best["packed"] and best["packed"] * cpu.MARGIN >= best["torch"]
+
+
+def test_each_timed_run_follows_an_untimed_eviction(monkeypatch):
+    """`before` (the calibration's read of other data) runs before every timed call and is not timed."""
+    clock = FakeClock()
+    monkeypatch.setattr(cpu, "time", clock)
+    evict = clock.candidate("evict", 1.0)  # far slower than the candidates: it would swamp their times
+    best = cpu._best_ms({"a": clock.candidate("a", 0.002), "b": clock.candidate("b", 0.001)}, 2, before=evict)
+    assert best == pytest.approx({"a": 2.0, "b": 1.0})
+    assert clock.calls == ["a", "b", "evict", "a", "evict", "b", "evict", "b", "evict", "a"]
+
+
+def test_int8_calibration_times_a_decoding_steps_layers_with_the_head(monkeypatch):
+    """Up to 64 rows the int8 stack is a bart-base step's linear layers and its 768 x 50,265 head (the
+    largest product of a step, where the kernels differ most); many rows: one layer's eight."""
+    from longsum.model import int8
+
+    if int8.int8_fails():
+        pytest.skip(int8.int8_fails())
+    seen: dict[int, list[int]] = {}
+
+    def record(layer, rows):
+        seen.setdefault(rows.shape[0], []).append(layer.out_features)
+        return rows.new_zeros(rows.shape[0], layer.out_features)
+
+    monkeypatch.setitem(int8.RUN, "onednn", record)
+    monkeypatch.setitem(int8.RUN, "fbgemm", record)
+    cpu._time_int8(fbgemm=False, evict=lambda: None)
+    step = ([cpu.D_MODEL] * 6 + [cpu.D_FFN, cpu.D_MODEL]) * cpu.DECODER_LAYERS + [cpu.VOCAB]
+    for rows in (1, 4, 16):
+        assert seen[rows] == step * 5  # one untimed run, four timed
+    assert seen[256] == step[:8] * 3
 
 
 def test_calibration_measures_every_candidate():

@@ -7,7 +7,7 @@ of `rows` rows (documents x beams), which linear kernel to run (`torch`, `packed
 packed with the rows zero-padded to `MIN_ROWS`, which oneDNN multiplies faster than 1-2 rows on some
 CPUs) and whether the few-rows cross-attention (`few_rows_eager`) replaces SDPA's, and why.
 
-The choice comes from `calibrate()`: a short run (about three seconds at one thread) timing both kernels
+The choice comes from `calibrate()`: a short run (6-8 s at one thread on a 2-core VM) timing both kernels
 on bart-base-sized layers, out of cache, at one representative row count per `ROW_CLASSES` class, the
 two attentions, and the two int8 kernels of `--dtype int8` (`longsum.model.int8`; `Choice.int8`). Its
 numbers are cached in `cpu_kernels.json` under the cache folder (`LONGSUM_CACHE`, else
@@ -91,7 +91,15 @@ class Features:
 
 
 def features() -> Features:
-    """This machine's `Features` (Linux reads /proc/cpuinfo; elsewhere the name from `platform`)."""
+    """This machine's `Features` now (the thread count can change while a process runs)."""
+    name, flags = _cpu_model()
+    return Features(name=name, flags=flags, capability=torch.backends.cpu.get_cpu_capability(),
+                    threads=torch.get_num_threads(), torch=torch.__version__)  # fmt: skip
+
+
+@functools.cache
+def _cpu_model() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and flags, read once (Linux: /proc/cpuinfo; elsewhere the name from `platform`)."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -101,9 +109,7 @@ def features() -> Features:
     except OSError:
         pass
     name = info.get("model name") or platform.processor() or platform.machine()
-    flags = frozenset((info.get("flags") or info.get("Features") or "").split())
-    return Features(name=name, flags=flags, capability=torch.backends.cpu.get_cpu_capability(),
-                    threads=torch.get_num_threads(), torch=torch.__version__)  # fmt: skip
+    return name, frozenset((info.get("flags") or info.get("Features") or "").split())
 
 
 # ------------------------------------------------------------------------------------------ the choice
@@ -152,8 +158,10 @@ def choose(measured: dict, rows: int, source: str = "calibrated") -> Choice:
     attention_why = (
         f"attention sdpa {attention['sdpa']:.3g} ms, few-rows {attention['few_rows']:.3g} ms" if attention else ""
     )
-    int8 = measured.get("int8", {}).get(cls)
-    int8_choice = dict(zip(("int8", "int8_why"), _fastest(int8, INT8_KERNELS, cls, INT8_DEFAULT[cls]))) if int8 else {}
+    int8 = measured.get("int8")  # (none: this torch has no int8 kernels)
+    int8_choice = {}
+    if int8 is not None:
+        int8_choice = dict(zip(("int8", "int8_why"), _fastest(int8[cls], INT8_KERNELS, cls, INT8_DEFAULT[cls])))
     return Choice(linear, few_rows, why, source, attention_why=attention_why, **int8_choice)
 
 
@@ -232,7 +240,7 @@ def measurements(feat: Features | None = None) -> tuple[dict, str]:
     feat = feat or features()
     if feat.key not in _MEASURED:
         entry = _read_cache().get(feat.key)
-        if isinstance(entry, dict) and entry.get("version") == CALIBRATION_VERSION:
+        if _usable(entry):
             _MEASURED[feat.key] = entry, "cached"
         else:
             from longsum.console import note
@@ -250,6 +258,17 @@ def measurements(feat: Features | None = None) -> tuple[dict, str]:
                 _write_cache({**_read_cache(), feat.key: entry})
             _MEASURED[feat.key] = entry, "calibrated"
     return _MEASURED[feat.key]
+
+
+def _usable(entry) -> bool:
+    """Whether a cache entry is this version's and `choose` can read it for every row class (an entry cut
+    short or edited by hand is measured again, not trusted, and never stops a run)."""
+    try:
+        return entry.get("version") == CALIBRATION_VERSION and all(
+            choose(entry, rows) for _, _, rows in ROW_CLASSES.values()
+        )
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return False
 
 
 def busy_cores(seconds: float = 1.0) -> float | None:

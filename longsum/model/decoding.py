@@ -668,13 +668,13 @@ def linear_kernels(model, exact: bool, rows: int = 1):
     model (a run's, around each batch's decoding) nothing is chosen again: the run's choice, for its
     full batches, also serves a smaller last batch (re-packing the layers for one batch costs more than
     it saves). `longsum -v` prints the choice and why, once per process."""
-    from longsum.model.int8 import Int8Linear
+    from longsum.model.int8 import int8_layer
 
     if _CHOSEN.get() == id(model):
         yield
         return
     packable = any(_packable(m) for m in model.modules())
-    int8 = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
+    int8 = int8_layer(model)
     if exact or not (packable or int8):
         yield
         return

@@ -225,6 +225,11 @@ def quantize_int8(model, head: bool = INT8_HEAD, kernels: dict[str, str] | None 
     return model
 
 
+def int8_layer(model) -> Int8Linear | None:
+    """`model`'s first `Int8Linear` (None: no int8 layer): its `kernels` say what each row class runs."""
+    return next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
+
+
 def int8_kernels() -> dict[str, str]:
     """Row class -> the int8 kernel for it: what `longsum.model.cpu` measured faster on this CPU, and
     onednn everywhere (with one line) where fbgemm fails on this torch. `longsum -v` shows the choice."""
