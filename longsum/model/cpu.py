@@ -317,7 +317,7 @@ def _best_ms(candidates: dict, repeats: int, before=lambda: None) -> dict[str, f
     turns, in an order rotated each round (A B C, B C A, ...): a machine whose speed drifts while it is
     measured (a virtual machine's neighbours: 10-25% between runs minutes apart) tilts no candidate's
     number, as timing one candidate's runs after the other's would. `before()` runs, untimed, before each
-    timed call (`_evict`: the weights come from memory, as in a decoding step).
+    timed call (`calibrate`'s read of `EVICT_BYTES` of other data: the weights then come from memory).
     """
     names = list(candidates)
     for name in names:

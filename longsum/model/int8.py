@@ -175,7 +175,7 @@ def _fbgemm(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:  # [n, d_in]
         out = torch.ops.quantized.linear_dynamic(rows.contiguous(), packed, layer.act_range == SAFE_RANGE)  # [1, d_out]
         return out if layer.bias is None else out.add_(layer.bias)
     # More rows: fbgemm takes one input scale per call, so each row is scaled to max |x| = 1 and quantized on
-    # the fixed scale 1/r around r + 1 (as `_onednn` quantizes): no row's result depends on its batch mates,
+    # the fixed scale 1/r around r + 1 (`_onednn`'s grid): no row's result depends on its batch mates,
     # and fbgemm skips its search of the input's range.
     top = _row_scales(rows)  # [n, 1]
     r = layer.act_range
