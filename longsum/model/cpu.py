@@ -172,7 +172,7 @@ def _fastest(times: dict[str, float], kernels: tuple[str, ...], cls: str, defaul
     default = default if default in times else timed[0]
     best = min(timed, key=lambda k: times[k])
     chosen = best if times[best] * MARGIN < times[default] else default
-    shown = ", ".join(f"{k} {times[k]:.3g} ms" for k in kernels if k in times)
+    shown = ", ".join(f"{k} {times[k]:.3g} ms" for k in timed)
     return chosen, f"{ROW_CLASSES[cls][2]} rows timed: {shown}"
 
 
@@ -401,9 +401,10 @@ def _time_int8(fbgemm: bool, evict) -> dict:
         layer = torch.nn.utils.skip_init(torch.nn.Linear, d_in, d_out, dtype=torch.bfloat16)  # (set just below)
         torch.nn.init.normal_(layer.weight, std=0.02, generator=g)
         torch.nn.init.zeros_(layer.bias)
-        stack.append(Int8Linear(layer, activation_range()))
+        quantized = Int8Linear(layer, activation_range())
         # Both packs from the plain int8 weight (`Int8Linear.packed` would make the second from the first).
-        stack[-1].packs, stack[-1].plain = {k: PACK[k](stack[-1], stack[-1].plain) for k in kernels}, None
+        quantized.packs, quantized.plain = {k: PACK[k](quantized, quantized.plain) for k in kernels}, None
+        stack.append(quantized)
     timed = {}
     with torch.inference_mode():
         for cls, (_, _, rows) in ROW_CLASSES.items():
